@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny random PyTorch reference models saved with `save_pretrained`.
+
+Each fixture is session-scoped so a model is built, saved and loaded once per test run.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+import pytest
+
+import torch  # the PyTorch references are required: tests must not skip silently
+
+# One config per UNet flavour the issue names; kept tiny so the suite stays fast.
+UNET_CONFIGS = {
+    # InstructPix2Pix-like: 8 input channels, conv projections, int head count.
+    "ip2p_conv": dict(in_channels=8, block_out_channels=(32, 64), layers_per_block=1,
+                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                      cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8),
+    # SD2-like: 4 channels, linear projections, per-block head counts, 3 levels.
+    "sd_linear": dict(in_channels=4, block_out_channels=(16, 32, 32), layers_per_block=2,
+                      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                        "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                      cross_attention_dim=24, attention_head_dim=(2, 4, 8), norm_num_groups=8,
+                      use_linear_projection=True),
+}
+
+
+def seeded(seed=0):
+  torch.manual_seed(seed)
+  return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def torch_unets(tmp_path_factory):
+  """{name: (torch UNet, folder)} for every UNET_CONFIGS entry."""
+  from diffusers import UNet2DConditionModel
+  out = {}
+  for name, config in UNET_CONFIGS.items():
+    seeded(1)
+    model = UNet2DConditionModel(sample_size=8, **config).eval()
+    # diffusers zero-initialises nothing here, but make every weight clearly non-trivial.
+    with torch.no_grad():
+      for p in model.parameters():
+        p.add_(torch.randn_like(p) * 0.05)
+    folder = tmp_path_factory.mktemp(f"unet_{name}")
+    model.save_pretrained(folder)
+    out[name] = (model, str(folder))
+  return out
+
+
+@pytest.fixture(scope="session")
+def torch_vae(tmp_path_factory):
+  from diffusers import AutoencoderKL
+  seeded(2)
+  model = AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4,
+                        norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2).eval()
+  folder = tmp_path_factory.mktemp("vae")
+  model.save_pretrained(folder)
+  return model, str(folder)
+
+
+TEXT_CONFIG = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=77, eos_token_id=999,
+                   bos_token_id=998, pad_token_id=999)
+
+
+@pytest.fixture(scope="session")
+def torch_text_encoder(tmp_path_factory):
+  from transformers import CLIPTextConfig, CLIPTextModel
+  seeded(3)
+  model = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).eval()
+  folder = tmp_path_factory.mktemp("text_encoder")
+  model.save_pretrained(folder)
+  return model, str(folder)
+
+
+@pytest.fixture(scope="session", params=["vit_b32_like", "vit_l14_like"])
+def torch_clip(request, tmp_path_factory):
+  """Full CLIP models with the two vision geometries we use (patch 32 and patch 14)."""
+  from transformers import CLIPConfig, CLIPModel
+  vision = {
+      "vit_b32_like": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=64, patch_size=32),
+      "vit_l14_like": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=6, image_size=56, patch_size=14,
+                           hidden_act="gelu"),
+  }[request.param]
+  seeded(4)
+  model = CLIPModel(CLIPConfig(text_config=TEXT_CONFIG, vision_config=vision,
+                               projection_dim=16)).eval()
+  folder = tmp_path_factory.mktemp(f"clip_{request.param}")
+  model.save_pretrained(folder)
+  return model, str(folder)
+
+
+def max_rel_error(ours, reference):
+  """Max abs error divided by the reference's max magnitude (the issue's tolerance measure)."""
+  ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+  assert ours.shape == reference.shape, (ours.shape, reference.shape)
+  return float(np.abs(ours - reference).max() / max(np.abs(reference).max(), 1e-12))
+
+
+def nchw(x):
+  return np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2))
+
+
+def nhwc(x):
+  return np.ascontiguousarray(np.asarray(x).transpose(0, 2, 3, 1))

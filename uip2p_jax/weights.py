@@ -1,0 +1,318 @@
+"""Checkpoint I/O: Hugging Face folders (diffusers / transformers layout) <-> Flax NNX modules.
+
+Weights are read from `*.safetensors` with safetensors' numpy API (no torch at run time) from a
+local folder or a Hugging Face repo id (through `huggingface_hub`, so `HF_HUB_OFFLINE=1` and the
+local cache are honoured). Our module tree mirrors the checkpoint's, so a checkpoint key is the
+parameter path joined by dots; the only differences are leaf names and layouts, in `_LEAF_RULES`.
+
+Loading never leaves a parameter at a random value: modules are built abstractly
+(`nnx.eval_shape`) and every parameter must come from the checkpoint. Missing keys, unexpected
+keys and shape mismatches are refused with a `CheckpointError` that lists them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from uip2p_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextTransformer
+from uip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
+from uip2p_jax.models.vae import AutoencoderKL, VAEConfig
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+TRANSFORMERS_WEIGHTS = "model"
+
+# (flax leaf name, ndim) -> (checkpoint leaf name, checkpoint->flax layout, flax->checkpoint).
+_LEAF_RULES: dict[tuple[str, int], tuple[str, Callable, Callable]] = {
+    ("kernel", 4): ("weight", lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1)),
+    ("kernel", 2): ("weight", lambda w: w.T, lambda w: w.T),  # Linear: (out, in) <-> (in, out)
+    ("scale", 1): ("weight", lambda w: w, lambda w: w),  # norms
+    ("embedding", 2): ("weight", lambda w: w, lambda w: w),
+}
+_IDENTITY = (lambda w: w, lambda w: w)
+
+# Buffers that checkpoints carry but that are not parameters (recomputed here).
+_IGNORED_KEYS = (re.compile(r"(^|\.)position_ids$"),)
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be loaded as asked; the message says what and where."""
+
+
+def _checkpoint_key(path: tuple, ndim: int) -> tuple[str, Callable, Callable]:
+  leaf = str(path[-1])
+  name, to_flax, to_ckpt = _LEAF_RULES.get((leaf, ndim), (leaf, *_IDENTITY))
+  return ".".join(str(p) for p in path[:-1]) + ("." if len(path) > 1 else "") + name, to_flax, \
+      to_ckpt
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and reading files
+# --------------------------------------------------------------------------------------------
+
+def resolve_folder(path_or_repo: str | os.PathLike, subfolder: str | None = None,
+                   revision: str | None = None) -> str:
+  """A local folder holding the component: `path/subfolder`, or a Hub snapshot of it."""
+  path_or_repo = os.fspath(path_or_repo)
+  if os.path.isdir(path_or_repo):
+    folder = os.path.join(path_or_repo, subfolder) if subfolder else path_or_repo
+    if not os.path.isdir(folder):
+      raise CheckpointError(f"{path_or_repo}: no subfolder {subfolder!r} (expected a diffusers "
+                            f"pipeline folder with {subfolder}/config.json)")
+    return folder
+  if (path_or_repo.startswith((".", "/", "~")) or path_or_repo.count("/") > 1
+      or os.path.exists(path_or_repo)):
+    raise CheckpointError(f"{path_or_repo}: no such folder (and not a Hugging Face repo id)")
+  from huggingface_hub import snapshot_download
+  patterns = [f"{subfolder}/*"] if subfolder else ["*.json", "*.safetensors", "*.txt"]
+  try:
+    root = snapshot_download(path_or_repo, allow_patterns=patterns, revision=revision)
+  except Exception as e:  # network, auth, offline-miss: all mean "cannot get it"
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+    raise CheckpointError(f"cannot fetch {path_or_repo!r} from the Hugging Face Hub{hint}: "
+                          f"{type(e).__name__}: {e}") from e
+  folder = os.path.join(root, subfolder) if subfolder else root
+  if not os.path.isdir(folder):
+    raise CheckpointError(f"Hub repo {path_or_repo!r} has no subfolder {subfolder!r}")
+  return folder
+
+
+def read_config(folder: str) -> dict[str, Any]:
+  path = os.path.join(folder, "config.json")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise CheckpointError(f"{folder}: no config.json") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def weight_files(folder: str, base: str, variant: str | None = None) -> list[str]:
+  """The safetensors files of `base` (single file or sharded with an index) in `folder`."""
+  suffix = f".{variant}.safetensors" if variant else ".safetensors"
+  single = os.path.join(folder, base + suffix)
+  index = single + ".index.json"
+  if os.path.isfile(single):
+    return [single]
+  if os.path.isfile(index):
+    try:
+      with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+      raise CheckpointError(f"{index}: unreadable shard index ({e})") from e
+    return [os.path.join(folder, s) for s in shards]
+  present = sorted(os.listdir(folder))
+  if any(name.endswith((".bin", ".ckpt", ".pt")) for name in present):
+    raise CheckpointError(f"{folder}: only PyTorch pickle weights found ({present}); "
+                          f"expected {base + suffix} (convert with safetensors first)")
+  raise CheckpointError(f"{folder}: no {base + suffix} (found {present})")
+
+
+def read_tensors(files: Iterable[str]) -> dict[str, np.ndarray]:
+  tensors: dict[str, np.ndarray] = {}
+  for path in files:
+    try:
+      tensors.update(load_file(path))
+    except FileNotFoundError:
+      raise CheckpointError(f"{path}: missing weight file") from None
+    except Exception as e:  # safetensors raises its own error type for corrupt headers/data
+      raise CheckpointError(f"{path}: unreadable safetensors file ({type(e).__name__}: {e})") \
+          from e
+  return tensors
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint tensors <-> module state
+# --------------------------------------------------------------------------------------------
+
+def load_state(factory: Callable[[], nnx.Module], tensors: dict[str, np.ndarray], *,
+               source: str, prefix: str = "", param_dtype=None) -> nnx.Module:
+  """Build `factory()`'s module with every parameter taken from `tensors`.
+
+  prefix: a key prefix (e.g. "text_model.") that checkpoint keys carry and our tree does not.
+  param_dtype: cast weights to this dtype (default: the module's declared parameter dtype).
+  """
+  graphdef, abstract = nnx.split(nnx.eval_shape(factory))
+  flat: dict[tuple, Any] = {}
+  missing, mismatched, used = [], [], set()
+  for path, variable in nnx.to_flat_state(abstract):
+    expected = variable.get_value() if hasattr(variable, "get_value") else variable.value
+    key, to_flax, _ = _checkpoint_key(path, len(expected.shape))
+    key = prefix + key
+    if key not in tensors:
+      missing.append(key)
+      continue
+    used.add(key)
+    value = to_flax(tensors[key])
+    if tuple(value.shape) != tuple(expected.shape):
+      mismatched.append(f"{key}: expected {_torch_shape(expected.shape, to_flax)}, "
+                        f"found {tuple(tensors[key].shape)}")
+      continue
+    flat[path] = jnp.asarray(value, dtype=param_dtype or expected.dtype)
+  unexpected = sorted(k for k in tensors if k not in used and k.startswith(prefix)
+                      and not any(p.search(k) for p in _IGNORED_KEYS))
+  problems = []
+  if missing:
+    problems.append(f"{len(missing)} missing keys: {_listing(missing)}")
+  if unexpected:
+    problems.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
+  if mismatched:
+    problems.append(f"{len(mismatched)} shape mismatches: {_listing(mismatched)}")
+  if problems:
+    raise CheckpointError(f"{source}: checkpoint does not match the model config; "
+                          + "; ".join(problems))
+  abstract.replace_by_pure_dict(_nest(flat))
+  return nnx.merge(graphdef, abstract)
+
+
+def module_tensors(module: nnx.Module) -> dict[str, np.ndarray]:
+  """The module's parameters as checkpoint-layout numpy arrays keyed like the checkpoint."""
+  tensors = {}
+  for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+    value = np.asarray(jax.device_get(variable.get_value()))
+    key, _, to_ckpt = _checkpoint_key(path, value.ndim)
+    tensors[key] = np.ascontiguousarray(to_ckpt(value))
+  return tensors
+
+
+def _torch_shape(flax_shape, to_flax) -> tuple:
+  # Inverse layout of a shape: apply the flax->ckpt layout to a dummy of that shape.
+  for key, (name, fwd, back) in _LEAF_RULES.items():
+    if fwd is to_flax:
+      return tuple(back(np.empty(flax_shape, np.int8)).shape)
+  return tuple(flax_shape)
+
+
+def _nest(flat: dict[tuple, Any]) -> dict:
+  nested: dict = {}
+  for path, value in flat.items():
+    node = nested
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = value
+  return nested
+
+
+def _listing(items: list[str], limit: int = 20) -> str:
+  shown = ", ".join(items[:limit])
+  return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+def load_unet(path_or_repo: str | os.PathLike, subfolder: str | None = "unet", *,
+              dtype=jnp.float32, param_dtype=jnp.float32, backend: str | None = None,
+              variant: str | None = None, revision: str | None = None) -> UNet2DConditionModel:
+  """Load a diffusers `UNet2DConditionModel` folder (or `repo/unet`) as our Flax UNet.
+
+  dtype: compute dtype (bfloat16 for speed); param_dtype: storage dtype of the weights.
+  """
+  folder = resolve_folder(path_or_repo, subfolder, revision)
+  config = _parse(UNetConfig.from_diffusers, read_config(folder), folder)
+  tensors = read_tensors(weight_files(folder, DIFFUSERS_WEIGHTS, variant))
+  return load_state(lambda: UNet2DConditionModel(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                                 param_dtype=param_dtype, backend=backend),
+                    tensors, source=folder, param_dtype=param_dtype)
+
+
+def load_vae(path_or_repo: str | os.PathLike, subfolder: str | None = "vae", *,
+             dtype=jnp.float32, param_dtype=jnp.float32, variant: str | None = None,
+             revision: str | None = None) -> AutoencoderKL:
+  """Load a diffusers `AutoencoderKL` folder (or `repo/vae`)."""
+  folder = resolve_folder(path_or_repo, subfolder, revision)
+  config = _parse(VAEConfig.from_diffusers, read_config(folder), folder)
+  tensors = read_tensors(weight_files(folder, DIFFUSERS_WEIGHTS, variant))
+  return load_state(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                          param_dtype=param_dtype),
+                    tensors, source=folder, param_dtype=param_dtype)
+
+
+def load_text_encoder(path_or_repo: str | os.PathLike, subfolder: str | None = "text_encoder", *,
+                      dtype=jnp.float32, param_dtype=jnp.float32, variant: str | None = None,
+                      revision: str | None = None) -> CLIPTextTransformer:
+  """Load a transformers `CLIPTextModel` (SD's text encoder) or the text tower of a `CLIPModel`."""
+  folder = resolve_folder(path_or_repo, subfolder, revision)
+  raw = read_config(folder)
+  text_raw = raw["text_config"] if raw.get("model_type") == "clip" else raw
+  config = _parse(CLIPTextConfig.from_transformers, text_raw, folder)
+  tensors = read_tensors(weight_files(folder, TRANSFORMERS_WEIGHTS, variant))
+  # transformers < 5 saved CLIPTextModel keys under "text_model."; 5.x saves them bare.
+  prefix = "text_model." if any(k.startswith("text_model.") for k in tensors) else ""
+  return load_state(lambda: CLIPTextTransformer(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                                param_dtype=param_dtype),
+                    tensors, source=folder, prefix=prefix, param_dtype=param_dtype)
+
+
+def load_clip(path_or_repo: str | os.PathLike, subfolder: str | None = None, *,
+              dtype=jnp.float32, param_dtype=jnp.float32, revision: str | None = None
+              ) -> CLIPModel:
+  """Load a transformers `CLIPModel` (e.g. openai/clip-vit-large-patch14) folder or repo id."""
+  folder = resolve_folder(path_or_repo, subfolder, revision)
+  raw = read_config(folder)
+  if raw.get("model_type") != "clip":
+    raise CheckpointError(f"{folder}: model_type is {raw.get('model_type')!r}, expected 'clip' "
+                          "(a full CLIPModel with vision tower)")
+  config = _parse(CLIPConfig.from_transformers, raw, folder)
+  tensors = read_tensors(weight_files(folder, TRANSFORMERS_WEIGHTS))
+  return load_state(lambda: CLIPModel(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                      param_dtype=param_dtype),
+                    tensors, source=folder, param_dtype=param_dtype)
+
+
+def save_unet(unet: UNet2DConditionModel, out_dir: str | os.PathLike) -> str:
+  """Write `config.json` + `diffusion_pytorch_model.safetensors` that diffusers loads."""
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  tensors = module_tensors(unet)
+  # Write to temporary names and rename, so an interrupted save never looks complete.
+  weights_path = os.path.join(out_dir, DIFFUSERS_WEIGHTS + ".safetensors")
+  save_file(tensors, weights_path + ".tmp", metadata={"format": "pt"})
+  config_path = os.path.join(out_dir, "config.json")
+  with open(config_path + ".tmp", "w") as f:
+    json.dump(unet.config.to_diffusers(), f, indent=2)
+  os.replace(weights_path + ".tmp", weights_path)
+  os.replace(config_path + ".tmp", config_path)
+  return out_dir
+
+
+def init_ip2p_from_sd(sd_unet: UNet2DConditionModel) -> UNet2DConditionModel:
+  """InstructPix2Pix's initialisation: a 4-channel SD UNet -> 8 channels.
+
+  conv_in keeps the pretrained kernel for channels 0-3 (the noisy latent) and gets zeros for
+  channels 4-7 (the image condition), so the new UNet starts as exactly the SD UNet.
+  """
+  config = sd_unet.config
+  if config.in_channels != 4:
+    raise ValueError(f"init_ip2p_from_sd expects a 4-channel SD UNet, got in_channels="
+                     f"{config.in_channels}")
+  new_config = dataclasses.replace(config, in_channels=8)
+  kernel = sd_unet.conv_in.kernel[...]
+  graphdef, state = nnx.split(sd_unet)
+  new_graphdef, abstract = nnx.split(nnx.eval_shape(
+      lambda: UNet2DConditionModel(new_config, rngs=nnx.Rngs(0), dtype=sd_unet.dtype,
+                                   param_dtype=kernel.dtype, backend=sd_unet.backend)))
+  del graphdef
+  pure = state.to_pure_dict()
+  pure["conv_in"]["kernel"] = jnp.concatenate([kernel, jnp.zeros_like(kernel)], axis=2)
+  abstract.replace_by_pure_dict(pure)
+  return nnx.merge(new_graphdef, abstract)
+
+
+def _parse(parser, raw: dict, folder: str):
+  try:
+    return parser(raw)
+  except (ValueError, TypeError) as e:
+    raise CheckpointError(f"{folder}/config.json: {e}") from e
