@@ -214,7 +214,7 @@ def _listing(items: list[str], limit: int = 20) -> str:
 # --------------------------------------------------------------------------------------------
 
 def load_unet(path_or_repo: str | os.PathLike, subfolder: str | None = "unet", *,
-              dtype=jnp.float32, param_dtype=jnp.float32, backend: str | None = None,
+              dtype=jnp.float32, param_dtype=jnp.float32, backend: str = "auto",
               variant: str | None = None, revision: str | None = None) -> UNet2DConditionModel:
   """Load a diffusers `UNet2DConditionModel` folder (or `repo/unet`) as our Flax UNet.
 

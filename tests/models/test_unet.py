@@ -48,7 +48,9 @@ def _load(folder):
   return weights.load_unet(folder, subfolder=None)
 
 
-def _jitted(unet, capture=None):
+@functools.lru_cache(maxsize=None)
+def _jitted(capture=None):
+  # One jitted function per capture spec; nnx.jit caches compilations per module structure.
   return nnx.jit(lambda m, x, t, c: m(x, t, c, capture=capture))
 
 
@@ -61,7 +63,7 @@ def test_unet_matches_diffusers(torch_unets, name):
   with torch.no_grad():
     reference = torch_model(torch.from_numpy(nchw(sample)), torch.from_numpy(timesteps),
                             torch.from_numpy(context)).sample.numpy()
-  ours = _jitted(unet)(unet, jnp.asarray(sample), jnp.asarray(timesteps), jnp.asarray(context))
+  ours = _jitted()(unet, jnp.asarray(sample), jnp.asarray(timesteps), jnp.asarray(context))
   assert ours.dtype == jnp.float32
   assert max_rel_error(ours, nhwc(reference)) <= TOL
 
@@ -92,7 +94,7 @@ def test_captured_cross_attention_equals_diffusers_probabilities(torch_unets, na
                               torch.from_numpy(context)).sample.numpy()
   finally:
     torch_model.set_attn_processor(original)
-  noise, captures = _jitted(unet, AttentionCapture())(unet, sample, timesteps, context)
+  noise, captures = _jitted(AttentionCapture())(unet, sample, timesteps, context)
   # Capture must not change the prediction.
   assert max_rel_error(noise, nhwc(reference)) <= TOL
   cross = {k: v.numpy() for k, v in recorded.items() if k.endswith("attn2")}
@@ -108,42 +110,46 @@ def test_captured_cross_attention_equals_diffusers_probabilities(torch_unets, na
 def test_capture_selects_resolution_and_block(torch_unets):
   unet = _load(torch_unets["sd_linear"][1])  # levels: 8x8, 4x4, 2x2 for an 8x8 latent
   sample, timesteps, context = _inputs(4, 24)
-  _, at_4 = _jitted(unet, AttentionCapture(resolutions=(4,)))(unet, sample, timesteps, context)
+  _, at_4 = _jitted(AttentionCapture(resolutions=(4,)))(unet, sample, timesteps, context)
   assert at_4 and all(v.shape[1:3] == (4, 4) for v in at_4.values())
   assert {k.split(".attentions")[0] for k in at_4} == {"down_blocks.1", "up_blocks.1"}
-  _, up_only = _jitted(unet, AttentionCapture(resolutions=(4,), blocks=("up_blocks",)))(
+  _, up_only = _jitted(AttentionCapture(resolutions=(4,), blocks=("up_blocks",)))(
       unet, sample, timesteps, context)
   assert sorted(up_only) == sorted(k for k in at_4 if k.startswith("up_blocks"))
 
 
-def test_capture_computes_probabilities_only_for_selected_layers(torch_unets):
-  """Explicit (B, heads, Q, K) softmax appears only for captured layers; the rest of the
-  attention goes through `jax.nn.dot_product_attention` (5-D grouped softmax on XLA, none
-  at all with cuDNN)."""
+def test_capture_computes_probabilities_only_for_selected_layers(torch_unets, monkeypatch):
+  """Explicit (B, heads, Q, K) probabilities are built only for captured layers; every other
+  layer goes through the memory-efficient path (blockwise here, cuDNN flash on GPU)."""
+  import uip2p_jax.models.attention as attention
   unet = _load(torch_unets["sd_linear"][1])
   sample, timesteps, context = _inputs(4, 24)
   graphdef, state = nnx.split(unet)
+  calls = {"explicit": [], "efficient": 0}
+  explicit, efficient = attention.attention_weights, attention.multi_head_attention
 
-  def explicit_softmax_shapes(capture):
-    jaxpr = jax.make_jaxpr(
-        lambda s, x: nnx.merge(graphdef, s)(x, timesteps, context, capture=capture))(state, sample)
-    shapes = []
-    def walk(jaxpr):
-      for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "exp" and len(eqn.outvars[0].aval.shape) == 4:
-          shapes.append(tuple(eqn.outvars[0].aval.shape))
-        for param in eqn.params.values():
-          inner = getattr(param, "jaxpr", None)
-          if inner is not None:
-            walk(getattr(inner, "jaxpr", inner))
-    walk(jaxpr.jaxpr)
-    return shapes
+  def record_explicit(q, k, scale, mask=None):
+    calls["explicit"].append((q.shape[1], k.shape[1]))
+    return explicit(q, k, scale, mask)
 
-  assert explicit_softmax_shapes(None) == []
-  # 4x4 level: down_blocks.1 (2 layers) and up_blocks.1 (3 layers), 4 heads, 16 queries.
-  assert explicit_softmax_shapes(AttentionCapture(resolutions=(4,))) == [(2, 4, 16, 7)] * 5
-  everything = explicit_softmax_shapes(AttentionCapture())
-  assert sorted(set(everything)) == [(2, 2, 64, 7), (2, 4, 16, 7), (2, 8, 4, 7)]
+  def record_efficient(*args, **kwargs):
+    calls["efficient"] += 1
+    return efficient(*args, **kwargs)
+
+  monkeypatch.setattr(attention, "attention_weights", record_explicit)
+  monkeypatch.setattr(attention, "multi_head_attention", record_efficient)
+
+  def trace(capture):
+    calls["explicit"], calls["efficient"] = [], 0
+    jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x, timesteps, context, capture=capture))(
+        state, sample)
+    return list(calls["explicit"]), calls["efficient"]
+
+  # 11 transformer blocks (2 + 2 down, 1 mid, 3 + 3 up) x (self + cross attention).
+  assert trace(None) == ([], 22)
+  # 4x4 level: down_blocks.1 (2 layers) and up_blocks.1 (3 layers): 16 queries, 7 tokens.
+  assert trace(AttentionCapture(resolutions=(4,))) == ([(16, 7)] * 5, 17)
+  assert trace(AttentionCapture(blocks=("mid_block",))) == ([(4, 7)], 21)
 
 
 def test_bfloat16_compute_stays_close(torch_unets):
@@ -152,7 +158,7 @@ def test_bfloat16_compute_stays_close(torch_unets):
   unet16 = weights.load_unet(folder, subfolder=None, dtype=jnp.bfloat16,
                              param_dtype=jnp.bfloat16)
   sample, timesteps, context = _inputs(8, 32)
-  full = _jitted(unet32)(unet32, sample, timesteps, context)
-  half = _jitted(unet16)(unet16, sample, timesteps, context)
+  full = _jitted()(unet32, sample, timesteps, context)
+  half = _jitted()(unet16, sample, timesteps, context)
   assert half.dtype == jnp.float32
   assert max_rel_error(half, full) < 5e-2

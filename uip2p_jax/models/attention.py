@@ -50,18 +50,67 @@ def attention_weights(query: jax.Array, key: jax.Array, scale: float,
   return jax.nn.softmax(logits, axis=-1)
 
 
+def blockwise_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, scale: float,
+                        block_bytes: int = 4 << 20) -> jax.Array:
+  """Memory-efficient attention in plain JAX: queries in blocks, each block's logits small.
+
+  (B, Q, heads, D) x (B, K, heads, D) -> (B, Q, heads, D). Each block's (B, heads, block, K)
+  float32 logits stay under `block_bytes` (cache-sized on CPU; bounded memory on any
+  backend); blocks run in `lax.map` under `jax.checkpoint`, so the backward pass recomputes
+  them instead of storing every block's probabilities. Softmax statistics are float32.
+  """
+  batch, q_len, heads, dim = query.shape
+  k_len = key.shape[1]
+  block = q_len
+  while block % 2 == 0 and block > 16 and batch * heads * block * k_len * 4 > block_bytes:
+    block //= 2
+  q = (query * jnp.asarray(scale, query.dtype)).transpose(0, 2, 1, 3)  # (B, H, Q, D)
+  k, v = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+
+  def attend(q_block):  # (B, H, block, D) -> (B, H, block, D)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q_block, k, preferred_element_type=jnp.float32)
+    weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return (out / weights.sum(-1, keepdims=True)).astype(query.dtype)
+
+  if block == q_len:
+    out = attend(q)
+  else:
+    blocks = q.reshape(batch, heads, q_len // block, block, dim).transpose(2, 0, 1, 3, 4)
+    out = jax.lax.map(jax.checkpoint(attend), blocks)  # (n, B, H, block, D)
+    out = out.transpose(1, 2, 0, 3, 4).reshape(batch, heads, q_len, dim)
+  return out.transpose(0, 2, 1, 3)
+
+
+ATTENTION_BACKENDS = ("auto", "blockwise", "xla", "cudnn")
+
+
 def multi_head_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, scale: float,
-                         is_causal: bool = False, backend: str | None = None) -> jax.Array:
-  """(B, T, heads, D) attention without materialising probabilities where the backend allows."""
-  return jax.nn.dot_product_attention(query, key, value, scale=scale, is_causal=is_causal,
-                                      implementation=backend)
+                         is_causal: bool = False, backend: str = "auto") -> jax.Array:
+  """(B, T, heads, D) attention without materialising full probabilities where possible.
+
+  backend: "blockwise" (ours above, any platform), "xla" / "cudnn" (`jax.nn.dot_product_attention`
+  implementations; cudnn is flash attention on NVIDIA GPUs, half precision only), or "auto":
+  cudnn on GPU for bf16/fp16, blockwise otherwise. Causal attention (CLIP text, 77 tokens) always
+  uses `jax.nn.dot_product_attention`.
+  """
+  if backend not in ATTENTION_BACKENDS:
+    raise ValueError(f"attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
+  if backend == "auto":
+    half = query.dtype in (jnp.bfloat16, jnp.float16)
+    backend = "cudnn" if jax.default_backend() == "gpu" and half else "blockwise"
+  if is_causal or backend != "blockwise":
+    return jax.nn.dot_product_attention(query, key, value, scale=scale, is_causal=is_causal,
+                                        implementation=None if backend == "blockwise" else backend)
+  return blockwise_attention(query, key, value, scale=scale)
 
 
 class Attention(nnx.Module):
   """diffusers' `Attention`: to_q/to_k/to_v (no bias) and to_out.0 (bias)."""
 
   def __init__(self, query_dim: int, *, heads: int, head_dim: int, context_dim: int | None = None,
-               qkv_bias: bool = False, backend: str | None = None, rngs: nnx.Rngs,
+               qkv_bias: bool = False, backend: str = "auto", rngs: nnx.Rngs,
                dtype=jnp.float32, param_dtype=jnp.float32):
     inner = heads * head_dim
     context_dim = context_dim or query_dim
@@ -125,7 +174,7 @@ class BasicTransformerBlock(nnx.Module):
   """Self-attention, cross-attention, GEGLU feed-forward; pre-LayerNorm residuals."""
 
   def __init__(self, dim: int, *, heads: int, head_dim: int, context_dim: int, name: str,
-               backend: str | None, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+               backend: str, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.name = name  # checkpoint-style path, used to name captured maps
     self.norm1 = LayerNorm(dim, 1e-5, **kw)
@@ -155,7 +204,7 @@ class Transformer2DModel(nnx.Module):
 
   def __init__(self, channels: int, *, heads: int, context_dim: int, groups: int,
                use_linear_projection: bool, num_layers: int, name: str,
-               backend: str | None, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+               backend: str, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.use_linear_projection = use_linear_projection
     self.norm = GroupNorm(channels, groups, 1e-6, dtype=dtype, param_dtype=param_dtype)

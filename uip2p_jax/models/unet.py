@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from uip2p_jax.models.attention import AttentionCapture, Captures, Transformer2DModel
+from uip2p_jax.models.attention import (ATTENTION_BACKENDS, AttentionCapture, Captures,
+                                        Transformer2DModel)
 from uip2p_jax.models.layers import (Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv,
                                      linear, timestep_embedding)
 
@@ -244,13 +245,15 @@ class UpBlock(nnx.Module):
 class UNet2DConditionModel(nnx.Module):
   """Noise-prediction UNet. Build from a `UNetConfig`; load weights with `uip2p_jax.weights`.
 
-  `backend` picks `jax.nn.dot_product_attention`'s implementation for uncaptured layers:
-  None (JAX decides), "xla", or "cudnn" (flash attention on NVIDIA GPUs, bf16/fp16 only).
+  `backend` picks the attention implementation of uncaptured layers (see
+  `attention.multi_head_attention`): "auto", "blockwise", "xla" or "cudnn".
   """
 
   def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, backend: str | None = None):
+               param_dtype=jnp.float32, backend: str = "auto"):
     config.validate()
+    if backend not in ATTENTION_BACKENDS:
+      raise ValueError(f"attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
     self.config = config
     self.dtype = dtype
     self.backend = backend

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv and install the pinned requirements; `--test` adds the test-only ones.
+# Idempotent and quick on re-runs: it reinstalls only when a requirements file changed.
+# Override the interpreter with PYTHON=python3.11 and the venv folder with UIP2P_VENV=DIR.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${UIP2P_VENV:-$root/.venv}"
+files=("$root/requirements.txt" "$root/requirements-nodeps.txt" "$root/pyproject.toml")
+[[ "${1:-}" == "--test" ]] && files+=("$root/requirements-test.txt")
+
+[[ -x "$venv/bin/python" ]] || "${PYTHON:-python3}" -m venv "$venv"
+stamp="$venv/.uip2p-requirements"
+want="$(cat "${files[@]}" | sha256sum | cut -d' ' -f1)"
+if [[ ! -f "$stamp" ]] || ! grep -qx "$want" "$stamp"; then
+  echo "setup: installing requirements into $venv (first run takes a few minutes)" >&2
+  pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+  "${pip[@]}" -r "$root/requirements.txt"
+  "${pip[@]}" --no-deps -r "$root/requirements-nodeps.txt"
+  "${pip[@]}" --no-deps -e "$root"
+  [[ "${1:-}" == "--test" ]] && "${pip[@]}" -r "$root/requirements-test.txt"
+  echo "$want" >> "$stamp"
+fi

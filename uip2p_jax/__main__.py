@@ -1,0 +1,5 @@
+import sys
+
+from uip2p_jax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,65 @@
+"""Architecture presets: the real Stable Diffusion 1.5 / CLIP shapes and tiny stand-ins.
+
+`sd15` matches `timbrooks/instruct-pix2pix` (8-channel UNet), SD 1.5's VAE and text encoder,
+and CLIP ViT-L/14 / ViT-B/32; use it for FLOP and memory planning on abstract shapes.
+`tiny` keeps every structural feature (4 VAE levels = downsampling 8, cross-attention, the real
+49,408-token vocabulary so real token ids work) at a size that runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from uip2p_jax.models.clip import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from uip2p_jax.models.unet import UNetConfig
+from uip2p_jax.models.vae import VAEConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPreset:
+  unet: UNetConfig
+  vae: VAEConfig
+  text_encoder: CLIPTextConfig
+  clip: CLIPConfig  # the CLIP whose embeddings the CEC losses use
+
+
+_VIT_L14_TEXT = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                               num_attention_heads=12, projection_dim=768)
+VIT_L14 = CLIPConfig(
+    text=_VIT_L14_TEXT,
+    vision=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                            num_attention_heads=16, image_size=224, patch_size=14),
+    projection_dim=768)
+VIT_B32 = CLIPConfig(
+    text=CLIPTextConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                        num_attention_heads=8, projection_dim=512),
+    vision=CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, image_size=224, patch_size=32),
+    projection_dim=512)
+
+SD15 = ModelPreset(unet=UNetConfig(in_channels=8), vae=VAEConfig(), text_encoder=_VIT_L14_TEXT,
+                   clip=VIT_L14)
+
+_TINY_TEXT = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, projection_dim=32)
+TINY = ModelPreset(
+    unet=UNetConfig(in_channels=8, block_out_channels=(32, 64), layers_per_block=1,
+                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
+                    cross_attention_dim=32, norm_num_groups=8, sample_size=8),
+    vae=VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                  sample_size=64),
+    text_encoder=_TINY_TEXT,
+    clip=CLIPConfig(text=_TINY_TEXT,
+                    vision=CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4,
+                                            image_size=32, patch_size=8),
+                    projection_dim=32))
+
+PRESETS = {"sd15": SD15, "tiny": TINY}
+
+
+def preset(name: str) -> ModelPreset:
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+  return PRESETS[name]

@@ -1,0 +1,74 @@
+"""AOT planning: FLOPs and memory of jitted functions on abstract shapes (no weights needed).
+
+Everything here lowers and compiles with `jax.ShapeDtypeStruct` inputs, so the full SD 1.5
+models can be costed on a laptop CPU in about a minute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from uip2p_jax.models import AutoencoderKL, CLIPModel, CLIPTextTransformer, UNet2DConditionModel
+from uip2p_jax.models.presets import ModelPreset
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+  flops: float  # XLA's count: a multiply-add is 2 FLOPs
+  bytes_accessed: float
+
+  @property
+  def tflops(self) -> float:
+    return self.flops / 1e12
+
+
+def abstract_split(factory: Callable[[], nnx.Module]):
+  """(graphdef, abstract state) of a module, without allocating its parameters."""
+  return nnx.split(nnx.eval_shape(factory))
+
+
+def cost_of(fn: Callable, *abstract_args: Any) -> Cost:
+  """XLA's cost analysis of `jax.jit(fn)` on abstract arguments (after optimisation)."""
+  compiled = jax.jit(fn).lower(*abstract_args).compile()
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax returned one dict per device
+    analysis = analysis[0]
+  return Cost(float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)))
+
+
+def forward_costs(models: ModelPreset, resolution: int, batch: int = 1,
+                  dtype=jnp.float32) -> dict[str, Cost]:
+  """Forward FLOPs of each model of a preset for `batch` images at `resolution` px."""
+  sds = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)
+  rngs = lambda: nnx.Rngs(0)
+  vae_graph, vae_state = abstract_split(lambda: AutoencoderKL(models.vae, rngs=rngs(),
+                                                              dtype=dtype))
+  factor = 2 ** (len(models.vae.block_out_channels) - 1)
+  latent = resolution // factor
+  unet_graph, unet_state = abstract_split(
+      lambda: UNet2DConditionModel(models.unet, rngs=rngs(), dtype=dtype))
+  text_graph, text_state = abstract_split(
+      lambda: CLIPTextTransformer(models.text_encoder, rngs=rngs(), dtype=dtype))
+  clip_graph, clip_state = abstract_split(lambda: CLIPModel(models.clip, rngs=rngs(),
+                                                            dtype=dtype))
+  size = models.clip.vision.image_size
+  costs = {
+      "unet": cost_of(
+          lambda s, x, t, c: nnx.merge(unet_graph, s)(x, t, c), unet_state,
+          sds((batch, latent, latent, models.unet.in_channels)), sds((batch,), jnp.int32),
+          sds((batch, 77, models.unet.cross_attention_dim))),
+      "vae_encoder": cost_of(lambda s, x: nnx.merge(vae_graph, s).encode(x).mean, vae_state,
+                             sds((batch, resolution, resolution, 3))),
+      "vae_decoder": cost_of(lambda s, z: nnx.merge(vae_graph, s).decode(z), vae_state,
+                             sds((batch, latent, latent, models.vae.latent_channels))),
+      "clip_vision": cost_of(lambda s, x: nnx.merge(clip_graph, s).get_image_features(x),
+                             clip_state, sds((batch, size, size, 3))),
+      "text_encoder": cost_of(lambda s, ids: nnx.merge(text_graph, s)(ids)[0], text_state,
+                              sds((batch, 77), jnp.int32)),
+  }
+  return costs
