@@ -15,8 +15,9 @@ if [[ ! -f "$stamp" ]] || ! grep -qx "$want" "$stamp"; then
   echo "setup: installing requirements into $venv (first run takes a few minutes)" >&2
   pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
   "${pip[@]}" -r "$root/requirements.txt"
+  if [[ "${1:-}" == "--test" ]]; then "${pip[@]}" -r "$root/requirements-test.txt"; fi
+  # Last, so pip's resolver never re-checks its (deliberately skipped) torch dependencies.
   "${pip[@]}" --no-deps -r "$root/requirements-nodeps.txt"
   "${pip[@]}" --no-deps -e "$root"
-  [[ "${1:-}" == "--test" ]] && "${pip[@]}" -r "$root/requirements-test.txt"
   echo "$want" >> "$stamp"
 fi
