@@ -16,6 +16,7 @@ TORCH_SCHEDULERS = {"euler_ancestral": EulerAncestralDiscreteScheduler,
                     "euler": EulerDiscreteScheduler, "ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 VARIANTS = {
     "ip2p": {},
+    "linspace": {"timestep_spacing": "linspace"},
     "trailing_v": {"timestep_spacing": "trailing", "prediction_type": "v_prediction"},
     "leading_linear": {"timestep_spacing": "leading", "beta_schedule": "linear",
                        "beta_start": 0.0001, "beta_end": 0.02, "clip_sample": False,

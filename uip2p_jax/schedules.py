@@ -54,7 +54,10 @@ class NoiseSchedule:
       if config.get(key):
         raise ValueError(f"scheduler config: {key}=true is not supported (expected false)")
     fields = {f.name for f in dataclasses.fields(cls)}
-    schedule = cls(**{k: v for k, v in config.items() if k in fields})
+    # diffusers records which values were defaults of the class that wrote the config; like
+    # `OtherScheduler.from_config`, leave those to each sampler's own default.
+    defaulted = set(config.get("_use_default_values", ()))
+    schedule = cls(**{k: v for k, v in config.items() if k in fields and k not in defaulted})
     if schedule.beta_schedule not in ("scaled_linear", "linear"):
       raise ValueError(f"scheduler config: beta_schedule {schedule.beta_schedule!r} not supported; "
                        "expected 'scaled_linear' or 'linear'")
@@ -208,7 +211,8 @@ def make_sampler(kind: str, schedule: NoiseSchedule, num_steps: int, *, eta: flo
     alpha = alpha_prev = np.zeros(num_steps, np.float32)
     clip = None
   else:
-    timesteps = inference_timesteps(schedule, num_steps, "leading")
+    # DDIM/DDPM index the training schedule, so their timesteps are integers (rounded).
+    timesteps = inference_timesteps(schedule, num_steps, "leading").round()
     int_steps = timesteps.astype(np.int64)
     if kind == "ddim":
       prev_steps = int_steps - n_train // num_steps
