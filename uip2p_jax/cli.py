@@ -31,14 +31,16 @@ def demo(args: argparse.Namespace) -> int:
   from uip2p_jax.models.presets import preset
   from uip2p_jax.tokenizer import default_tokenizer, tokenize
 
+  from uip2p_jax.models.init import random_init
   configs = preset(args.preset)
-  rngs = nnx.Rngs(args.seed)
   print(f"uip2p demo: preset {args.preset!r}, random weights, {args.resolution} px, "
         f"backend {jax.default_backend()} ({jax.device_count()} device(s))")
-  unet = UNet2DConditionModel(configs.unet, rngs=rngs)
-  vae = AutoencoderKL(configs.vae, rngs=rngs)
-  text_encoder = CLIPTextTransformer(configs.text_encoder, rngs=rngs)
-  clip = CLIPModel(configs.clip, rngs=rngs)
+  rngs = lambda: nnx.Rngs(0)
+  unet = random_init(lambda: UNet2DConditionModel(configs.unet, rngs=rngs()), args.seed)
+  vae = random_init(lambda: AutoencoderKL(configs.vae, rngs=rngs()), args.seed + 1)
+  text_encoder = random_init(lambda: CLIPTextTransformer(configs.text_encoder, rngs=rngs()),
+                             args.seed + 2)
+  clip = random_init(lambda: CLIPModel(configs.clip, rngs=rngs()), args.seed + 3)
   for name, module in (("unet", unet), ("vae", vae), ("text encoder", text_encoder),
                        ("clip", clip)):
     print(f"  {name:<14s} {parameter_count(module) / 1e6:9.2f} M parameters")
@@ -79,6 +81,100 @@ def demo(args: argparse.Namespace) -> int:
   return 0
 
 
+def _load_pipeline(args: argparse.Namespace):
+  from uip2p_jax.pipeline import EditPipeline
+  if args.model is None:
+    print("uip2p edit: no --model given: using the embedded tiny random model (no download; "
+          "its edits are noise, it shows the path runs)", file=sys.stderr)
+    return EditPipeline.tiny_random(args.seed)
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+  return EditPipeline.from_pretrained(args.model, dtype=dtype)
+
+
+def _edit_records(args: argparse.Namespace) -> list[dict]:
+  """[{image, instruction, out, index}] from --image/--instruction/--out or a --batch JSONL."""
+  import json
+  import os
+  if args.batch is None:
+    if not (args.image and args.out and args.instruction is not None):
+      raise ValueError("give --image, --instruction and --out (or --batch RECORDS.jsonl)")
+    return [{"image": args.image, "instruction": args.instruction, "out": args.out,
+             "where": "--image"}]
+  base = os.path.dirname(os.path.abspath(args.batch))
+  records = []
+  with open(args.batch) as f:
+    for line_number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        if not isinstance(record, dict):
+          raise ValueError("not a JSON object")
+      except ValueError as e:
+        record = {"error": f"invalid JSON ({e})"}
+      for key in ("image", "out"):
+        if isinstance(record.get(key), str):
+          record[key] = os.path.join(base, record[key])
+      record["where"] = f"{args.batch}:{line_number}"
+      records.append(record)
+  return records
+
+
+def edit(args: argparse.Namespace) -> int:
+  """Edit one image, or every record of a JSONL file, with an InstructPix2Pix-style model."""
+  import os
+
+  from tqdm import tqdm
+
+  from uip2p_jax.pipeline import load_image, prepare_image, to_pil
+  records = _edit_records(args)
+  pipe = _load_pipeline(args)
+  multiple = max(64, pipe.size_multiple)
+  ready, skipped = [], 0
+  for index, record in enumerate(records):
+    try:
+      if "error" in record:
+        raise ValueError(record["error"])
+      instruction = record.get("instruction")
+      if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError(f"empty or missing instruction {instruction!r}")
+      if not isinstance(record.get("out"), str):
+        raise ValueError("missing 'out' path")
+      if not isinstance(record.get("image"), str):
+        raise ValueError("missing 'image' path")
+      image = prepare_image(load_image(record["image"]), args.resolution, multiple)
+    except (ValueError, FileNotFoundError) as e:
+      if args.batch is None:
+        raise
+      print(f"skipped {record['where']}: {e}", file=sys.stderr)
+      skipped += 1
+      continue
+    ready.append((index, image, instruction, record["out"]))
+
+  # Same-size images run together in fixed-size batches (the last one padded), so each
+  # working size compiles once.
+  by_size: dict[tuple, list] = {}
+  for item in ready:
+    by_size.setdefault(item[1].shape, []).append(item)
+  progress = tqdm(total=len(ready), desc="editing", unit="image", disable=len(ready) < 2)
+  for items in by_size.values():
+    for start in range(0, len(items), args.batch_size):
+      chunk = items[start:start + args.batch_size]
+      padded = chunk + [chunk[0]] * (args.batch_size - len(chunk))
+      edited = pipe.edit(np.stack([item[1] for item in padded]), [item[2] for item in padded],
+                         steps=args.steps, text_scale=args.text_scale,
+                         image_scale=args.image_scale, sampler=args.sampler,
+                         seeds=[args.seed + item[0] for item in padded])
+      for (_, _, _, out), image in zip(chunk, edited):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        to_pil(image).save(out)
+      progress.update(len(chunk))
+  progress.close()
+  print(f"edited {len(ready)} image(s)" + (f", skipped {skipped} bad record(s)" if skipped
+                                          else ""), file=sys.stderr)
+  return 3 if skipped else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="uip2p", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +184,28 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--instruction", default="make it snowy")
   p.add_argument("--seed", type=int, default=0)
   p.set_defaults(run=demo)
+
+  p = commands.add_parser("edit", help="edit images by instruction (one, or a JSONL batch)",
+                          description=edit.__doc__ + " Exit status 3 when bad batch records "
+                          "were skipped (the others are edited).")
+  p.add_argument("--model", default=None,
+                 help="diffusers IP2P folder or Hub repo id (default: embedded tiny random model)")
+  p.add_argument("--image", help="input image file")
+  p.add_argument("--instruction", help="the edit instruction")
+  p.add_argument("--out", help="output image file")
+  p.add_argument("--batch", metavar="RECORDS.jsonl",
+                 help='JSONL of {"image": ..., "instruction": ..., "out": ...}; paths relative '
+                      "to the JSONL file")
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--text-scale", type=float, default=7.5)
+  p.add_argument("--image-scale", type=float, default=1.5)
+  p.add_argument("--seed", type=int, default=0, help="record i uses seed + i")
+  p.add_argument("--sampler", default="euler_ancestral",
+                 choices=["euler_ancestral", "euler", "ddim", "ddpm"])
+  p.add_argument("--resolution", type=int, default=512, help="longest side of the working size")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--batch-size", type=int, default=1)
+  p.set_defaults(run=edit)
   return parser
 
 
@@ -95,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return args.run(args)
-  except (ValueError, FileNotFoundError, OSError) as e:
+  except (ValueError, OSError) as e:  # CheckpointError is a ValueError
     print(f"uip2p {args.command}: error: {e}", file=sys.stderr)
     return 2
 

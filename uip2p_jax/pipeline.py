@@ -118,10 +118,13 @@ class EditPipeline:
   @classmethod
   def tiny_random(cls, seed: int = 0) -> "EditPipeline":
     """The embedded default: a tiny randomly initialised IP2P model (no download)."""
+    from uip2p_jax.models.init import random_init
     from uip2p_jax.models.presets import TINY
-    rngs = nnx.Rngs(seed)
-    return cls(UNet2DConditionModel(TINY.unet, rngs=rngs), AutoencoderKL(TINY.vae, rngs=rngs),
-               CLIPTextTransformer(TINY.text_encoder, rngs=rngs), default_tokenizer())
+    rngs = lambda: nnx.Rngs(0)
+    return cls(random_init(lambda: UNet2DConditionModel(TINY.unet, rngs=rngs()), seed),
+               random_init(lambda: AutoencoderKL(TINY.vae, rngs=rngs()), seed + 1),
+               random_init(lambda: CLIPTextTransformer(TINY.text_encoder, rngs=rngs()), seed + 2),
+               default_tokenizer())
 
   @property
   def size_multiple(self) -> int:
