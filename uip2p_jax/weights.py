@@ -25,6 +25,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from uip2p_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextTransformer
+from uip2p_jax.models.init import nest
 from uip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
 from uip2p_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -172,7 +173,7 @@ def load_state(factory: Callable[[], nnx.Module], tensors: dict[str, np.ndarray]
   if problems:
     raise CheckpointError(f"{source}: checkpoint does not match the model config; "
                           + "; ".join(problems))
-  abstract.replace_by_pure_dict(_nest(flat))
+  abstract.replace_by_pure_dict(nest(flat))
   return nnx.merge(graphdef, abstract)
 
 
@@ -192,16 +193,6 @@ def _torch_shape(flax_shape, to_flax) -> tuple:
     if fwd is to_flax:
       return tuple(back(np.empty(flax_shape, np.int8)).shape)
   return tuple(flax_shape)
-
-
-def _nest(flat: dict[tuple, Any]) -> dict:
-  nested: dict = {}
-  for path, value in flat.items():
-    node = nested
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = value
-  return nested
 
 
 def _listing(items: list[str], limit: int = 20) -> str:

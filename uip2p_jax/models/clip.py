@@ -21,6 +21,12 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def _from_known_fields(cls, config: dict[str, Any]):
+  """The dataclass from the config keys it declares (transformers configs carry many more)."""
+  fields = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{k: v for k, v in config.items() if k in fields})
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
   vocab_size: int = 49408
@@ -36,8 +42,7 @@ class CLIPTextConfig:
 
   @classmethod
   def from_transformers(cls, config: dict[str, Any]) -> "CLIPTextConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in config.items() if k in fields})
+    return _from_known_fields(cls, config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +59,7 @@ class CLIPVisionConfig:
 
   @classmethod
   def from_transformers(cls, config: dict[str, Any]) -> "CLIPVisionConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in config.items() if k in fields})
+    return _from_known_fields(cls, config)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,11 +38,16 @@ def random_init(factory: Callable[[], M], seed: int = 0) -> M:
     else:  # embeddings, CLIP's class embedding
       value = rng.standard_normal(spec.shape, np.float32) * 0.02
     values[path] = jnp.asarray(value, spec.dtype)
-  nested: dict = {}
-  for path, value in values.items():
-    node = nested
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = value
-  abstract.replace_by_pure_dict(nested)
+  abstract.replace_by_pure_dict(nest(values))
   return nnx.merge(graphdef, abstract)
+
+
+def nest(flat: dict[tuple, object]) -> dict:
+  """{("a", 0, "kernel"): x} -> {"a": {0: {"kernel": x}}}, the form `replace_by_pure_dict` takes."""
+  nested: dict = {}
+  for path, value in flat.items():
+    node = nested
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return nested

@@ -156,10 +156,10 @@ class DownBlock(nnx.Module):
         for j in range(c.layers_per_block)])
     has_attention = c.down_block_types[index] == "CrossAttnDownBlock2D"
     self.attentions = None if not has_attention else nnx.List([
-          Transformer2DModel(out_ch, heads=c.heads[index], context_dim=c.cross_attention_dim,
-                             groups=c.norm_num_groups, use_linear_projection=c.use_linear_projection,
-                             num_layers=c.transformer_layers[index],
-                             name=f"down_blocks.{index}.attentions.{j}", backend=backend, **kw)
+        Transformer2DModel(out_ch, heads=c.heads[index], context_dim=c.cross_attention_dim,
+                           groups=c.norm_num_groups, use_linear_projection=c.use_linear_projection,
+                           num_layers=c.transformer_layers[index],
+                           name=f"down_blocks.{index}.attentions.{j}", backend=backend, **kw)
         for j in range(c.layers_per_block)])
     is_final = index == len(c.block_out_channels) - 1
     self.downsamplers = (None if is_final else
@@ -221,12 +221,12 @@ class UpBlock(nnx.Module):
     block_level = n_blocks - 1 - index  # heads and layers are listed in down-block order
     has_attention = c.up_block_types[index] == "CrossAttnUpBlock2D"
     self.attentions = None if not has_attention else nnx.List([
-          Transformer2DModel(out_ch, heads=c.heads[block_level],
-                             context_dim=c.cross_attention_dim, groups=c.norm_num_groups,
-                             use_linear_projection=c.use_linear_projection,
-                             num_layers=c.transformer_layers[block_level],
-                             name=f"up_blocks.{index}.attentions.{j}", backend=backend, **kw)
-          for j in range(num_layers)])
+        Transformer2DModel(out_ch, heads=c.heads[block_level],
+                           context_dim=c.cross_attention_dim, groups=c.norm_num_groups,
+                           use_linear_projection=c.use_linear_projection,
+                           num_layers=c.transformer_layers[block_level],
+                           name=f"up_blocks.{index}.attentions.{j}", backend=backend, **kw)
+        for j in range(num_layers)])
     is_final = index == n_blocks - 1
     self.upsamplers = None if is_final else nnx.List([Upsample2D(out_ch, **kw)])
 
