@@ -13,7 +13,7 @@ stamp="$venv/.uip2p-requirements"
 want="$(cat "${files[@]}" | sha256sum | cut -d' ' -f1)"
 if [[ ! -f "$stamp" ]] || ! grep -qx "$want" "$stamp"; then
   echo "setup: installing requirements into $venv (first run takes a few minutes)" >&2
-  pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+  pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check --no-warn-conflicts)
   "${pip[@]}" -r "$root/requirements.txt"
   if [[ "${1:-}" == "--test" ]]; then "${pip[@]}" -r "$root/requirements-test.txt"; fi
   # Last, so pip's resolver never re-checks its (deliberately skipped) torch dependencies.
