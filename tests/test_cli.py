@@ -56,3 +56,10 @@ def test_edit_errors_are_one_line(tmp_path, capsys):
   assert main(["edit", "--image", str(tmp_path / "missing.jpg"), "--instruction", "x",
                "--out", str(tmp_path / "o.png"), *FAST]) == 2
   assert "no such image file" in capsys.readouterr().err
+
+
+def test_demo_runs_every_model_and_the_edit(tmp_path, capsys):
+  assert main(["demo", "--steps", "1", "--out-dir", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert "rows sum to 1.0000" in out and "demo finished" in out
+  assert Image.open(tmp_path / "edited.png").size == (64, 64)

@@ -77,6 +77,18 @@ def demo(args: argparse.Namespace) -> int:
     print(f"  captured {layer}: {tuple(probs.shape)}, rows sum to "
           f"{float(probs.sum(-1).mean()):.4f}")
   print(f"  clip similarity (random weights): {float(similarity[0]):+.4f}")
+
+  # The whole edit path (what `uip2p edit` runs), on the same random models.
+  import os
+
+  from uip2p_jax.pipeline import EditPipeline, to_pil
+  pipe = EditPipeline(unet, vae, text_encoder, default_tokenizer())
+  edited = _timed(f"edit, {args.steps} Euler ancestral steps", lambda: pipe.edit(
+      np.asarray(image), [instruction], steps=args.steps, seeds=[args.seed]))
+  os.makedirs(args.out_dir, exist_ok=True)
+  to_pil(np.asarray(image[0])).save(os.path.join(args.out_dir, "input.png"))
+  to_pil(edited[0]).save(os.path.join(args.out_dir, "edited.png"))
+  print(f"  wrote {args.out_dir}/input.png and {args.out_dir}/edited.png")
   print("demo finished: every model ran on this machine with no download.")
   return 0
 
@@ -183,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--resolution", type=int, default=64)
   p.add_argument("--instruction", default="make it snowy")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--steps", type=int, default=4, help="sampling steps of the demo edit")
+  p.add_argument("--out-dir", default="demo_out", help="where the demo edit's images go")
   p.set_defaults(run=demo)
 
   p = commands.add_parser("edit", help="edit images by instruction (one, or a JSONL batch)",
