@@ -50,10 +50,10 @@ class CheckpointError(ValueError):
 
 
 def _checkpoint_key(path: tuple, ndim: int) -> tuple[str, Callable, Callable]:
+  """(checkpoint key, checkpoint->flax layout, flax->checkpoint layout) of a parameter path."""
   leaf = str(path[-1])
   name, to_flax, to_ckpt = _LEAF_RULES.get((leaf, ndim), (leaf, *_IDENTITY))
-  return ".".join(str(p) for p in path[:-1]) + ("." if len(path) > 1 else "") + name, to_flax, \
-      to_ckpt
+  return ".".join([*(str(p) for p in path[:-1]), name]), to_flax, to_ckpt
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def load_state(factory: Callable[[], nnx.Module], tensors: dict[str, np.ndarray]
   missing, mismatched, used = [], [], set()
   for path, variable in nnx.to_flat_state(abstract):
     expected = variable.get_value() if hasattr(variable, "get_value") else variable.value
-    key, to_flax, _ = _checkpoint_key(path, len(expected.shape))
+    key, to_flax, to_ckpt = _checkpoint_key(path, len(expected.shape))
     key = prefix + key
     if key not in tensors:
       missing.append(key)
@@ -157,7 +157,8 @@ def load_state(factory: Callable[[], nnx.Module], tensors: dict[str, np.ndarray]
     used.add(key)
     value = to_flax(tensors[key])
     if tuple(value.shape) != tuple(expected.shape):
-      mismatched.append(f"{key}: expected {_torch_shape(expected.shape, to_flax)}, "
+      expected_ckpt = to_ckpt(np.empty(expected.shape, np.int8)).shape
+      mismatched.append(f"{key}: expected {tuple(expected_ckpt)}, "
                         f"found {tuple(tensors[key].shape)}")
       continue
     flat[path] = jnp.asarray(value, dtype=param_dtype or expected.dtype)
@@ -185,14 +186,6 @@ def module_tensors(module: nnx.Module) -> dict[str, np.ndarray]:
     key, _, to_ckpt = _checkpoint_key(path, value.ndim)
     tensors[key] = np.ascontiguousarray(to_ckpt(value))
   return tensors
-
-
-def _torch_shape(flax_shape, to_flax) -> tuple:
-  # Inverse layout of a shape: apply the flax->ckpt layout to a dummy of that shape.
-  for key, (name, fwd, back) in _LEAF_RULES.items():
-    if fwd is to_flax:
-      return tuple(back(np.empty(flax_shape, np.int8)).shape)
-  return tuple(flax_shape)
 
 
 def _listing(items: list[str], limit: int = 20) -> str:
