@@ -1,0 +1,82 @@
+"""CEC and IP2P losses against values worked out by hand on small inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uip2p_jax import losses
+
+
+def test_clip_direction_loss_hand_values():
+  # Image moves along +y, text along +y: aligned -> 0. Text along +x: orthogonal -> 1.
+  image_in, image_out = jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 1.0]])   # direction (-1, 1)
+  text_in, text_out = jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 3.0]])     # normalised: (-1, 1)
+  np.testing.assert_allclose(losses.clip_direction_loss(image_out, image_in, text_out, text_in),
+                             [0.0], atol=1e-6)
+  np.testing.assert_allclose(losses.clip_direction_loss(image_out, image_in, text_in, text_out),
+                             [2.0], atol=1e-6)  # opposite direction
+  text_in2, text_out2 = jnp.array([[0.0, 0.0, 1.0]]), jnp.array([[1.0, 1.0, 1.0]])
+  pad = lambda a: jnp.pad(a, ((0, 0), (0, 1)))
+  # image direction (-1, 1, 0); text direction (1/sqrt3, 1/sqrt3, 1/sqrt3 - 1): dot = 0 -> loss 1.
+  np.testing.assert_allclose(losses.clip_direction_loss(pad(image_out), pad(image_in), text_out2,
+                                                        text_in2), [1.0], atol=1e-6)
+
+
+def test_similarity_and_reconstruction_hand_values():
+  np.testing.assert_allclose(losses.similarity_loss(jnp.array([[1.0, 0.0], [1.0, 1.0]]),
+                                                    jnp.array([[2.0, 0.0], [1.0, 0.0]])),
+                             [0.0, 1 - 1 / np.sqrt(2)], atol=1e-6)
+  x = jnp.zeros((2, 2, 2, 3))
+  shifted = x.at[0].add(0.5).at[1, 0, 0, 0].set(-2.0)
+  np.testing.assert_allclose(losses.reconstruction_loss(shifted, x), [0.5, 2.0 / 12], atol=1e-6)
+  np.testing.assert_allclose(losses.reconstruction_loss(shifted, x, "l2"), [0.25, 4.0 / 12],
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="'huber'"):
+    losses.reconstruction_loss(x, x, "huber")
+
+
+def test_attention_map_and_loss_hand_values():
+  ids = jnp.array([[49406, 320, 786, 49407, 49407]])  # BOS, 2 instruction tokens, EOS, pad
+  mask = losses.instruction_token_mask(ids)
+  np.testing.assert_array_equal(mask, [[0, 1, 1, 0, 0]])
+  probs = np.zeros((1, 2, 2, 5), np.float32)
+  probs[0, 0, 0] = [0.5, 0.25, 0.25, 0, 0]   # instruction mass 0.5
+  probs[0, 0, 1] = [0.9, 0.05, 0.05, 0, 0]   # 0.1
+  probs[0, 1, 0] = [0.0, 0.0, 0.0, 1, 0]     # 0 (all on EOS)
+  probs[0, 1, 1] = [0.0, 0.5, 0.5, 0, 0]     # 1.0
+  other = np.full_like(probs, 0.2)          # 0.4 everywhere
+  maps = losses.attention_map({"a": jnp.asarray(probs), "b": jnp.asarray(other)}, mask)
+  # Layer mean: [[0.45, 0.25], [0.2, 0.7]] -> divided by its max 0.7.
+  np.testing.assert_allclose(maps[0], np.array([[0.45, 0.25], [0.2, 0.7]]) / 0.7, atol=1e-6)
+  flat = jnp.ones((1, 2, 2))
+  expected = np.mean((np.array([[0.45, 0.25], [0.2, 0.7]]) / 0.7 - 1) ** 2)
+  np.testing.assert_allclose(losses.attention_loss(maps, flat), [expected], atol=1e-6)
+  with pytest.raises(ValueError, match="different resolutions"):
+    losses.attention_map({"a": jnp.zeros((1, 2, 2, 5)), "b": jnp.zeros((1, 4, 4, 5))}, mask)
+
+
+def test_weighted_total_and_ip2p_loss():
+  total = losses.weighted_total({"clip": jnp.array([1.0, 3.0]), "recon": jnp.array([0.5])},
+                                {"clip": 2.0, "recon": 1.0, "attn": 0.0})
+  np.testing.assert_allclose(total, 2.0 * 2.0 + 0.5)
+  with pytest.raises(ValueError, match="weight 0"):
+    losses.weighted_total({"attn": jnp.array([1.0])}, {"attn": 0.0})
+  np.testing.assert_allclose(losses.ip2p_loss(jnp.ones((2, 3)), jnp.zeros((2, 3))), 1.0)
+
+
+def test_conditioning_dropout_matches_the_ip2p_ranges():
+  batch = 4000
+  key = jax.random.key(0)
+  text = jnp.ones((batch, 3, 2))
+  empty = jnp.full((3, 2), -1.0)
+  image = jnp.ones((batch, 2, 2, 4))
+  new_text, new_image = losses.conditioning_dropout(key, text, empty, image)
+  r = np.asarray(jax.random.uniform(key, (batch,)))
+  text_dropped = np.asarray(new_text[:, 0, 0] == -1.0)
+  image_dropped = np.asarray(new_image[:, 0, 0, 0] == 0.0)
+  np.testing.assert_array_equal(text_dropped, r < 0.10)
+  np.testing.assert_array_equal(image_dropped, (r >= 0.05) & (r < 0.15))
+  assert 0.03 < np.mean(text_dropped & ~image_dropped) < 0.07   # text only ~5%
+  assert 0.03 < np.mean(text_dropped & image_dropped) < 0.07    # both ~5%
+  assert 0.03 < np.mean(~text_dropped & image_dropped) < 0.07   # image only ~5%

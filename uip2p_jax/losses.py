@@ -1,0 +1,110 @@
+"""Cycle Edit Consistency losses, the supervised InstructPix2Pix loss and its conditioning
+dropout, as pure functions (shared/METHOD.md section 2 gives the definitions).
+
+Embeddings passed here are CLIP embeddings (any normalisation: they are L2-normalised first).
+Images are NHWC in [-1, 1]; attention captures are what `UNet2DConditionModel` returns with an
+`AttentionCapture`: {layer name: (B, h, w, tokens) head-averaged probabilities}.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from uip2p_jax.models.attention import Captures
+
+
+def _normalise(x: jax.Array) -> jax.Array:
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Cosine similarity over the last axis: (B, D) x (B, D) -> (B,)."""
+  return jnp.sum(_normalise(a) * _normalise(b), axis=-1)
+
+
+def clip_direction_loss(edited_image: jax.Array, input_image: jax.Array, edited_text: jax.Array,
+                        input_text: jax.Array) -> jax.Array:
+  """L_clip = 1 - cos(E_I(x_e) - E_I(x), E_T(c_out) - E_T(c_in)), per example (B,)."""
+  image_direction = _normalise(edited_image) - _normalise(input_image)
+  text_direction = _normalise(edited_text) - _normalise(input_text)
+  return 1.0 - cosine(image_direction, text_direction)
+
+
+def similarity_loss(a: jax.Array, b: jax.Array) -> jax.Array:
+  """1 - cos(a, b), per example (B,): L_sim as `(E_I(x_r), E_I(x))` or `(E_I(x_e), E_T(c_out))`."""
+  return 1.0 - cosine(a, b)
+
+
+def reconstruction_loss(reconstructed: jax.Array, target: jax.Array, kind: str = "l1") -> jax.Array:
+  """L_recon per example (B,): mean |x_r - x| ("l1") or mean (x_r - x)^2 ("l2")."""
+  diff = reconstructed.astype(jnp.float32) - target.astype(jnp.float32)
+  if kind == "l1":
+    per_element = jnp.abs(diff)
+  elif kind == "l2":
+    per_element = jnp.square(diff)
+  else:
+    raise ValueError(f"reconstruction loss kind {kind!r}; expected 'l1' or 'l2'")
+  return per_element.reshape(per_element.shape[0], -1).mean(axis=-1)
+
+
+def instruction_token_mask(token_ids: jax.Array, *, bos_id: int = 49406, eos_id: int = 49407,
+                           pad_id: int = 49407) -> jax.Array:
+  """(B, T) ids -> (B, T) float mask of the instruction's own tokens (no BOS/EOS/padding)."""
+  special = (token_ids == bos_id) | (token_ids == eos_id) | (token_ids == pad_id)
+  return (~special).astype(jnp.float32)
+
+
+def attention_map(captures: Captures, token_mask: jax.Array) -> jax.Array:
+  """The spatial cross-attention map of an instruction: (B, h, w), max 1 per example.
+
+  Each captured layer's probabilities are summed over the instruction's tokens (token_mask,
+  (B, T)); the layers (all at one resolution) are averaged; the result is divided by its
+  per-example maximum, so forward and reverse maps compare in space whatever their tokens.
+  """
+  if not captures:
+    raise ValueError("attention_map needs at least one captured layer (check AttentionCapture)")
+  shapes = {tuple(v.shape[1:3]) for v in captures.values()}
+  if len(shapes) != 1:
+    raise ValueError(f"captured layers have different resolutions {sorted(shapes)}; select one")
+  per_layer = [jnp.einsum("bhwt,bt->bhw", probs.astype(jnp.float32), token_mask)
+               for probs in captures.values()]
+  spatial = jnp.mean(jnp.stack(per_layer), axis=0)
+  return spatial / jnp.maximum(spatial.max(axis=(1, 2), keepdims=True), 1e-12)
+
+
+def attention_loss(forward_map: jax.Array, reverse_map: jax.Array) -> jax.Array:
+  """L_attn = mean (A_f - A_r)^2 per example (B,)."""
+  return jnp.square(forward_map - reverse_map).reshape(forward_map.shape[0], -1).mean(axis=-1)
+
+
+def weighted_total(losses: dict[str, jax.Array], weights: dict[str, float]) -> jax.Array:
+  """sum_k weights[k] * mean(losses[k]); a term with weight 0 must not have been computed."""
+  unknown = set(losses) - set(weights)
+  if unknown:
+    raise ValueError(f"losses {sorted(unknown)} have no weight; weights given: {sorted(weights)}")
+  zero_weight = sorted(k for k in losses if weights[k] == 0)
+  if zero_weight:
+    raise ValueError(f"losses {zero_weight} have weight 0: skip computing them instead")
+  return sum(weights[k] * jnp.mean(v) for k, v in losses.items())
+
+
+def ip2p_loss(noise_prediction: jax.Array, noise: jax.Array) -> jax.Array:
+  """The supervised InstructPix2Pix loss: MSE between true and predicted noise (scalar)."""
+  return jnp.mean(jnp.square(noise_prediction.astype(jnp.float32) - noise.astype(jnp.float32)))
+
+
+def conditioning_dropout(key: jax.Array, text_embeddings: jax.Array, empty_embedding: jax.Array,
+                         image_latents: jax.Array, probability: float = 0.05):
+  """IP2P's dropout for classifier-free guidance, one r ~ U(0, 1) per example:
+  r < p: text -> embedding of ""; p <= r < 2p: both dropped; 2p <= r < 3p: image latent -> 0.
+
+  text_embeddings: (B, T, D); empty_embedding: (T, D) or (1, T, D); image_latents: (B, h, w, c).
+  """
+  r = jax.random.uniform(key, (text_embeddings.shape[0],))
+  drop_text = r < 2 * probability
+  drop_image = (r >= probability) & (r < 3 * probability)
+  text = jnp.where(drop_text[:, None, None],
+                   jnp.broadcast_to(empty_embedding, text_embeddings.shape), text_embeddings)
+  image = jnp.where(drop_image[:, None, None, None], 0.0, image_latents)
+  return text, image
