@@ -25,13 +25,13 @@ def _timed(label: str, fn, *args):
 
 
 def demo(args: argparse.Namespace) -> int:
-  """One forward pass of every model on random weights: the whole InstructPix2Pix data path."""
+  """Every model once on random weights, then a full edit: the InstructPix2Pix data path."""
   from uip2p_jax.models import (AttentionCapture, AutoencoderKL, CLIPModel, CLIPTextTransformer,
                                 UNet2DConditionModel)
+  from uip2p_jax.models.init import random_init
   from uip2p_jax.models.presets import preset
   from uip2p_jax.tokenizer import default_tokenizer, tokenize
 
-  from uip2p_jax.models.init import random_init
   configs = preset(args.preset)
   print(f"uip2p demo: preset {args.preset!r}, random weights, {args.resolution} px, "
         f"backend {jax.default_backend()} ({jax.device_count()} device(s))")
@@ -190,7 +190,7 @@ def edit(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="uip2p", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
-  p = commands.add_parser("demo", help="forward pass of every model on random weights")
+  p = commands.add_parser("demo", help="every model and a full edit on random weights")
   p.add_argument("--preset", default="tiny", choices=["tiny", "sd15"])
   p.add_argument("--resolution", type=int, default=64)
   p.add_argument("--instruction", default="make it snowy")
