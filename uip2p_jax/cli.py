@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -187,6 +188,46 @@ def edit(args: argparse.Namespace) -> int:
   return 3 if skipped else 0
 
 
+def data_build(args: argparse.Namespace) -> int:
+  """Builds a TFDS (array_record) dataset; prints written/skipped counts and skipped ids."""
+  from uip2p_jax.data import builders
+  kind, source = args.kind, None
+  metadata = {}
+  if kind == "sample":
+    report = builders.build_sample(args.out, overwrite=args.overwrite)
+    kind = "captions"
+  else:
+    if kind == "captions":
+      if bool(args.manifest) == bool(args.webdataset):
+        raise ValueError("captions: give exactly one of --manifest or --webdataset")
+      if args.webdataset and not args.instructions:
+        raise ValueError("captions --webdataset needs --instructions FILE.jsonl")
+      if args.manifest:
+        source = lambda: builders.manifest_records(args.manifest, args.max_side)
+        metadata["source"] = os.path.abspath(args.manifest)
+      else:
+        source = lambda: builders.webdataset_records(args.webdataset, args.instructions,
+                                                     args.max_side)
+        metadata["source"] = args.webdataset
+    else:
+      if not args.parquet:
+        raise ValueError(f"{kind} needs --parquet 'DIR/*.parquet'")
+      if kind == "ip2p":
+        source = lambda: builders.ip2p_records(args.parquet, args.reverse_instructions,
+                                               args.max_side)
+        metadata["has_reverse"] = bool(args.reverse_instructions)
+      else:
+        source = lambda: builders.magicbrush_records(args.parquet, args.descriptions,
+                                                     args.max_side)
+        metadata["has_captions"] = bool(args.descriptions)
+      metadata["source"] = args.parquet
+    report = builders.build(kind, source, args.out, split=args.split, metadata=metadata,
+                            overwrite=args.overwrite)
+  print(f"uip2p data build {args.kind}: {report.summary()}")
+  print(f"  dataset: {builders.dataset_dir(args.out, kind)}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="uip2p", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -220,6 +261,27 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--batch-size", type=int, default=1)
   p.set_defaults(run=edit)
+
+  data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command",
+                                                                     required=True)
+  p = data.add_parser("build", help="build a TFDS array_record dataset",
+                      description=data_build.__doc__)
+  p.add_argument("kind", choices=["captions", "ip2p", "magicbrush", "sample"],
+                 help="captions: cycle-edit records; ip2p: InstructPix2Pix pairs; magicbrush: "
+                      "its test turns; sample: the bundled CC0 photos as captions records")
+  p.add_argument("--out", required=True, metavar="DATA_DIR")
+  p.add_argument("--manifest", help="captions: JSONL manifest (image paths relative to it)")
+  p.add_argument("--webdataset", help="captions: img2dataset shards, e.g. 'shards/{00000..00099}.tar'")
+  p.add_argument("--instructions", help="captions --webdataset: JSONL of generated instructions, "
+                                        "joined by 'key'")
+  p.add_argument("--parquet", help="ip2p / magicbrush: parquet files, e.g. 'DIR/*.parquet'")
+  p.add_argument("--reverse-instructions", help="ip2p: JSONL of reverse instructions")
+  p.add_argument("--descriptions", help="magicbrush: global_descriptions.json (captions for CLIP-T)")
+  p.add_argument("--split", default=None, help="split name (default: train; magicbrush: test)")
+  p.add_argument("--max-side", type=int, default=0,
+                 help="downscale images whose longest side exceeds this (0: keep)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing built dataset")
+  p.set_defaults(run=data_build)
   return parser
 
 

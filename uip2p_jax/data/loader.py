@@ -1,0 +1,255 @@
+"""The training input pipeline: array_record -> grain -> per-host batches -> global jax.Arrays.
+
+Per JAX process: its slice of the records (``process_index::process_count``), a seeded global
+shuffle reshuffled every epoch, decode + IP2P augmentation (random resized crop, horizontal flip)
++ tokenization in worker processes, fixed-size batches. Everything random is derived from the
+seed and the record's position, so the iterator state (``get_state``) restores the exact stream.
+
+A record whose image fails to decode is skipped and counted (``Loader.skipped_records``, and
+``skipped_records`` per batch: the batch whose assembly passed over it; a finite stream's final
+partial batch is dropped with its count); ``strict=True`` raises instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import threading
+
+import grain
+from absl import flags
+import jax
+import numpy as np
+import PIL.Image
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from uip2p_jax.data import builders
+from uip2p_jax.tokenizer import MAX_LENGTH, load_tokenizer, tokenize
+
+_INVALID = "__invalid__"
+# Token-id fields of a training batch, from the record's text fields.
+TEXT_IDS = {name: f"{name}_ids" for name in builders.TEXT_FIELDS["captions"]}
+
+
+class DataError(ValueError):
+  """A record that cannot be read, in strict mode."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+  data_dir: str
+  kind: str = "captions"            # "captions" (cycle-edit records) or "ip2p" (pairs)
+  split: str | None = None          # default: the kind's split ("train")
+  resolution: int = 256
+  batch_size: int = 8               # per JAX process
+  seed: int = 0
+  num_epochs: int | None = None     # None: repeat forever (reshuffled every epoch)
+  shuffle: bool = True
+  # Random resized crop as in InstructPix2Pix: shorter side resized to resolution * U(min, max),
+  # then a random square crop (256 -> 256..288 by default).
+  min_scale: float = 1.0
+  max_scale: float = 1.125
+  flip: bool = True
+  num_workers: int = 2              # decoding processes per host (0: in the main process)
+  worker_buffer: int = 2            # batches buffered per worker
+  strict: bool = False
+  tokenizer: str | None = None      # a tokenizer folder / Hub repo; None: offline CLIP default
+  require_reverse: bool = True      # CEC needs reverse instructions; the supervised baseline not
+
+  def __post_init__(self):
+    if self.kind not in ("captions", "ip2p"):
+      raise ValueError(f"training data kind must be 'captions' or 'ip2p', got {self.kind!r}")
+    if self.resolution % 8 or self.resolution <= 0:
+      raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+    if not 1.0 <= self.min_scale <= self.max_scale:
+      raise ValueError(f"need 1 <= min_scale <= max_scale, got {self.min_scale}, {self.max_scale}")
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+_TOKENIZERS: dict = {}
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def _tokenizer(name: str | None):
+  # One per worker process, built on first use (not pickled across processes). grain reads with
+  # several threads, and transformers' lazy imports are not thread-safe: build under a lock.
+  with _TOKENIZER_LOCK:
+    if name not in _TOKENIZERS:
+      _TOKENIZERS[name] = load_tokenizer(name)
+    return _TOKENIZERS[name]
+
+
+def decode_image(data: bytes, min_side: int) -> PIL.Image.Image:
+  """RGB image; JPEGs are decoded at the smallest DCT scale that keeps ``min_side`` (fast)."""
+  image = PIL.Image.open(io.BytesIO(data))
+  if image.format == "JPEG":
+    w, h = image.size
+    scale = min_side / min(w, h)
+    image.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
+  return image.convert("RGB")
+
+
+def random_resized_crop(images: list[PIL.Image.Image], resolution: int, rng: np.random.Generator,
+                        min_scale: float, max_scale: float, flip: bool) -> list[np.ndarray]:
+  """The same random resize/crop/flip applied to every image (input/edited pairs stay aligned)."""
+  short = resolution * rng.uniform(min_scale, max_scale)
+  fx, fy, do_flip = rng.random(), rng.random(), flip and rng.random() < 0.5
+  out = []
+  for image in images:
+    w, h = image.size
+    scale = short / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    left, top = int(fx * (nw - resolution)), int(fy * (nh - resolution))
+    # Resize only the region that survives the crop: cheaper, and the same pixels.
+    box = (left / scale, top / scale, (left + resolution) / scale, (top + resolution) / scale)
+    crop = image.resize((resolution, resolution), PIL.Image.BICUBIC, box=box, reducing_gap=3.0)
+    array = np.asarray(crop, dtype=np.uint8)
+    out.append(array[:, ::-1] if do_flip else array)
+  return out
+
+
+class _DecodeAugmentTokenize:
+  """Record -> training example (uint8 images, int32 token ids), or an invalid marker."""
+
+  def __init__(self, config: LoaderConfig):
+    self.config = config
+    self.image_fields = builders.IMAGE_FIELDS[config.kind]
+
+  def __call__(self, record: dict, rng: np.random.Generator) -> dict:
+    c = self.config
+    rid = record["id"].decode() if isinstance(record["id"], bytes) else str(record["id"])
+    try:
+      images = [decode_image(record[name], c.resolution) for name in self.image_fields]
+    except Exception as e:  # PIL raises many types for bad bytes
+      reason = f"record {rid}: undecodable image ({type(e).__name__}: {e})"
+      if c.strict:
+        raise DataError(reason) from None
+      logging.warning("skipping %s", reason)
+      return {_INVALID: reason}
+    arrays = random_resized_crop(images, c.resolution, rng, c.min_scale, c.max_scale, c.flip)
+    example = {"id": np.bytes_(rid.encode()),
+               **{name: array for name, array in zip(self.image_fields, arrays)}}
+    texts = [record[f].decode() if isinstance(record[f], bytes) else record[f] for f in TEXT_IDS]
+    ids = tokenize(_tokenizer(c.tokenizer), texts, MAX_LENGTH)
+    example.update({key: row for key, row in zip(TEXT_IDS.values(), ids)})
+    return example
+
+
+class _ValidBatchIterator(grain.DatasetIterator):
+  """Fixed-size batches of valid examples; counts the invalid ones it passed over."""
+
+  def __init__(self, parent: grain.DatasetIterator, batch_size: int):
+    super().__init__(parent)
+    self._batch_size = batch_size
+
+  def __next__(self) -> dict:
+    examples, skipped = [], 0
+    while len(examples) < self._batch_size:
+      example = next(self._parent)  # StopIteration ends the stream; a partial batch is dropped
+      if _INVALID in example:
+        skipped += 1
+      else:
+        examples.append(example)
+    batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+    batch["skipped_records"] = np.int32(skipped)
+    return batch
+
+  # Batches end exactly where the parent's state is taken, so its state is the batcher's.
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+class _ValidBatchDataset(grain.IterDataset):
+
+  def __init__(self, parent: grain.IterDataset, batch_size: int):
+    super().__init__(parent)
+    self._batch_size = batch_size
+
+  def __iter__(self) -> _ValidBatchIterator:
+    return _ValidBatchIterator(self._parent.__iter__(), self._batch_size)
+
+
+def make_dataset(config: LoaderConfig, process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+  """The grain pipeline of one JAX process (defaults: this process of ``jax.process_count()``)."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  source, info = builders.open_split(config.data_dir, config.kind, config.split)
+  if config.kind == "ip2p" and config.require_reverse and not info.metadata.get("has_reverse"):
+    raise ValueError(f"{config.data_dir}: these IP2P pairs were built without reverse "
+                     "instructions (CEC needs them); rebuild with --reverse-instructions, or set "
+                     "require_reverse=False for the supervised baseline")
+  if len(source) < process_count:
+    raise ValueError(f"{len(source)} records cannot be split over {process_count} processes")
+  ds = grain.MapDataset.source(source)[process_index::process_count].seed(config.seed)
+  if config.shuffle:
+    ds = ds.shuffle()
+  ds = ds.repeat(config.num_epochs).random_map(_DecodeAugmentTokenize(config))
+  ds = _ValidBatchDataset(ds.to_iter_dataset(), config.batch_size)
+  if config.num_workers > 0:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app
+      flags.FLAGS.mark_as_parsed()   # (tests, notebooks) take their defaults
+    ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
+        num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer))
+  return ds
+
+
+class Loader:
+  """Host batches: images float32 in [-1, 1] (B, R, R, 3), token ids int32 (B, 77), record ids
+  (B,) bytes (host only: ``to_global`` leaves them out).
+
+  ``get_state()`` is a JSON string (saved with the training checkpoint); ``set_state`` on a
+  loader built from the same config (same ``num_workers``) continues the exact stream.
+  """
+
+  def __init__(self, config: LoaderConfig, process_index: int | None = None,
+               process_count: int | None = None):
+    self.config = config
+    self._iterator = iter(make_dataset(config, process_index, process_count))
+    self.skipped_records = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = dict(next(self._iterator))
+    self.skipped_records += int(batch.pop("skipped_records"))
+    for name in builders.IMAGE_FIELDS[self.config.kind]:
+      batch[name] = batch[name].astype(np.float32) * (2 / 255) - 1
+    return batch
+
+  def get_state(self) -> str:
+    return json.dumps({"grain": self._iterator.get_state(), "skipped": self.skipped_records})
+
+  def set_state(self, state: str) -> None:
+    state = json.loads(state)
+    self._iterator.set_state(state["grain"])
+    self.skipped_records = state["skipped"]
+
+  def close(self) -> None:
+    close = getattr(self._iterator, "close", None)
+    if close:
+      close()
+
+
+def batch_sharding(mesh: Mesh, batch_axes: tuple[str, ...] = ("data", "fsdp")) -> NamedSharding:
+  """Leading (batch) dimension split over ``batch_axes``, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(batch_axes))
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh,
+              batch_axes: tuple[str, ...] = ("data", "fsdp")) -> dict[str, jax.Array]:
+  """Per-host batches -> global arrays sharded over the batch axes (multi-host safe)."""
+  sharding = batch_sharding(mesh, batch_axes)
+  return {key: jax.make_array_from_process_local_data(sharding, value)
+          for key, value in batch.items() if value.dtype.kind in "biuf"}
+
+
+__all__ = ["DataError", "Loader", "LoaderConfig", "TEXT_IDS", "batch_sharding", "decode_image",
+           "make_dataset", "random_resized_crop", "to_global"]
