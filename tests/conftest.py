@@ -112,3 +112,14 @@ def nchw(x):
 
 def nhwc(x):
   return np.ascontiguousarray(np.asarray(x).transpose(0, 2, 3, 1))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent XLA cache for the session (and its subprocesses): tests that compile the
+  same train step (the trainer runs it several times) pay for the compile once."""
+  import jax
+  directory = str(tmp_path_factory.mktemp("jax_cache"))
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+  jax.config.update("jax_compilation_cache_dir", directory)
+  yield directory

@@ -228,6 +228,33 @@ def data_build(args: argparse.Namespace) -> int:
   return 0
 
 
+def plan(args: argparse.Namespace) -> int:
+  """AOT-compiles a config's full train step on abstract shapes: per-device memory and FLOPs."""
+  mesh = dict(item.split("=") for item in args.mesh.split(","))
+  if set(mesh) != {"data", "fsdp"}:
+    raise ValueError(f"--mesh {args.mesh!r}: expected data=N,fsdp=M")
+  data, fsdp = int(mesh["data"]), int(mesh["fsdp"])
+  if jax.default_backend() == "cpu" and jax.device_count() < data * fsdp:
+    # Simulate the mesh's devices on the host (must be set before JAX starts): run again.
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                                      f" --xla_force_host_platform_device_count={data * fsdp}"))
+    os.execve(sys.executable, [sys.executable, "-m", "uip2p_jax"] + sys.argv[1:], env)
+  from uip2p_jax.plan import load_config, plan_train_step
+  config = load_config(args.config)
+  start = time.perf_counter()
+  result = plan_train_step(config, data, fsdp, args.global_batch, args.resolution, args.preset)
+  print(f"uip2p plan: {args.config} | preset {args.preset} | mesh data={data},fsdp={fsdp} "
+        f"({jax.default_backend()}) | global batch {args.global_batch} | {args.resolution} px "
+        f"| objective {config.objective} | remat {config.model.remat} "
+        f"| compiled in {time.perf_counter() - start:.0f} s")
+  print(f"per-device memory: {result.per_device_gib:.2f} GiB "
+        f"(arguments {result.argument_bytes / 2 ** 30:.2f} GiB, temporaries "
+        f"{result.temp_bytes / 2 ** 30:.2f} GiB)")
+  print(f"flops per step: {result.flops_per_device * result.devices / 1e12:.2f} TFLOP "
+        f"({result.flops_per_device / 1e12:.2f} TFLOP per device)")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="uip2p", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -262,6 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=1)
   p.set_defaults(run=edit)
 
+  commands.add_parser(
+      "train", help="train an experiment: uip2p train --config experiments/FILE.py[:ARGS] "
+                    "--workdir DIR [--config.key=value ...] (absl flags; see uip2p_jax/train.py)")
+  p = commands.add_parser("plan", help="per-device memory and FLOPs of a config's train step",
+                          description=plan.__doc__)
+  p.add_argument("--config", required=True, help="experiments/FILE.py[:ARGS]")
+  p.add_argument("--mesh", default="data=1,fsdp=1", help="data=N,fsdp=M")
+  p.add_argument("--global-batch", type=int, required=True)
+  p.add_argument("--resolution", type=int, default=256)
+  p.add_argument("--preset", default="sd15", choices=["sd15", "tiny"],
+                 help="model size to plan (sd15: the real SD 1.5 / CLIP ViT-L/14 shapes)")
+  p.set_defaults(run=plan)
+
   data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command",
                                                                      required=True)
   p = data.add_parser("build", help="build a TFDS array_record dataset",
@@ -286,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["train"]:  # absl/ml_collections flags: --config FILE.py:ARGS --config.key=v
+    from uip2p_jax.train import main as train_main
+    return train_main(argv[1:])
   args = build_parser().parse_args(argv)
   try:
     return args.run(args)

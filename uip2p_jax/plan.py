@@ -72,3 +72,63 @@ def forward_costs(models: ModelPreset, resolution: int, batch: int = 1,
                               sds((batch, 77), jnp.int32)),
   }
   return costs
+
+
+def load_config(spec: str):
+  """``FILE.py[:ARG]`` -> ``get_config(ARG)`` (the experiment file format of ``experiments/``)."""
+  import importlib.util
+  import os
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"experiment config {path!r} not found")
+  module_spec = importlib.util.spec_from_file_location("experiment_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+  per_device_bytes: int     # arguments + outputs - donated aliases + temporaries
+  argument_bytes: int
+  temp_bytes: int
+  flops_per_device: float   # XLA's count for one step on one device
+  devices: int
+
+  @property
+  def per_device_gib(self) -> float:
+    return self.per_device_bytes / 2 ** 30
+
+
+def plan_train_step(config, data: int, fsdp: int, global_batch: int, resolution: int,
+                    preset: str = "sd15") -> StepPlan:
+  """AOT-compiles the run's train step on abstract shapes (no weights) for a (data, fsdp) mesh.
+
+  `preset` replaces the config's model (and any checkpoint) by an architecture preset: "sd15"
+  is the real SD 1.5 / CLIP ViT-L/14 size. Memory comes from XLA's buffer assignment of the
+  compiled step on this backend (on CPU: an estimate for accelerators, which fuse and schedule
+  differently).
+  """
+  from uip2p_jax import sharding as shd
+  from uip2p_jax import train as tr
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.preset, config.model.pretrained, config.model.init_from_sd = preset, "", ""
+    config.data.resolution = resolution
+    config.batch_size = global_batch
+  mesh = shd.make_mesh(data, fsdp)
+  models = tr.build_models(config.model, config.objective, abstract=True)
+  graphs, params, frozen = tr.split_models(models)
+  functions = tr.make_step_functions(config, graphs, params, frozen, models.schedule, mesh)
+  frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), frozen,
+                        functions.frozen_shardings)
+  batch = tr.abstract_batch(config, global_batch, functions.batch_sharding)
+  compiled = functions.step.lower(functions.abstract_state, frozen, batch).compile()
+  memory = compiled.memory_analysis()
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  return StepPlan(int(per_device), int(memory.argument_size_in_bytes),
+                  int(memory.temp_size_in_bytes), float(analysis.get("flops", 0.0)),
+                  data * fsdp)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from uip2p_jax.models.attention import multi_head_attention
-from uip2p_jax.models.layers import LayerNorm, activation, conv, linear
+from uip2p_jax.models.layers import LayerNorm, activation, conv, linear, remat_call
 
 # OpenAI CLIP's image normalisation (also in every CLIP preprocessor_config.json).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -125,10 +125,11 @@ class CLIPEncoder(nnx.Module):
         CLIPEncoderLayer(c.hidden_size, c.num_attention_heads, c.intermediate_size, c.hidden_act,
                          c.layer_norm_eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         for _ in range(c.num_hidden_layers)])
+    self.remat = "none"  # per-layer activation recomputation (layers.REMAT_POLICIES)
 
   def __call__(self, x, *, causal: bool):
     for layer in self.layers:
-      x = layer(x, causal=causal)
+      x = remat_call(self.remat, lambda l, h: l(h, causal=causal), layer, x)
     return x
 
 

@@ -16,7 +16,7 @@ from flax import nnx
 from uip2p_jax.models.attention import (ATTENTION_BACKENDS, AttentionCapture, Captures,
                                         Transformer2DModel)
 from uip2p_jax.models.layers import (Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv,
-                                     linear, timestep_embedding)
+                                     linear, remat_call, timestep_embedding)
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -270,6 +270,7 @@ class UNet2DConditionModel(nnx.Module):
     self.conv_norm_out = GroupNorm(ch0, c.norm_num_groups, c.norm_eps, dtype=dtype,
                                    param_dtype=param_dtype)
     self.conv_out = conv(ch0, c.out_channels, 3, **kw)
+    self.remat = "none"  # per-block activation recomputation (layers.REMAT_POLICIES)
 
   def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
                *, capture: AttentionCapture | None = None):
@@ -300,14 +301,17 @@ class UNet2DConditionModel(nnx.Module):
     skips = [h]
     captures: Captures = {}
     for block in self.down_blocks:
-      h, block_skips, caps = block(h, temb, context, capture)
+      h, block_skips, caps = remat_call(self.remat, lambda b, *a: b(*a, capture), block, h, temb,
+                                        context)
       skips.extend(block_skips)
       captures.update(caps)
-    h, caps = self.mid_block(h, temb, context, capture)
+    h, caps = remat_call(self.remat, lambda b, *a: b(*a, capture), self.mid_block, h, temb,
+                         context)
     captures.update(caps)
     for block in self.up_blocks:
       n = len(block.resnets)
-      h, caps = block(h, skips[-n:], temb, context, capture)
+      h, caps = remat_call(self.remat, lambda b, *a: b(*a, capture), block, h, skips[-n:], temb,
+                           context)
       skips = skips[:-n]
       captures.update(caps)
     h = self.conv_out(jax.nn.silu(self.conv_norm_out(h))).astype(jnp.float32)
