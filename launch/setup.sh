@@ -2,20 +2,26 @@
 # Create .venv and install the pinned requirements; `--test` adds the test-only ones.
 # Idempotent and quick on re-runs: it reinstalls only when a requirements file changed.
 # Override the interpreter with PYTHON=python3.11 and the venv folder with UIP2P_VENV=DIR.
+# Accelerators: UIP2P_JAX=tpu or UIP2P_JAX=cuda12 installs the matching jax extra (same version).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${UIP2P_VENV:-$root/.venv}"
 files=("$root/requirements.txt" "$root/requirements-nodeps.txt" "$root/pyproject.toml")
+accelerator="${UIP2P_JAX:-cpu}"
 [[ "${1:-}" == "--test" ]] && files+=("$root/requirements-test.txt")
 
 [[ -x "$venv/bin/python" ]] || "${PYTHON:-python3}" -m venv "$venv"
 stamp="$venv/.uip2p-requirements"
-want="$(cat "${files[@]}" | sha256sum | cut -d' ' -f1)"
+want="$( (cat "${files[@]}"; echo "$accelerator") | sha256sum | cut -d' ' -f1)"
 if [[ ! -f "$stamp" ]] || ! grep -qx "$want" "$stamp"; then
   echo "setup: installing requirements into $venv (first run takes a few minutes)" >&2
   pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check --no-warn-conflicts)
   "${pip[@]}" -r "$root/requirements.txt"
   if [[ "${1:-}" == "--test" ]]; then "${pip[@]}" -r "$root/requirements-test.txt"; fi
+  if [[ "$accelerator" != "cpu" ]]; then
+    jax_version="$(grep -oP '^jax\[cpu\]==\K.*' "$root/requirements.txt")"
+    "${pip[@]}" "jax[$accelerator]==$jax_version"
+  fi
   # Last, so pip's resolver never re-checks its (deliberately skipped) torch dependencies.
   "${pip[@]}" --no-deps -r "$root/requirements-nodeps.txt"
   "${pip[@]}" --no-deps -e "$root"

@@ -123,3 +123,21 @@ def compilation_cache(tmp_path_factory):
   os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
   jax.config.update("jax_compilation_cache_dir", directory)
   yield directory
+
+
+@pytest.fixture(scope="session")
+def step_setup(tmp_path_factory):
+  """(step functions on a one-device mesh, initial params, placed frozen params, first sample
+  batch) of the tiny trainer config: compiled once for every trainer test."""
+  from trainer_setup import build_step_setup
+  return build_step_setup(str(tmp_path_factory.mktemp("step_data")))
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory):
+  """The bundled sample photos built as a captions dataset (shared by the data tests)."""
+  from uip2p_jax.data import builders
+  out = str(tmp_path_factory.mktemp("sample_data"))
+  report = builders.build_sample(out)
+  assert report.written == 12 and not report.skipped
+  return out

@@ -302,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="model size to plan (sd15: the real SD 1.5 / CLIP ViT-L/14 shapes)")
   p.set_defaults(run=plan)
 
+  from uip2p_jax.eval.commands import add_parsers as add_eval_parsers
+  add_eval_parsers(commands)
+
   data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command",
                                                                      required=True)
   p = data.add_parser("build", help="build a TFDS array_record dataset",

@@ -21,12 +21,16 @@ MIN_SHARDED_SIZE = 2 ** 16  # elements: below this an array is replicated
 def maybe_initialize_distributed() -> None:
   """``jax.distributed.initialize()`` when launched as one process of several.
 
-  Cloud TPU pod slices and SLURM jobs are detected by JAX itself; this only decides whether the
-  job is multi-process (a single-host run must not wait for a coordinator).
+  JAX finds the coordinator and process ids itself on Cloud TPU slices and under SLURM; this only
+  decides whether to ask (a plain single-host run must not wait for a coordinator). The
+  launchers set UIP2P_DISTRIBUTED=1; SLURM jobs of several tasks and explicit
+  JAX_COORDINATOR_ADDRESS settings count too.
   """
+  if jax.distributed.is_initialized():
+    return
   slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
-  tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if slurm_tasks > 1 or "," in tpu_hosts or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+  if (os.environ.get("UIP2P_DISTRIBUTED") == "1" or slurm_tasks > 1
+      or os.environ.get("JAX_COORDINATOR_ADDRESS")):
     jax.distributed.initialize()
 
 

@@ -618,13 +618,31 @@ def write_samples(run: RunContext, state: TrainState, sample_batch, step: int, w
 
 
 def export(run: RunContext, state: TrainState) -> str:
-  """The EMA UNet in diffusers' format: workdir/export/unet."""
+  """The EMA UNet in diffusers' format at workdir/export/unet; for runs from a pretrained
+  pipeline, the base pipeline's other parts are copied beside it, so workdir/export is a full
+  InstructPix2Pix folder (`uip2p edit --model`, `uip2p eval`, diffusers' `from_pretrained`)."""
+  import shutil
   from uip2p_jax import weights
   ema = host_tree(state.ema_params)
-  out = os.path.join(run.workdir, "export", "unet")
+  out = os.path.join(run.workdir, "export")
   if jax.process_index() == 0:
-    weights.save_unet(nnx.merge(run.graphs["unet"], jax.tree.map(np.asarray, ema)), out)
-    print(f"train: exported the EMA UNet (diffusers format) to {out}", flush=True)
+    base = run.config.model.pretrained or run.config.model.init_from_sd
+    if base and run.config.model.pretrained:  # an SD base is not an IP2P pipeline: UNet only
+      root = weights.resolve_folder(base)
+      for name in os.listdir(root):
+        source = os.path.join(root, name)
+        if name == "unet" or name.startswith("."):
+          continue
+        if os.path.isdir(source):
+          shutil.copytree(source, os.path.join(out, name), dirs_exist_ok=True)
+        else:
+          os.makedirs(out, exist_ok=True)
+          shutil.copyfile(source, os.path.join(out, name))
+    weights.save_unet(nnx.merge(run.graphs["unet"], jax.tree.map(np.asarray, ema)),
+                      os.path.join(out, "unet"))
+    print(f"train: exported the EMA UNet (diffusers format) to {out}/unet"
+          + (" with the base pipeline's other parts" if base and run.config.model.pretrained
+             else ""), flush=True)
   return out
 
 

@@ -28,6 +28,7 @@ from uip2p_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTex
 from uip2p_jax.models.init import nest
 from uip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
 from uip2p_jax.models.vae import AutoencoderKL, VAEConfig
+from uip2p_jax.models.vit import ViTConfig, ViTModel
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 TRANSFORMERS_WEIGHTS = "model"
@@ -254,6 +255,24 @@ def load_clip(path_or_repo: str | os.PathLike, subfolder: str | None = None, *,
   return load_state(lambda: CLIPModel(config, rngs=nnx.Rngs(0), dtype=dtype,
                                       param_dtype=param_dtype),
                     tensors, source=folder, param_dtype=param_dtype)
+
+
+def load_vit(path_or_repo: str | os.PathLike, subfolder: str | None = None, *,
+             dtype=jnp.float32, param_dtype=jnp.float32, revision: str | None = None
+             ) -> ViTModel:
+  """Load a transformers `ViTModel` folder or repo id (e.g. facebook/dino-vits16).
+
+  A pooler (which DINO checkpoints lack and the DINO metric does not use) is not loaded; keys
+  of a `ViTFor...` model ("vit." prefix) load too, without its task head.
+  """
+  folder = resolve_folder(path_or_repo, subfolder, revision)
+  config = _parse(ViTConfig.from_transformers, read_config(folder), folder)
+  tensors = read_tensors(weight_files(folder, TRANSFORMERS_WEIGHTS))
+  prefix = "vit." if any(k.startswith("vit.") for k in tensors) else ""
+  tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix + "pooler.")}
+  return load_state(lambda: ViTModel(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                     param_dtype=param_dtype),
+                    tensors, source=folder, prefix=prefix, param_dtype=param_dtype)
 
 
 def save_unet(unet: UNet2DConditionModel, out_dir: str | os.PathLike) -> str:

@@ -5,3 +5,4 @@ from uip2p_jax.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTe
                                    CLIPVisionConfig)
 from uip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
 from uip2p_jax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
+from uip2p_jax.models.vit import ViTConfig, ViTModel

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the MagicBrush protocol, InstructPix2Pix's CLIP trade-off curves."""

@@ -1,0 +1,96 @@
+"""InstructPix2Pix's trade-off curve: CLIP direction similarity vs CLIP image similarity
+(ViT-L/14) over guidance scales, for one or several models."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+from PIL import Image
+
+from uip2p_jax.eval.metrics import MetricModels, cosine_similarity, direction_similarity
+
+FIELDS = ("model", "text_scale", "image_scale", "n", "direction_similarity", "image_similarity")
+
+
+def load_records(data_dir: str, kind: str = "ip2p", split: str | None = None,
+                 limit: int | None = None) -> list[dict]:
+  """Input image, instruction and both captions of IP2P pairs (or cycle-edit records)."""
+  from uip2p_jax.data import builders
+  source, _ = builders.open_split(data_dir, kind, split)
+  count = len(source) if not limit else min(limit, len(source))
+  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
+  records = []
+  for i in range(count):
+    r = source[i]
+    records.append({"id": text(r["id"]), "image": Image.open(io.BytesIO(r["image"])).convert("RGB"),
+                    "instruction": text(r["instruction"]),
+                    "input_caption": text(r["input_caption"]),
+                    "edited_caption": text(r["edited_caption"])})
+  return records
+
+
+def curve_points(label: str, edit, records: list[dict], clip: MetricModels,
+                 text_scales: list[float], image_scales: list[float], batch_size: int = 8,
+                 progress: bool = True) -> list[dict]:
+  """One row per (text scale, image scale): mean direction and image similarity.
+
+  edit(images, instructions, seeds, text_scale, image_scale) -> edited PIL images.
+  """
+  from tqdm import tqdm
+  inputs = clip.clip_image_features([r["image"] for r in records])
+  in_text = clip.clip_text_features([r["input_caption"] for r in records])
+  out_text = clip.clip_text_features([r["edited_caption"] for r in records])
+  rows = []
+  grid = [(t, i) for i in image_scales for t in text_scales]
+  for text_scale, image_scale in tqdm(grid, desc=f"ip2p-curve {label}", disable=not progress):
+    edited = []
+    for start in range(0, len(records), batch_size):
+      chunk = records[start:start + batch_size]
+      edited += edit([r["image"] for r in chunk], [r["instruction"] for r in chunk],
+                     list(range(start, start + len(chunk))), text_scale, image_scale)
+    features = clip.clip_image_features(edited)
+    rows.append({"model": label, "text_scale": text_scale, "image_scale": image_scale,
+                 "n": len(records),
+                 "direction_similarity": float(np.mean(direction_similarity(
+                     inputs, features, in_text, out_text))),
+                 "image_similarity": float(np.mean(cosine_similarity(inputs, features)))})
+  return rows
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def plot(rows: list[dict], path: str) -> None:
+  """Direction similarity (x) vs image similarity (y); a line per model and image scale, its
+  points labelled with the text scale."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  figure, axes = plt.subplots(figsize=(6, 5), dpi=120)
+  for model in dict.fromkeys(r["model"] for r in rows):
+    for image_scale in sorted({r["image_scale"] for r in rows if r["model"] == model}):
+      line = sorted((r for r in rows if r["model"] == model and r["image_scale"] == image_scale),
+                    key=lambda r: r["text_scale"])
+      xs = [r["direction_similarity"] for r in line]
+      ys = [r["image_similarity"] for r in line]
+      axes.plot(xs, ys, marker="o", label=f"{model}, image scale {image_scale:g}")
+      for r in line:
+        axes.annotate(f"{r['text_scale']:g}", (r["direction_similarity"],
+                                               r["image_similarity"]), fontsize=7)
+  axes.set_xlabel("CLIP text-image direction similarity")
+  axes.set_ylabel("CLIP image similarity")
+  axes.set_title("InstructPix2Pix trade-off (labels: text scale)")
+  axes.grid(alpha=0.3)
+  axes.legend(fontsize=7)
+  figure.tight_layout()
+  figure.savefig(path)
+  plt.close(figure)
+
+
+__all__ = ["FIELDS", "curve_points", "load_records", "plot", "write_csv"]

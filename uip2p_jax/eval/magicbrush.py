@@ -1,0 +1,195 @@
+"""The MagicBrush protocol: edit every test turn (single- and multi-turn), score, summarise.
+
+Single-turn: every turn is edited from its own source image (the dataset's source for turn t is
+the ground-truth output of turn t - 1). Multi-turn: turn 1 from the source, turn t from our own
+edit of turn t - 1. Edited images are written as they are made, so a re-run skips them (resume);
+scores are recomputed from the files. The summary reports the mean over all turns and, for
+multi-turn, over final turns too, next to the paper's reference rows (METHOD.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+from uip2p_jax.eval.metrics import MetricModels, magicbrush_metrics
+
+METRICS = ("l1", "l2", "clip_i", "dino", "clip_t")
+# MagicBrush test, single turn (L1, L2, CLIP-I, DINO, CLIP-T), as the UIP2P paper reports them.
+REFERENCE_ROWS = {
+    "InstructPix2Pix (paper)": (0.1122, 0.0371, 0.8524, 0.7428, 0.2764),
+    "HIVE (paper)": (0.1092, 0.0341, 0.8519, 0.7500, 0.2752),
+    "UIP2P, IP2P data (paper)": (0.0722, 0.0193, 0.9243, 0.8876, 0.2944),
+    "UIP2P, CC3M (paper)": (0.0680, 0.0183, 0.9262, 0.8924, 0.2966),
+    "UIP2P, CC12M (paper)": (0.0619, 0.0174, 0.9318, 0.9039, 0.2964),
+    "UIP2P ablation: Base (paper)": (0.117, 0.032, 0.878, 0.806, 0.309),
+    "UIP2P ablation: +L_sim (paper)": (0.089, 0.024, 0.906, 0.872, 0.301),
+    "UIP2P ablation: +L_attn (paper)": (0.062, 0.017, 0.932, 0.904, 0.296),
+}
+
+
+def load_turns(data_dir: str, limit: int | None = None) -> list[dict]:
+  """Every test turn (decoded text, raw image bytes), sorted by (img_id, turn). `limit` keeps
+  the first N *sessions* (all their turns, so multi-turn chains stay whole)."""
+  from uip2p_jax.data import builders
+  source, _ = builders.open_split(data_dir, "magicbrush")
+  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
+  turns = []
+  for i in range(len(source)):
+    r = source[i]
+    turns.append({"id": text(r["id"]), "img_id": text(r["img_id"]),
+                  "turn": int(r["turn_index"]), "instruction": text(r["instruction"]),
+                  "edited_caption": text(r["edited_caption"]), "image": r["image"],
+                  "target_image": r["target_image"]})
+  turns.sort(key=lambda t: (t["img_id"], t["turn"]))
+  if limit:
+    keep = sorted({t["img_id"] for t in turns})[:limit]
+    turns = [t for t in turns if t["img_id"] in set(keep)]
+  return turns
+
+
+def _open(data: bytes) -> Image.Image:
+  import io
+  return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+EditFn = Callable[[list[Image.Image], list[str], list[int]], list[Image.Image]]
+
+
+def run_edits(turns: list[dict], edit: EditFn, out_dir: str, mode: str, batch_size: int,
+              seed: int, progress: bool = True) -> int:
+  """Edits every turn not yet on disk into out_dir/<mode>/<id>.png; returns how many it made."""
+  folder = os.path.join(out_dir, mode)
+  os.makedirs(folder, exist_ok=True)
+  path = lambda t: os.path.join(folder, f"{t['id']}.png")
+  by_session: dict[str, dict[int, dict]] = {}
+  for t in turns:
+    by_session.setdefault(t["img_id"], {})[t["turn"]] = t
+  pending = [t for t in turns if not os.path.exists(path(t))]
+  from tqdm import tqdm
+  bar = tqdm(total=len(pending), desc=f"magicbrush {mode}", unit="edit", disable=not progress)
+  made = 0
+  # Waves by turn index: in multi-turn mode, turn t needs turn t - 1's output first.
+  for turn_index in sorted({t["turn"] for t in pending}):
+    wave = [t for t in pending if t["turn"] == turn_index]
+    for start in range(0, len(wave), batch_size):
+      chunk = wave[start:start + batch_size]
+      inputs = []
+      for t in chunk:
+        previous = by_session[t["img_id"]].get(t["turn"] - 1)
+        if mode == "multi" and previous is not None:
+          inputs.append(Image.open(path(previous)).convert("RGB"))
+        else:
+          inputs.append(_open(t["image"]))
+      # Per-turn seeds (stable across runs and batch sizes): a resumed run edits the same way.
+      seeds = [(seed + zlib.crc32(t["id"].encode())) % 2 ** 31 for t in chunk]
+      for t, image in zip(chunk, edit(inputs, [t["instruction"] for t in chunk], seeds)):
+        tmp = path(t) + ".tmp.png"
+        image.save(tmp)
+        os.replace(tmp, path(t))  # a killed run never leaves a half-written image
+        made += 1
+        bar.update(1)
+  bar.close()
+  return made
+
+
+def score(turns: list[dict], out_dir: str, mode: str, models: MetricModels,
+          batch_size: int = 16) -> list[dict]:
+  """Per-turn rows: id, img_id, turn, instruction and every metric (NaN when unavailable)."""
+  rows = []
+  folder = os.path.join(out_dir, mode)
+  for start in range(0, len(turns), batch_size):
+    chunk = turns[start:start + batch_size]
+    edited = [Image.open(os.path.join(folder, f"{t['id']}.png")).convert("RGB") for t in chunk]
+    targets = [_open(t["target_image"]) for t in chunk]
+    captions = [t["edited_caption"] for t in chunk]
+    values = magicbrush_metrics(models, edited, targets, captions)
+    for i, t in enumerate(chunk):
+      rows.append({"id": t["id"], "img_id": t["img_id"], "turn": t["turn"],
+                   "instruction": t["instruction"],
+                   **{m: float(values[m][i]) if m in values else math.nan for m in METRICS}})
+  return rows
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=["id", "img_id", "turn", "instruction", *METRICS])
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def read_csv(path: str) -> list[dict]:
+  with open(path, newline="") as f:
+    return [{**r, "turn": int(r["turn"]), **{m: float(r[m]) for m in METRICS}}
+            for r in csv.DictReader(f)]
+
+
+def summarise(rows_by_mode: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+  """{setting: {metric: mean}}: "single", "multi (all turns)", "multi (final turn)"."""
+  summary = {}
+  mean = lambda rows, m: float(np.nanmean([r[m] for r in rows])) if rows and not all(
+      math.isnan(r[m]) for r in rows) else math.nan
+  for mode, rows in rows_by_mode.items():
+    if mode == "single":
+      summary["single"] = {m: mean(rows, m) for m in METRICS} | {"n": len(rows)}
+    else:
+      last = {}
+      for r in rows:
+        if r["turn"] >= last.get(r["img_id"], r)["turn"]:
+          last[r["img_id"]] = r
+      summary["multi (all turns)"] = {m: mean(rows, m) for m in METRICS} | {"n": len(rows)}
+      finals = list(last.values())
+      summary["multi (final turn)"] = {m: mean(finals, m) for m in METRICS} | {"n": len(finals)}
+  return summary
+
+
+def markdown_table(summary: dict[str, dict[str, float]], label: str,
+                   expected: dict[str, float] | None = None) -> str:
+  """The paper's table format, our rows first, then the reference rows."""
+  fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+  lines = ["| model | setting | n | L1 ↓ | L2 ↓ | CLIP-I ↑ | DINO ↑ | CLIP-T ↑ |",
+           "|---|---|---|---|---|---|---|---|"]
+  for setting, values in summary.items():
+    lines.append(f"| {label} | {setting} | {values['n']} | "
+                 + " | ".join(fmt(values[m]) for m in METRICS) + " |")
+  if expected:
+    lines.append(f"| expected by the config | single | | "
+                 + " | ".join(fmt(expected.get(m)) for m in METRICS) + " |")
+  for name, values in REFERENCE_ROWS.items():
+    lines.append(f"| {name} | single | | " + " | ".join(fmt(v) for v in values) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write_summary(summary: dict, out_dir: str, label: str, expected: dict | None = None) -> None:
+  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    json.dump({"model": label, "settings": summary, "expected": expected or {}}, f, indent=2)
+  with open(os.path.join(out_dir, "summary.md"), "w") as f:
+    f.write(f"# MagicBrush test: {label}\n\n" + markdown_table(summary, label, expected))
+
+
+def compare(run_a: str, run_b: str) -> str:
+  """Two runs' summary tables side by side with differences (B - A), as Markdown."""
+  load = lambda run: json.load(open(os.path.join(run, "summary.json")))
+  a, b = load(run_a), load(run_b)
+  lines = [f"| setting | metric | A: {a['model']} | B: {b['model']} | B - A |",
+           "|---|---|---|---|---|"]
+  for setting in [s for s in a["settings"] if s in b["settings"]]:
+    for m in METRICS:
+      va, vb = a["settings"][setting][m], b["settings"][setting][m]
+      diff = vb - va if not (math.isnan(va) or math.isnan(vb)) else math.nan
+      lines.append(f"| {setting} | {m} | {va:.4f} | {vb:.4f} | {diff:+.4f} |")
+  only = sorted(set(a["settings"]) ^ set(b["settings"]))
+  if only:
+    lines.append(f"\n(settings in only one run: {', '.join(only)})")
+  return "\n".join(lines) + "\n"
+
+
+__all__ = ["METRICS", "REFERENCE_ROWS", "compare", "load_turns", "markdown_table", "read_csv",
+           "run_edits", "score", "summarise", "write_csv", "write_summary"]
