@@ -234,10 +234,14 @@ def plan(args: argparse.Namespace) -> int:
   if set(mesh) != {"data", "fsdp"}:
     raise ValueError(f"--mesh {args.mesh!r}: expected data=N,fsdp=M")
   data, fsdp = int(mesh["data"]), int(mesh["fsdp"])
-  if jax.default_backend() == "cpu" and jax.device_count() < data * fsdp:
-    # Simulate the mesh's devices on the host (must be set before JAX starts): run again.
-    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
-                                      f" --xla_force_host_platform_device_count={data * fsdp}"))
+  flags = os.environ.get("XLA_FLAGS", "")
+  if jax.default_backend() == "cpu" and (jax.device_count() < data * fsdp
+                                         or "xla_backend_optimization_level" not in flags):
+    # On a CPU: simulate the mesh's devices and skip LLVM optimisation (the plan never runs
+    # the program; buffer assignment, hence memory, is decided before code generation). Both
+    # must be set before JAX starts: run again.
+    env = dict(os.environ, XLA_FLAGS=(flags + f" --xla_force_host_platform_device_count="
+                                      f"{data * fsdp} --xla_backend_optimization_level=0"))
     os.execve(sys.executable, [sys.executable, "-m", "uip2p_jax"] + sys.argv[1:], env)
   from uip2p_jax.plan import load_config, plan_train_step
   config = load_config(args.config)

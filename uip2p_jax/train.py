@@ -521,13 +521,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   window_start, window_steps = time.perf_counter(), 0
   print(f"train: {config.objective} on {jax.device_count()} devices, mesh "
         f"{dict(mesh.shape)}, global batch {global_batch}, steps {step} -> "
-        f"{config.total_steps}; {flops_per_device / 1e12:.3f} TFLOP per device per step",
+        f"{config.total_steps}; {flops_per_device / 1e9:.1f} GFLOP per device per step",
         flush=True)
   try:
     while step < config.total_steps:
       host_batch = next(loader)
       if sample_batch is None:
         sample_batch = {k: v[:config.sample.count] for k, v in host_batch.items() if k != "id"}
+        if jax.process_count() > 1:  # every process must place the same sample arrays
+          from jax.experimental import multihost_utils
+          sample_batch = multihost_utils.broadcast_one_to_all(sample_batch)
       batch = device_batch(host_batch, config, functions.batch_sharding)
       state, metrics = compiled(state, frozen, batch)
       step += 1

@@ -23,9 +23,10 @@ from absl import flags
 import jax
 import numpy as np
 import PIL.Image
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from uip2p_jax.data import builders
+from uip2p_jax.sharding import batch_sharding
 from uip2p_jax.tokenizer import MAX_LENGTH, load_tokenizer, tokenize
 
 _INVALID = "__invalid__"
@@ -238,18 +239,13 @@ class Loader:
       close()
 
 
-def batch_sharding(mesh: Mesh, batch_axes: tuple[str, ...] = ("data", "fsdp")) -> NamedSharding:
-  """Leading (batch) dimension split over ``batch_axes``, the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(batch_axes))
-
-
-def to_global(batch: dict[str, np.ndarray], mesh: Mesh,
-              batch_axes: tuple[str, ...] = ("data", "fsdp")) -> dict[str, jax.Array]:
-  """Per-host batches -> global arrays sharded over the batch axes (multi-host safe)."""
-  sharding = batch_sharding(mesh, batch_axes)
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Per-host batches -> global arrays sharded over the mesh's batch axes (multi-host safe);
+  the host-only fields (record ids) are left out."""
+  sharding = batch_sharding(mesh)
   return {key: jax.make_array_from_process_local_data(sharding, value)
           for key, value in batch.items() if value.dtype.kind in "biuf"}
 
 
-__all__ = ["DataError", "Loader", "LoaderConfig", "TEXT_IDS", "batch_sharding", "decode_image",
+__all__ = ["DataError", "Loader", "LoaderConfig", "TEXT_IDS", "decode_image",
            "make_dataset", "random_resized_crop", "to_global"]
