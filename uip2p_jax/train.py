@@ -86,8 +86,9 @@ def build_models(model_config, objective: str, abstract: bool = False) -> Models
     text_encoder = make(lambda: CLIPTextTransformer(shapes.text_encoder, rngs=rngs(),
                                                     dtype=frozen, param_dtype=frozen),
                         model_config.seed + 2)
-    clip = make(lambda: CLIPModel(shapes.clip, rngs=rngs(), dtype=frozen, param_dtype=frozen),
-                model_config.seed + 3)
+    clip = None if objective != "cec" else make(
+        lambda: CLIPModel(shapes.clip, rngs=rngs(), dtype=frozen, param_dtype=frozen),
+        model_config.seed + 3)
     tokenizer, schedule = default_tokenizer(), NoiseSchedule()
   else:
     if model_config.init_from_sd:  # InstructPix2Pix's own initialisation from SD 1.x
@@ -106,8 +107,6 @@ def build_models(model_config, objective: str, abstract: bool = False) -> Models
         raise ValueError("model.clip must name the CLIP checkpoint the CEC losses use (e.g. "
                          "openai/clip-vit-large-patch14)")
       clip = weights.load_clip(model_config.clip, dtype=frozen, param_dtype=frozen)
-  if objective != "cec":
-    clip = None
   set_remat(unet, model_config.remat)
   set_remat(vae, model_config.remat)
   if clip is not None:
@@ -277,16 +276,15 @@ def make_step_functions(config, graphs, params, frozen, schedule: NoiseSchedule,
   step = jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_sharding),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
-  @jax.jit
   def _init(params, seed):
     params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
     return TrainState(jnp.zeros((), jnp.int32), params,
                       jax.tree.map(jnp.copy, params), optimizer.init(params),
                       jax.random.PRNGKey(seed), jnp.zeros((), jnp.int32))
+  init = jax.jit(_init, out_shardings=state_shardings)  # compiled once per step functions
 
   def init_state(params, seed: int) -> TrainState:
-    placed = shd.place(jax.tree.map(np.asarray, params), state_shardings.params)
-    return jax.jit(_init, out_shardings=state_shardings)(placed, seed)
+    return init(shd.place(jax.tree.map(np.asarray, params), state_shardings.params), seed)
 
   return StepFunctions(step, state_shardings, frozen_shardings, batch_sharding, abstract_state,
                        init_state)
