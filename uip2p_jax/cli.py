@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
@@ -235,27 +237,44 @@ def plan(args: argparse.Namespace) -> int:
     raise ValueError(f"--mesh {args.mesh!r}: expected data=N,fsdp=M")
   data, fsdp = int(mesh["data"]), int(mesh["fsdp"])
   flags = os.environ.get("XLA_FLAGS", "")
-  if jax.default_backend() == "cpu" and (jax.device_count() < data * fsdp
-                                         or "xla_backend_optimization_level" not in flags):
-    # On a CPU: simulate the mesh's devices and skip LLVM optimisation (the plan never runs
-    # the program; buffer assignment, hence memory, is decided before code generation). Both
-    # must be set before JAX starts: run again.
-    env = dict(os.environ, XLA_FLAGS=(flags + f" --xla_force_host_platform_device_count="
-                                      f"{data * fsdp} --xla_backend_optimization_level=0"))
+  on_cpu = jax.default_backend() == "cpu" or jax.device_count() < data * fsdp
+  if on_cpu and (jax.default_backend() != "cpu" or jax.device_count() < data * fsdp
+                 or "xla_backend_optimization_level" not in flags):
+    # Plan on the CPU, simulating the mesh's devices and skipping LLVM optimisation (buffer
+    # assignment, hence memory, is decided before code generation). Both must be set before
+    # JAX starts: run again.
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=(flags + f" --xla_force_host_platform_device_count={data * fsdp}"
+                          " --xla_backend_optimization_level=0"))
     os.execve(sys.executable, [sys.executable, "-m", "uip2p_jax"] + sys.argv[1:], env)
   from uip2p_jax.plan import load_config, plan_train_step
   config = load_config(args.config)
   start = time.perf_counter()
-  result = plan_train_step(config, data, fsdp, args.global_batch, args.resolution, args.preset)
-  print(f"uip2p plan: {args.config} | preset {args.preset} | mesh data={data},fsdp={fsdp} "
-        f"({jax.default_backend()}) | global batch {args.global_batch} | {args.resolution} px "
-        f"| objective {config.objective} | remat {config.model.remat} "
-        f"| compiled in {time.perf_counter() - start:.0f} s")
-  print(f"per-device memory: {result.per_device_gib:.2f} GiB "
-        f"(arguments {result.argument_bytes / 2 ** 30:.2f} GiB, temporaries "
-        f"{result.temp_bytes / 2 ** 30:.2f} GiB)")
-  print(f"flops per step: {result.flops_per_device * result.devices / 1e12:.2f} TFLOP "
-        f"({result.flops_per_device / 1e12:.2f} TFLOP per device)")
+  # On a CPU, building the executable of an SD 1.5-size step takes far longer than assigning
+  # its buffers; read the assignment and leave (unless --wait-for-executable).
+  early = on_cpu and not args.wait_for_executable
+  dump_dir = tempfile.mkdtemp(prefix="uip2p_plan_") if early else None
+  try:
+    result = plan_train_step(config, data, fsdp, args.global_batch, args.resolution, args.preset,
+                             dump_dir=dump_dir)
+    how = ("memory from XLA's buffer assignment, FLOPs before optimisation"
+           if result.source == "buffer-assignment" else "compiled")
+    print(f"uip2p plan: {args.config} | preset {args.preset} | mesh data={data},fsdp={fsdp} "
+          f"({jax.default_backend()}) | global batch {args.global_batch} | {args.resolution} px "
+          f"| objective {config.objective} | remat {config.model.remat} "
+          f"| {how} in {time.perf_counter() - start:.0f} s")
+    print(f"per-device memory: {result.per_device_gib:.2f} GiB "
+          f"(arguments {result.argument_bytes / 2 ** 30:.2f} GiB, temporaries "
+          f"{result.temp_bytes / 2 ** 30:.2f} GiB)")
+    print(f"flops per step: {result.flops_per_device * result.devices / 1e12:.2f} TFLOP "
+          f"({result.flops_per_device / 1e12:.2f} TFLOP per device)")
+  finally:
+    if dump_dir:
+      shutil.rmtree(dump_dir, ignore_errors=True)
+  if early:  # the compile still runs in a background thread: do not wait for it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
   return 0
 
 
@@ -304,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--resolution", type=int, default=256)
   p.add_argument("--preset", default="sd15", choices=["sd15", "tiny"],
                  help="model size to plan (sd15: the real SD 1.5 / CLIP ViT-L/14 shapes)")
+  p.add_argument("--wait-for-executable", action="store_true",
+                 help="on a CPU, finish the compile (FLOPs after optimisation; can take an hour "
+                      "at SD 1.5 size) instead of reading memory from the buffer assignment")
   p.set_defaults(run=plan)
 
   from uip2p_jax.eval.commands import add_parsers as add_eval_parsers

@@ -102,6 +102,20 @@ def edit_with_k_steps(unet, alphas_cumprod, latents, image_latents, context, tim
   return jax.lax.switch(index, branches, args)
 
 
+def _one_call(fn, batches: list[jax.Array]) -> list[jax.Array]:
+  """`fn` applied to several equally shaped batches in one call, one output per batch.
+
+  The call sees the examples interleaved (example 0 of every batch, then example 1, ...), so a
+  batch split over devices stays split: concatenating along axis 0 instead would move examples
+  between devices, and XLA resolves that by running the whole call, unsplit, on every device.
+  """
+  size, count = batches[0].shape[0], len(batches)
+  stacked = jnp.stack(batches, axis=1)
+  out = fn(stacked.reshape(size * count, *stacked.shape[2:]))
+  out = out.reshape(size, count, *out.shape[1:])
+  return [out[:, i] for i in range(count)]
+
+
 def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
                  text_encoder: CLIPTextTransformer, clip: CLIPModel, batch: dict[str, jax.Array],
                  key: jax.Array, alphas_cumprod: jax.Array, cycle: CycleConfig, loss: LossConfig):
@@ -172,7 +186,7 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
       [reconstructed_latent] if need_reconstruction else [])
   decoded = {}
   if to_decode:  # one batched decode through the frozen VAE (differentiable)
-    images = jnp.split(vae.decode(jnp.concatenate(to_decode) / scaling), len(to_decode))
+    images = _one_call(lambda z: vae.decode(z / scaling), to_decode)
     names = (["edited"] if need_edited_image else []) + (["reconstructed"]
                                                          if need_reconstruction else [])
     decoded = dict(zip(names, images))
@@ -185,13 +199,13 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
       clip_inputs["edited"] = decoded["edited"]
     if "sim" in active and loss.sim_kind == "reconstruction":
       clip_inputs["reconstructed"] = decoded["reconstructed"]
-    stacked = clip.embed_images(jnp.concatenate(list(clip_inputs.values())))
-    embeddings = dict(zip(clip_inputs, jnp.split(stacked, len(clip_inputs))))
+    embeddings = dict(zip(clip_inputs, _one_call(clip.embed_images, list(clip_inputs.values()))))
     embeddings["input"] = jax.lax.stop_gradient(embeddings["input"])
   if "clip" in active or ("sim" in active and loss.sim_kind == "edit_text"):
-    captions = jax.lax.stop_gradient(clip.embed_texts(jnp.concatenate(
-        [batch["input_caption_ids"], batch["edited_caption_ids"]])))
-    embeddings["input_caption"], embeddings["edited_caption"] = jnp.split(captions, 2)
+    captions = _one_call(clip.embed_texts, [batch["input_caption_ids"],
+                                            batch["edited_caption_ids"]])
+    embeddings["input_caption"], embeddings["edited_caption"] = map(jax.lax.stop_gradient,
+                                                                    captions)
 
   per_example = {}
   metrics = {}

@@ -12,6 +12,7 @@ own seed, so an image edits the same whatever batch it is in.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Sequence
@@ -165,9 +166,11 @@ class EditPipeline:
       sharding = NamedSharding(self._mesh, P("data"))
       batch_args = [jax.device_put(a, sharding) for a in batch_args]
     images_in, ids_in, keys_in, *noise_in = batch_args
-    edited = edit_latents(self.unet, self.vae, self.text_encoder, images_in, ids_in, empty_ids,
-                          table, jnp.float32(text_scale), jnp.float32(image_scale), keys_in,
-                          *noise_in)
+    # Traced under the mesh, so the models keep the batch split (see layers.shard_batch).
+    with jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext():
+      edited = edit_latents(self.unet, self.vae, self.text_encoder, images_in, ids_in,
+                            empty_ids, table, jnp.float32(text_scale), jnp.float32(image_scale),
+                            keys_in, *noise_in)
     return np.asarray(edited)
 
 

@@ -7,6 +7,10 @@ models can be costed on a laptop CPU in about a minute.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import threading
+import time
 from typing import Any, Callable
 
 import jax
@@ -34,10 +38,7 @@ def abstract_split(factory: Callable[[], nnx.Module]):
 
 def cost_of(fn: Callable, *abstract_args: Any) -> Cost:
   """XLA's cost analysis of `jax.jit(fn)` on abstract arguments (after optimisation)."""
-  compiled = jax.jit(fn).lower(*abstract_args).compile()
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # older jax returned one dict per device
-    analysis = analysis[0]
+  analysis = _first(jax.jit(fn).lower(*abstract_args).compile().cost_analysis())
   return Cost(float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)))
 
 
@@ -94,20 +95,105 @@ class StepPlan:
   temp_bytes: int
   flops_per_device: float   # XLA's count for one step on one device
   devices: int
+  # "compiled": memory and FLOPs of the finished executable. "buffer-assignment": memory from
+  # XLA's buffer assignment (read before code generation), FLOPs from the HLO before
+  # optimisation (global count / devices).
+  source: str = "compiled"
 
   @property
   def per_device_gib(self) -> float:
     return self.per_device_bytes / 2 ** 30
 
 
+@dataclasses.dataclass(frozen=True)
+class BufferMemory:
+  """Device memory of one program from XLA's buffer assignment (what `memory_analysis` sums)."""
+  argument_bytes: int   # entry parameters (donated ones are reused for outputs)
+  output_bytes: int     # live-out buffers that are not parameters
+  temp_bytes: int       # everything else but constants and thread-local scratch
+
+  @property
+  def total_bytes(self) -> int:
+    return self.argument_bytes + self.output_bytes + self.temp_bytes
+
+
+_ALLOCATION = re.compile(r"^allocation \d+: size (\d+)(.*)$")
+
+
+def parse_buffer_assignment(text: str) -> BufferMemory:
+  """Sums the allocations of an XLA `*-buffer-assignment.txt` dump by kind."""
+  argument = output = temp = 0
+  found = False
+  for line in text.splitlines():
+    match = _ALLOCATION.match(line)
+    if not match:
+      continue
+    found = True
+    size, kinds = int(match.group(1)), match.group(2)
+    if "thread-local:" in kinds or "constant:" in kinds:
+      continue  # stack scratch of one kernel; constants are part of the executable
+    if re.match(r", parameter \d+,", kinds):
+      argument += size
+    elif "maybe-live-out" in kinds:
+      output += size
+    else:
+      temp += size
+  if not found:
+    raise ValueError("no 'allocation N: size S' lines: not an XLA buffer-assignment dump")
+  return BufferMemory(argument, output, temp)
+
+
+def buffer_assignment_memory(lowered, module_name: str, dump_dir: str,
+                             poll_s: float = 1.0) -> BufferMemory:
+  """Per-device memory of a lowered program from XLA's buffer assignment, without waiting for
+  the executable.
+
+  XLA:CPU assigns buffers before generating code, and for a program of SD 1.5's size building
+  the executable (LLVM code and the thunk dependency graph, quadratic in the number of kernels)
+  takes far longer than everything before it. The compile runs in a daemon thread with XLA's
+  text dumps going to `dump_dir`; as soon as the buffer-assignment dump is complete it is read
+  and returned. The compile goes on in the background: call this from a process that exits
+  afterwards (`uip2p plan` does, and removes `dump_dir`).
+  """
+  options = {"xla_dump_to": dump_dir, "xla_dump_hlo_as_text": True,
+             "xla_dump_hlo_module_re": "^" + re.escape(module_name) + "$"}
+  outcome: dict[str, Any] = {}
+
+  def compile_in_background():
+    try:
+      outcome["compiled"] = lowered.compile(compiler_options=options)
+    except BaseException as e:  # reported by the waiting thread
+      outcome["error"] = e
+
+  threading.Thread(target=compile_in_background, daemon=True, name="plan-compile").start()
+  # XLA writes the buffer assignment, its values, the live ranges, then this report: once the
+  # report exists the assignment file is complete.
+  suffix = f".{module_name}.cpu_after_optimizations-memory-usage-report.txt"
+  while True:
+    reports = [n for n in os.listdir(dump_dir) if n.endswith(suffix)]
+    if reports:
+      break
+    if "error" in outcome:
+      raise outcome["error"]
+    if "compiled" in outcome:
+      raise RuntimeError(f"XLA compiled {module_name} but wrote no buffer-assignment dump to "
+                         f"{dump_dir} (not a CPU backend?)")
+    time.sleep(poll_s)
+  assignment = os.path.join(dump_dir, reports[0].replace("-memory-usage-report.txt",
+                                                         "-buffer-assignment.txt"))
+  with open(assignment) as f:
+    return parse_buffer_assignment(f.read())
+
+
 def plan_train_step(config, data: int, fsdp: int, global_batch: int, resolution: int,
-                    preset: str = "sd15") -> StepPlan:
+                    preset: str = "sd15", *, dump_dir: str | None = None) -> StepPlan:
   """AOT-compiles the run's train step on abstract shapes (no weights) for a (data, fsdp) mesh.
 
   `preset` replaces the config's model (and any checkpoint) by an architecture preset: "sd15"
   is the real SD 1.5 / CLIP ViT-L/14 size. Memory comes from XLA's buffer assignment of the
   compiled step on this backend (on CPU: an estimate for accelerators, which fuse and schedule
-  differently).
+  differently). With a `dump_dir` (XLA:CPU only) the numbers are taken as soon as buffers are
+  assigned (see `buffer_assignment_memory`) and the compile is left running.
   """
   from uip2p_jax import sharding as shd
   from uip2p_jax import train as tr
@@ -123,12 +209,23 @@ def plan_train_step(config, data: int, fsdp: int, global_batch: int, resolution:
   frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), frozen,
                         functions.frozen_shardings)
   batch = tr.abstract_batch(config, global_batch, functions.batch_sharding)
-  compiled = functions.step.lower(functions.abstract_state, frozen, batch).compile()
+  lowered = functions.step.lower(functions.abstract_state, frozen, batch)
+  devices = data * fsdp
+  if dump_dir is not None:
+    memory = buffer_assignment_memory(lowered, "jit_train_step", dump_dir)
+    # Before optimisation the program is the global (unpartitioned) one.
+    flops = float(_first(lowered.cost_analysis()).get("flops", 0.0)) / devices
+    return StepPlan(memory.total_bytes, memory.argument_bytes, memory.temp_bytes, flops, devices,
+                    source="buffer-assignment")
+  compiled = lowered.compile()
   memory = compiled.memory_analysis()
-  analysis = compiled.cost_analysis()
-  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
   per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                 - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
   return StepPlan(int(per_device), int(memory.argument_size_in_bytes),
-                  int(memory.temp_size_in_bytes), float(analysis.get("flops", 0.0)),
-                  data * fsdp)
+                  int(memory.temp_size_in_bytes),
+                  float(_first(compiled.cost_analysis()).get("flops", 0.0)), devices)
+
+
+def _first(analysis):
+  """Older jax returned one cost dict per device."""
+  return analysis[0] if isinstance(analysis, (list, tuple)) else analysis

@@ -66,11 +66,25 @@ def parameter_spec(shape: tuple[int, ...], fsdp_size: int) -> PartitionSpec:
   return PartitionSpec()
 
 
+def _is_lookup_table(path) -> bool:
+  """An `nnx.Embed` table (read by a gather, not a matmul)."""
+  return any(getattr(key, "key", None) == "embedding" for key in path)
+
+
 def parameter_shardings(tree, mesh: Mesh):
-  """A NamedSharding per array leaf of ``tree`` (arrays or ShapeDtypeStructs)."""
+  """A NamedSharding per array leaf of ``tree`` (arrays or ShapeDtypeStructs).
+
+  Lookup tables stay whole on every device: gathering a batch-split set of token ids from a
+  row-split table made XLA gather the full batch on every device (the text encoders then ran
+  unsplit everywhere). They are small (CLIP's is 49408 x 768).
+  """
   fsdp_size = mesh.shape["fsdp"]
-  return jax.tree.map(lambda x: NamedSharding(mesh, parameter_spec(tuple(x.shape), fsdp_size)),
-                      tree)
+
+  def sharding(path, x):
+    spec = (PartitionSpec() if _is_lookup_table(path)
+            else parameter_spec(tuple(x.shape), fsdp_size))
+    return NamedSharding(mesh, spec)
+  return jax.tree_util.tree_map_with_path(sharding, tree)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

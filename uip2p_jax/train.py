@@ -213,6 +213,11 @@ def make_step_functions(config, graphs, params, frozen, schedule: NoiseSchedule,
   ema_decay = config.ema_decay
 
   def train_step(state: TrainState, frozen_params, batch):
+    # The abstract mesh lets the models pin activations to the batch axes (`shard_batch`).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return _train_step(state, frozen_params, batch)
+
+  def _train_step(state: TrainState, frozen_params, batch):
     key = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
     if accumulate == 1:

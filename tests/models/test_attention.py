@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from uip2p_jax.models import attention
 from uip2p_jax.models.attention import blockwise_attention, multi_head_attention
 
 
@@ -13,9 +14,12 @@ def _reference(q, k, v, scale):
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-# All at once; one (batch, head) pair at a time; pairs and 4 query blocks each.
-@pytest.mark.parametrize("block_bytes", [1 << 30, 128 * 48 * 4, 32 * 48 * 4])
-def test_blockwise_matches_softmax_attention(block_bytes):
+# All at once; one (batch, head) pair at a time; pairs and 4 query blocks each; with the batch
+# split over 2 devices: 4 query blocks of every example and head at once.
+@pytest.mark.parametrize("block_bytes,split", [(1 << 30, 1), (128 * 48 * 4, 1), (32 * 48 * 4, 1),
+                                               (1024, 2)])
+def test_blockwise_matches_softmax_attention(block_bytes, split, monkeypatch):
+  monkeypatch.setattr(attention, "batch_split", lambda: split)
   keys = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(keys[0], (2, 128, 4, 8))
   k = jax.random.normal(keys[1], (2, 48, 4, 8))

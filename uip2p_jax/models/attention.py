@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from uip2p_jax.models.layers import GroupNorm, LayerNorm, conv, linear
+from uip2p_jax.models.layers import GroupNorm, LayerNorm, batch_split, conv, linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,13 +52,16 @@ def attention_weights(query: jax.Array, key: jax.Array, scale: float,
 
 def blockwise_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, scale: float,
                         block_bytes: int = 4 << 20) -> jax.Array:
-  """Memory-efficient attention in plain JAX: one (batch, head) at a time, queries in blocks.
+  """Memory-efficient attention in plain JAX: queries in blocks, logits never all at once.
 
   (B, Q, heads, D) x (B, K, heads, D) -> (B, Q, heads, D). When all logits fit in
-  `block_bytes` they are computed at once; otherwise `lax.map` walks the B x heads pairs (plain
-  2-D matmuls, which XLA:CPU runs fastest) and, if one pair's (Q, K) float32 logits exceed
-  `block_bytes`, its query blocks. Mapped blocks run under `jax.checkpoint`, so the backward
-  pass recomputes them instead of storing every probability. Softmax statistics are float32.
+  `block_bytes` they are computed at once. Otherwise, on one device, `lax.map` walks the
+  B x heads pairs (plain 2-D matmuls, which XLA:CPU runs fastest) and, if one pair's (Q, K)
+  float32 logits exceed `block_bytes`, its query blocks. When the batch is split over devices
+  (traced under a mesh) the map walks query blocks only, every example and head at once: a map
+  over the batch would make every device walk the whole batch. Mapped blocks run under
+  `jax.checkpoint`, so the backward pass recomputes them instead of storing every probability.
+  Softmax statistics are float32.
   """
   batch, q_len, heads, dim = query.shape
   k_len = key.shape[1]
@@ -73,15 +76,24 @@ def blockwise_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, s
     return (out / weights.sum(-1, keepdims=True)).astype(query.dtype)
 
   if batch * heads * q_len * k_len * 4 <= block_bytes:
-    out = attend(q, k, v)
+    return attend(q, k, v).transpose(0, 2, 1, 3)
+  # Inside lax.map no CSE can merge the recomputation away, so the optimisation barrier
+  # (which costs ~30% in the forward pass on XLA:CPU) is not needed.
+  remat_attend = jax.checkpoint(attend, prevent_cse=False)
+  split = batch_split()
+  if split > 1:  # one step holds (local batch x heads x block x K) logits on each accelerator
+    row_bytes, budget = max(batch // split, 1) * heads * k_len * 4, block_bytes * 32
+  else:          # one step holds (block x K): sized for a CPU's caches
+    row_bytes, budget = k_len * 4, block_bytes
+  block = q_len
+  while block % 2 == 0 and block > 16 and block * row_bytes > budget:
+    block //= 2
+  if split > 1:
+    blocks = q.reshape(batch, heads, q_len // block, block, dim).transpose(2, 0, 1, 3, 4)
+    out = jax.lax.map(lambda qb: remat_attend(qb, k, v), blocks)  # (n, B, H, block, D)
+    out = out.transpose(1, 2, 0, 3, 4).reshape(batch, heads, q_len, dim)
   else:
-    block = q_len
-    while block % 2 == 0 and block > 16 and block * k_len * 4 > block_bytes:
-      block //= 2
     flat = lambda t: t.reshape(batch * heads, *t.shape[2:])
-    # Inside lax.map no CSE can merge the recomputation away, so the optimisation barrier
-    # (which costs ~30% in the forward pass on XLA:CPU) is not needed.
-    remat_attend = jax.checkpoint(attend, prevent_cse=False)
 
     def one_head(args):
       q_head, k_head, v_head = args  # (Q, D), (K, D), (K, D)
