@@ -1,10 +1,18 @@
-"""`uip2p plan`'s memory from XLA's buffer-assignment dump equals `memory_analysis`."""
+"""`uip2p plan`: memory from XLA's buffer-assignment dump equals `memory_analysis`; the command."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from uip2p_jax.plan import buffer_assignment_memory, parse_buffer_assignment
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _update(params, batch):
@@ -34,3 +42,21 @@ def test_buffer_assignment_dump_matches_memory_analysis(tmp_path):
 def test_parse_refuses_other_text():
   with pytest.raises(ValueError, match="buffer-assignment"):
     parse_buffer_assignment("HloModule jit_f\nENTRY main {}\n")
+
+
+def test_plan_command_prints_memory_and_flops(tmp_path):
+  """`uip2p plan` on 2 simulated devices: both lines, and no dump left behind."""
+  env = dict(os.environ, TMPDIR=str(tmp_path))
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run(
+      [sys.executable, "-m", "uip2p_jax", "plan", "--config", "experiments/ip2p_supervised.py",
+       "--preset", "tiny", "--mesh", "data=1,fsdp=2", "--global-batch", "8",
+       "--resolution", "32"], env=env, capture_output=True, text=True, timeout=600,
+      cwd=REPO)
+  assert result.returncode == 0, result.stderr[-2000:]
+  memory = re.search(r"^per-device memory: ([\d.]+) GiB", result.stdout, re.M)
+  flops = re.search(r"^flops per step: ([\d.e+-]+) TFLOP", result.stdout, re.M)
+  assert memory and flops, result.stdout
+  assert float(memory.group(1)) > 0 and float(flops.group(1)) > 0
+  assert "mesh data=1,fsdp=2 (cpu)" in result.stdout
+  assert not list(tmp_path.glob("uip2p_plan_*"))

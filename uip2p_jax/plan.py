@@ -202,6 +202,7 @@ def plan_train_step(config, data: int, fsdp: int, global_batch: int, resolution:
     config.model.preset, config.model.pretrained, config.model.init_from_sd = preset, "", ""
     config.data.resolution = resolution
     config.batch_size = global_batch
+  tr.check_batch_size(global_batch, data * fsdp, config.optim.accumulate)
   mesh = shd.make_mesh(data, fsdp)
   models = tr.build_models(config.model, config.objective, abstract=True)
   graphs, params, frozen = tr.split_models(models)

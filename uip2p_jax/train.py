@@ -295,6 +295,13 @@ def make_step_functions(config, graphs, params, frozen, schedule: NoiseSchedule,
                        init_state)
 
 
+def check_batch_size(global_batch: int, devices: int, accumulate: int, processes: int = 1):
+  """Every microbatch splits evenly over the devices, and the batch over the processes."""
+  if global_batch % (devices * accumulate) or global_batch % processes:
+    raise ValueError(f"batch_size {global_batch} must divide by devices x accumulate "
+                     f"({devices} x {accumulate}) and by the {processes} processes")
+
+
 def abstract_batch(config, global_batch: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
   """The shapes of one global batch of the run's data kind."""
   r = config.data.resolution
@@ -477,10 +484,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   is_writer = jax.process_index() == 0
   mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp)
   global_batch = config.batch_size
-  shards = mesh.shape["data"] * mesh.shape["fsdp"] * config.optim.accumulate
-  if global_batch % shards or global_batch % jax.process_count():
-    raise ValueError(f"batch_size {global_batch} must divide by devices x accumulate ({shards}) "
-                     f"and by the {jax.process_count()} processes")
+  check_batch_size(global_batch, mesh.shape["data"] * mesh.shape["fsdp"],
+                   config.optim.accumulate, jax.process_count())
 
   models = build_models(config.model, config.objective)
   graphs, params, frozen = split_models(models)

@@ -88,7 +88,9 @@ def blockwise_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, s
   block = q_len
   while block % 2 == 0 and block > 16 and block * row_bytes > budget:
     block //= 2
-  if split > 1:
+  if split > 1 and block == q_len:  # fits in one step: no loop (the layer's remat applies)
+    out = attend(q, k, v)
+  elif split > 1:
     blocks = q.reshape(batch, heads, q_len // block, block, dim).transpose(2, 0, 1, 3, 4)
     out = jax.lax.map(lambda qb: remat_attend(qb, k, v), blocks)  # (n, B, H, block, D)
     out = out.transpose(1, 2, 0, 3, 4).reshape(batch, heads, q_len, dim)
