@@ -15,8 +15,9 @@ Commands (after `uip2p data build ...` into data/<data>; see README "Datasets"):
   for l in base sim full; do bash launch/local.sh train \
       --config experiments/uip2p.py:data=ip2p,losses=$l --workdir runs/uip2p_ip2p_$l; done
 
-Hardware: sized for 8 H100 (80 GB) or 32 TPU v5e chips at 256 px, global batch 64 (see
-`uip2p plan` in BENCHMARKS.md for per-device memory). Steps: 20k (a guess: the paper's schedule
+Hardware: sized for 8 H100 (80 GB) or 32 TPU v5e chips at 256 px, global batch 64. `uip2p plan`
+(BENCHMARKS.md): 14.7 GiB per device with 8 images per device on an 8-way FSDP mesh; at 512 px
+10 images per device fit 80 GB. Steps: 20k (a guess: the paper's schedule
 is not public to us).
 
 Expected (MagicBrush test, single turn; `uip2p eval magicbrush`): the numbers in
