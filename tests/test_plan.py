@@ -60,3 +60,12 @@ def test_plan_command_prints_memory_and_flops(tmp_path):
   assert float(memory.group(1)) > 0 and float(flops.group(1)) > 0
   assert "mesh data=1,fsdp=2 (cpu)" in result.stdout
   assert not list(tmp_path.glob("uip2p_plan_*"))
+
+
+def test_attention_resolution_the_unet_lacks_is_named(tmp_path):
+  """Found while planning at a small size: L_attn with no layer at its resolution (traced only)."""
+  from trainer_setup import tiny_config
+  from uip2p_jax.plan import plan_train_step
+  with pytest.raises(ValueError, match=r"cycle.attention_resolution=3: no cross-attention layer"):
+    plan_train_step(tiny_config(**{"cycle.attention_resolution": 3}), 1, 1, 8, 32,
+                    preset="tiny", dump_dir=str(tmp_path))

@@ -167,6 +167,12 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   edited_latent, forward_maps = edit_with_k_steps(
       unet, alphas_cumprod, start_latent(input_latent, noise), forward_condition, forward_text,
       timesteps, keys["k"], cycle, capture)
+  if capture is not None and not forward_maps:
+    raise ValueError(
+        f"cycle.attention_resolution={cycle.attention_resolution}: no cross-attention layer of "
+        f"this UNet sees a {cycle.attention_resolution}x{cycle.attention_resolution} feature map "
+        f"with {input_latent.shape[1]}x{input_latent.shape[2]} latents (each down block halves "
+        f"it); pick a resolution the UNet has at this image size, or set loss.attn=0")
   # Reverse edit: (z_e noised with the same t, its own latent as condition, T_r) -> z_r.
   if cycle.reencode:
     reverse_condition = vae.encode(vae.decode(edited_latent / scaling)).mode()
