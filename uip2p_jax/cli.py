@@ -237,18 +237,17 @@ def plan(args: argparse.Namespace) -> int:
     raise ValueError(f"--mesh {args.mesh!r}: expected data=N,fsdp=M")
   data, fsdp = int(mesh["data"]), int(mesh["fsdp"])
   flags = os.environ.get("XLA_FLAGS", "")
+  # Plan on the CPU (when it is the backend, or the accelerators are fewer than the mesh):
+  # simulate the mesh's devices, skip LLVM optimisation (buffer assignment, hence memory, is
+  # decided before code generation) and schedule for memory as accelerator compilers do:
+  # XLA:CPU's default schedule runs rematerialised forward passes early for parallelism, which
+  # at SD 1.5 size triples the peak (46.6 vs 14.6 GiB). Flags must be set before JAX starts.
+  cpu_flags = (f"--xla_force_host_platform_device_count={data * fsdp}",
+               "--xla_backend_optimization_level=0",
+               "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
   on_cpu = jax.default_backend() == "cpu" or jax.device_count() < data * fsdp
-  if on_cpu and (jax.default_backend() != "cpu" or jax.device_count() < data * fsdp
-                 or "xla_backend_optimization_level" not in flags):
-    # Plan on the CPU, simulating the mesh's devices, skipping LLVM optimisation (buffer
-    # assignment, hence memory, is decided before code generation) and scheduling for memory
-    # as accelerator compilers do: XLA:CPU's default schedule runs rematerialised forward
-    # passes early for parallelism, which at SD 1.5 size triples the peak (46.6 vs 14.6 GiB).
-    # All must be set before JAX starts: run again.
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=(flags + f" --xla_force_host_platform_device_count={data * fsdp}"
-                          " --xla_backend_optimization_level=0"
-                          " --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"))
+  if on_cpu and not all(flag in flags.split() for flag in cpu_flags):  # run again with them
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([flags, *cpu_flags]))
     os.execve(sys.executable, [sys.executable, "-m", "uip2p_jax"] + sys.argv[1:], env)
   from uip2p_jax.plan import load_config, plan_train_step
   config = load_config(args.config)

@@ -637,9 +637,9 @@ def export(run: RunContext, state: TrainState) -> str:
   ema = host_tree(state.ema_params)
   out = os.path.join(run.workdir, "export")
   if jax.process_index() == 0:
-    base = run.config.model.pretrained or run.config.model.init_from_sd
-    if base and run.config.model.pretrained:  # an SD base is not an IP2P pipeline: UNet only
-      root = weights.resolve_folder(base)
+    pretrained = run.config.model.pretrained  # (an init_from_sd base is no IP2P pipeline)
+    if pretrained:
+      root = weights.resolve_folder(pretrained)
       for name in os.listdir(root):
         source = os.path.join(root, name)
         if name == "unet" or name.startswith("."):
@@ -652,8 +652,7 @@ def export(run: RunContext, state: TrainState) -> str:
     weights.save_unet(nnx.merge(run.graphs["unet"], jax.tree.map(np.asarray, ema)),
                       os.path.join(out, "unet"))
     print(f"train: exported the EMA UNet (diffusers format) to {out}/unet"
-          + (" with the base pipeline's other parts" if base and run.config.model.pretrained
-             else ""), flush=True)
+          + (" with the base pipeline's other parts" if pretrained else ""), flush=True)
   return out
 
 

@@ -166,8 +166,9 @@ REMAT_POLICIES = ("none", "full", "dots")
 def batch_mesh_axes() -> tuple[str, ...]:
   """The axes of the mesh being traced under (`jax.set_mesh`, `use_abstract_mesh`) that split
   the batch: ("data", "fsdp") in training, ("data",) in multi-device editing, () without one."""
+  from uip2p_jax.sharding import BATCH_AXES  # the models depend on sharding for this name only
   mesh = jax.sharding.get_abstract_mesh()
-  return () if mesh.empty else tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+  return () if mesh.empty else tuple(a for a in BATCH_AXES if a in mesh.axis_names)
 
 
 def batch_split() -> int:
