@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from uip2p_jax.models import AutoencoderKL, CLIPTextTransformer, UNet2DConditionModel
-from uip2p_jax.models.init import random_init
+from uip2p_jax.models.random_init import random_init
 from uip2p_jax.models.presets import preset
 from uip2p_jax.pipeline import EditPipeline
 from uip2p_jax.plan import forward_costs

@@ -23,7 +23,7 @@ def main():
   args = parser.parse_args()
   from uip2p_jax.eval.metrics import MetricModels
   from uip2p_jax.models import CLIPModel, ViTConfig, ViTModel
-  from uip2p_jax.models.init import random_init
+  from uip2p_jax.models.random_init import random_init
   from uip2p_jax.models.presets import VIT_B32, VIT_L14
   rng = np.random.default_rng(0)
   images = [Image.fromarray(rng.integers(0, 255, (512, 512, 3), dtype=np.uint8))

@@ -31,7 +31,7 @@ def demo(args: argparse.Namespace) -> int:
   """Every model once on random weights, then a full edit: the InstructPix2Pix data path."""
   from uip2p_jax.models import (AttentionCapture, AutoencoderKL, CLIPModel, CLIPTextTransformer,
                                 UNet2DConditionModel)
-  from uip2p_jax.models.init import random_init
+  from uip2p_jax.models.random_init import random_init
   from uip2p_jax.models.presets import preset
   from uip2p_jax.tokenizer import default_tokenizer, tokenize
 

@@ -26,12 +26,9 @@ from PIL import Image, ImageOps
 
 from uip2p_jax import weights
 from uip2p_jax.models import AutoencoderKL, CLIPTextTransformer, UNet2DConditionModel
-from uip2p_jax.schedules import NoiseSchedule, Sampler, make_sampler
+from uip2p_jax.schedules import IP2P_SCHEDULE, NoiseSchedule, Sampler, make_sampler
 from uip2p_jax.tokenizer import default_tokenizer, load_tokenizer, tokenize
 
-# timbrooks/instruct-pix2pix's scheduler: Euler ancestral over SD's scaled-linear betas.
-IP2P_SCHEDULE = NoiseSchedule(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              steps_offset=1)
 
 
 def guided_noise(unet: UNet2DConditionModel, sampler: Sampler, i, latents: jax.Array,
@@ -119,7 +116,7 @@ class EditPipeline:
   @classmethod
   def tiny_random(cls, seed: int = 0) -> "EditPipeline":
     """The embedded default: a tiny randomly initialised IP2P model (no download)."""
-    from uip2p_jax.models.init import random_init
+    from uip2p_jax.models.random_init import random_init
     from uip2p_jax.models.presets import TINY
     rngs = lambda: nnx.Rngs(0)
     return cls(random_init(lambda: UNet2DConditionModel(TINY.unet, rngs=rngs()), seed),
@@ -166,7 +163,7 @@ class EditPipeline:
       sharding = NamedSharding(self._mesh, P("data"))
       batch_args = [jax.device_put(a, sharding) for a in batch_args]
     images_in, ids_in, keys_in, *noise_in = batch_args
-    # Traced under the mesh, so the models keep the batch split (see layers.shard_batch).
+    # Traced under the mesh, so the models keep the batch split (see partitioning.shard_batch).
     with jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext():
       edited = edit_latents(self.unet, self.vae, self.text_encoder, images_in, ids_in,
                             empty_ids, table, jnp.float32(text_scale), jnp.float32(image_scale),

@@ -88,6 +88,11 @@ class NoiseSchedule:
     return np.cumprod(1.0 - betas, dtype=np.float32)
 
 
+# timbrooks/instruct-pix2pix's scheduler: Euler ancestral over SD's scaled-linear betas.
+IP2P_SCHEDULE = NoiseSchedule(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              steps_offset=1)
+
+
 def inference_timesteps(schedule: NoiseSchedule, num_steps: int, default_spacing: str) -> np.ndarray:
   """diffusers' `set_timesteps` timesteps (descending), as float32."""
   n = schedule.num_train_timesteps

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from uip2p_jax import sharding as shd
 from uip2p_jax.cycle import CycleConfig, LossConfig, cycle_losses, ip2p_losses
 from uip2p_jax.models import AutoencoderKL, CLIPModel, CLIPTextTransformer, UNet2DConditionModel
-from uip2p_jax.models.layers import set_remat
+from uip2p_jax.models.partitioning import set_remat
 from uip2p_jax.schedules import NoiseSchedule
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -67,7 +67,7 @@ def build_models(model_config, objective: str, abstract: bool = False) -> Models
   abstract=True builds shapes only (no weights read), for planning.
   """
   from uip2p_jax import weights
-  from uip2p_jax.models.init import random_init
+  from uip2p_jax.models.random_init import random_init
   from uip2p_jax.models.presets import preset
   from uip2p_jax.tokenizer import default_tokenizer, load_tokenizer
 

@@ -25,7 +25,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from uip2p_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextTransformer
-from uip2p_jax.models.init import nest
+from uip2p_jax.models.random_init import nest
 from uip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
 from uip2p_jax.models.vae import AutoencoderKL, VAEConfig
 from uip2p_jax.models.vit import ViTConfig, ViTModel

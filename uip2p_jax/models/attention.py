@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from uip2p_jax.models.layers import GroupNorm, LayerNorm, batch_split, conv, linear
+from uip2p_jax.models.layers import GroupNorm, LayerNorm, conv, linear
+from uip2p_jax.models.partitioning import batch_split
 
 
 @dataclasses.dataclass(frozen=True)

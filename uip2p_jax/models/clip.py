@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from uip2p_jax.models.attention import multi_head_attention
-from uip2p_jax.models.layers import LayerNorm, activation, conv, linear, remat_call
+from uip2p_jax.models.layers import LayerNorm, activation, conv, linear
+from uip2p_jax.models.partitioning import remat_call
 
 # OpenAI CLIP's image normalisation (also in every CLIP preprocessor_config.json).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -125,7 +126,7 @@ class CLIPEncoder(nnx.Module):
         CLIPEncoderLayer(c.hidden_size, c.num_attention_heads, c.intermediate_size, c.hidden_act,
                          c.layer_norm_eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         for _ in range(c.num_hidden_layers)])
-    self.remat = "none"  # per-layer activation recomputation (layers.REMAT_POLICIES)
+    self.remat = "none"  # per-layer activation recomputation (partitioning.REMAT_POLICIES)
 
   def __call__(self, x, *, causal: bool):
     for layer in self.layers:

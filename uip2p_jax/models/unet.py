@@ -16,7 +16,8 @@ from flax import nnx
 from uip2p_jax.models.attention import (ATTENTION_BACKENDS, AttentionCapture, Captures,
                                         Transformer2DModel)
 from uip2p_jax.models.layers import (Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv,
-                                     linear, remat_call, timestep_embedding)
+                                     linear, timestep_embedding)
+from uip2p_jax.models.partitioning import remat_call
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -270,7 +271,7 @@ class UNet2DConditionModel(nnx.Module):
     self.conv_norm_out = GroupNorm(ch0, c.norm_num_groups, c.norm_eps, dtype=dtype,
                                    param_dtype=param_dtype)
     self.conv_out = conv(ch0, c.out_channels, 3, **kw)
-    self.remat = "none"  # per-block activation recomputation (layers.REMAT_POLICIES)
+    self.remat = "none"  # per-block activation recomputation (partitioning.REMAT_POLICIES)
 
   def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
                *, capture: AttentionCapture | None = None):

@@ -11,7 +11,8 @@ from flax import nnx
 
 from uip2p_jax.models.attention import multi_head_attention
 from uip2p_jax.models.layers import (Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv,
-                                     linear, remat_call)
+                                     linear)
+from uip2p_jax.models.partitioning import remat_call
 
 _REQUIRED_VALUES = {
     "act_fn": "silu",
@@ -146,7 +147,7 @@ class Decoder(nnx.Module):
     self.conv_norm_out = GroupNorm(ch[-1], c.norm_num_groups, 1e-6, dtype=dtype,
                                    param_dtype=param_dtype)
     self.conv_out = conv(ch[-1], c.out_channels, 3, **kw)
-    self.remat = "none"  # per-block activation recomputation (layers.REMAT_POLICIES)
+    self.remat = "none"  # per-block activation recomputation (partitioning.REMAT_POLICIES)
 
   def __call__(self, z):
     call = lambda block, x: block(x)
