@@ -1,8 +1,8 @@
 """XLA FLOP counts of each model's forward at the full SD 1.5 / CLIP ViT-L/14 sizes.
 
 Abstract shapes only (no weights): `python bench/flops.py [--resolutions 256 512]`.
-Reference (shared/METHOD.md): UNet 0.18 T at 256 px, 0.80 T at 512 px; VAE encoder 0.27/1.11 T,
-decoder 0.62/2.50 T; CLIP ViT-L/14 vision 0.16 T; text encoder 0.013 T.
+Reference (docs/method.md, section 6): UNet 0.18 T at 256 px, 0.80 T at 512 px; VAE encoder
+0.27/1.11 T, decoder 0.62/2.50 T; CLIP ViT-L/14 vision 0.16 T; text encoder 0.013 T.
 """
 
 import argparse
