@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from uip2p_jax.pipeline import EditPipeline, prepare_image
+from uip2p_jax.image_io import prepare_image
+from uip2p_jax.pipeline import EditPipeline
 
 UNET = dict(in_channels=8, block_out_channels=(64, 128, 256, 256), layers_per_block=2,
             cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32)

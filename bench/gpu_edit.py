@@ -11,16 +11,12 @@ import subprocess
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from uip2p_jax.models import AutoencoderKL, CLIPTextTransformer, UNet2DConditionModel
-from uip2p_jax.models.random_init import random_init
+from uip2p_jax.model_set import build_models
 from uip2p_jax.models.presets import preset
 from uip2p_jax.pipeline import EditPipeline
 from uip2p_jax.plan import forward_costs
-from uip2p_jax.tokenizer import default_tokenizer
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}  # dense
 
@@ -42,22 +38,16 @@ def main():
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
-  models = preset(args.preset)
-  dtype = jnp.bfloat16
+  shapes = preset(args.preset)
   start = time.perf_counter()
-  pipe = EditPipeline(
-      random_init(lambda: UNet2DConditionModel(models.unet, rngs=nnx.Rngs(0), dtype=dtype,
-                                               param_dtype=dtype)),
-      random_init(lambda: AutoencoderKL(models.vae, rngs=nnx.Rngs(0), dtype=dtype,
-                                        param_dtype=dtype), 1),
-      random_init(lambda: CLIPTextTransformer(models.text_encoder, rngs=nnx.Rngs(0),
-                                              dtype=dtype, param_dtype=dtype), 2),
-      default_tokenizer())
+  pipe = EditPipeline.from_models(build_models(
+      preset=args.preset, compute_dtype="bfloat16", unet_param_dtype="bfloat16",
+      frozen_dtype="bfloat16"))
   name, peak = card_peak()
   print(f"device: {name} ({jax.default_backend()}); model init {time.perf_counter() - start:.0f} s")
   for batch in args.batches:
-    costs = forward_costs(models, args.resolution, batch)
-    unet3 = forward_costs(models, args.resolution, 3 * batch)["unet"].flops
+    costs = forward_costs(shapes, args.resolution, batch)
+    unet3 = forward_costs(shapes, args.resolution, 3 * batch)["unet"].flops
     flops = (args.steps * unet3 + costs["vae_encoder"].flops + costs["vae_decoder"].flops
              + 2 * costs["text_encoder"].flops)
     images = np.zeros((batch, args.resolution, args.resolution, 3), np.float32)

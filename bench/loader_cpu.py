@@ -35,8 +35,8 @@ def build(out: str, records: int) -> None:
       image = image.crop((0, 0, min(image.width, 640), min(image.height, 640)))
       data = io.BytesIO()
       image.save(data, "JPEG", quality=90)
-      yield f"{row['id']}-{i}", {"image": data.getvalue(),
-                                 **{k: row[k] for k in builders.TEXT_FIELDS["captions"]}}
+      yield f"{row['id']}-{i}", f"bench record {i}", {
+          "image": data.getvalue(), **{k: row[k] for k in builders.TEXT_FIELDS["captions"]}}
   builders.build("captions", source, out)
 
 

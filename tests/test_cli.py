@@ -1,8 +1,11 @@
-"""The `uip2p edit` command: one image, JSONL batches with bad records, clear errors."""
+"""The `uip2p` command: edit (one image, JSONL batches with bad records, reruns), argument
+errors, the demo."""
 
 import json
+import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from uip2p_jax.cli import main
@@ -63,3 +66,57 @@ def test_demo_runs_every_model_and_the_edit(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "rows sum to 1.0000" in out and "demo finished" in out
   assert Image.open(tmp_path / "edited.png").size == (64, 64)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "--config", "x.py", "--global-batch", "8", "--mesh", "foo"],
+     "argument --mesh: 'foo': expected data=N,fsdp=M"),
+    (["edit", "--batch", "r.jsonl", "--batch-size", "0"],
+     "argument --batch-size: 0: expected a whole number of at least 1"),
+    (["edit", "--batch", "r.jsonl", "--steps", "-3"], "argument --steps: -3"),
+    (["edit", "--batch", "r.jsonl", "--resolution", "32"],
+     "argument --resolution: 32: expected a resolution in pixels of at least 64"),
+])
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    main(argv)
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_edit_batch_unwritable_output_reruns_and_overwrite(tmp_path, capsys):
+  """An unwritable output is a bad record (line named, checked before any edit); a rerun keeps
+  the outputs that exist; --overwrite redoes them."""
+  _image(tmp_path / "a.jpg")
+  records = [{"image": "a.jpg", "instruction": "add fog", "out": "/proc/y.png"},
+             {"image": "a.jpg", "instruction": "add fog", "out": "out/good.png"},
+             {"image": "a.jpg", "instruction": "add fog", "out": "out/good.gif"}]
+  (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  run = lambda *extra: main(["edit", "--batch", str(tmp_path / "records.jsonl"),
+                             "--batch-size", "2", *FAST, *extra])
+  assert run() == 3
+  err = capsys.readouterr().err
+  assert "records.jsonl:1: /proc/y.png: cannot write" in err
+  assert "records.jsonl:3: " in err and "unknown image extension '.gif'" in err
+  assert "edited 1 image(s), skipped 2 bad record(s)" in err
+  good = tmp_path / "out" / "good.png"
+  assert Image.open(good).size == (64, 64)
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png"]  # no temp files
+
+  os.utime(good, (0, 0))
+  assert run() == 3
+  assert "edited 0 image(s), kept 1 existing output(s)" in capsys.readouterr().err
+  assert os.stat(good).st_mtime == 0  # kept, not rewritten
+  assert run("--overwrite") == 3
+  assert "edited 1 image(s), skipped 2 bad record(s)" in capsys.readouterr().err
+  assert os.stat(good).st_mtime > 0
+
+
+def test_edit_checks_the_output_before_loading_a_model(tmp_path, capsys):
+  image = _image(tmp_path / "in.jpg")
+  # The model does not exist either: the output is checked first, so its error is the one.
+  assert main(["edit", "--model", str(tmp_path / "nope"), "--image", image, "--instruction",
+               "x", "--out", str(tmp_path / "o.txt")]) == 2
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f"uip2p edit: error: {tmp_path / 'o.txt'}: unknown image extension '.txt'; expected one "
+      "of .png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff"]

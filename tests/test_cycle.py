@@ -46,9 +46,9 @@ def test_fixed_k_steps_match_hand_computed_ddim(k):
   latents = jnp.asarray(rng.normal(size=(2, 4, 4, 4)), jnp.float32)
   t = jnp.asarray([999, 300])
   unet = ConstantNoiseUNet()
+  config = CycleConfig(num_steps_min=k, num_steps_max=k)
   x0, captures = edit_with_k_steps(unet, ALPHAS, latents, jnp.zeros_like(latents), None, t,
-                                   jax.random.PRNGKey(0), CycleConfig(num_steps=(k, k)),
-                                   capture=object())
+                                   jax.random.PRNGKey(0), config, capture=object())
   np.testing.assert_allclose(x0, reference_ddim(latents, 0.3, np.asarray(t), k), rtol=2e-4,
                              atol=1e-4)
   assert len(unet.calls) == k and set(captures) == {"layer"}
@@ -59,7 +59,7 @@ def test_drawn_k_uses_one_compiled_switch_and_matches_fixed_k():
   rng = np.random.default_rng(1)
   latents = jnp.asarray(rng.normal(size=(2, 4, 4, 4)), jnp.float32)
   t = jnp.asarray([500, 800])
-  config = CycleConfig(num_steps=(1, 3))
+  config = CycleConfig(num_steps_min=1, num_steps_max=3)
   run = jax.jit(lambda key: edit_with_k_steps(ConstantNoiseUNet(), ALPHAS, latents,
                                               jnp.zeros_like(latents), None, t, key, config,
                                               capture=None)[0])
@@ -77,8 +77,22 @@ def test_drawn_k_uses_one_compiled_switch_and_matches_fixed_k():
 def test_configs_refuse_bad_values_by_name():
   with pytest.raises(ValueError, match="cycle.start 'middle'"):
     CycleConfig(start="middle")
-  with pytest.raises(ValueError, match="cycle.num_steps"):
-    CycleConfig(num_steps=(3, 1))
+  with pytest.raises(ValueError, match="cycle.num_steps_min=3, num_steps_max=1"):
+    CycleConfig(num_steps_min=3, num_steps_max=1)
+  with pytest.raises(ValueError, match="cycle.timestep_min=5, timestep_max=5"):
+    CycleConfig(timestep_min=5, timestep_max=5)
+  with pytest.raises(ValueError, match="cycle.timestep_min=-1"):
+    CycleConfig(timestep_min=-1)
+  with pytest.raises(ValueError, match="cycle.attention_select 'size'"):
+    CycleConfig(attention_select="size")
+  with pytest.raises(ValueError, match="cycle.conditioning_dropout=0.5"):
+    CycleConfig(conditioning_dropout=0.5)
+  with pytest.raises(TypeError, match="cycle.share_noise=1 \\(int\\); expected bool"):
+    CycleConfig(share_noise=1)
+  with pytest.raises(TypeError, match="cycle.num_steps_max=True \\(bool\\); expected int"):
+    CycleConfig(num_steps_max=True)
+  with pytest.raises(TypeError, match="unexpected keyword argument 'num_steps'"):
+    CycleConfig(num_steps=(1, 1))
   with pytest.raises(ValueError, match="loss.sim_kind"):
     LossConfig(sim_kind="text")
   with pytest.raises(ValueError, match="at least one > 0"):

@@ -38,8 +38,12 @@ def test_similarity_and_reconstruction_hand_values():
 
 def test_attention_map_and_loss_hand_values():
   ids = jnp.array([[49406, 320, 786, 49407, 49407]])  # BOS, 2 instruction tokens, EOS, pad
-  mask = losses.instruction_token_mask(ids)
+  mask = losses.instruction_token_mask(ids, eos_id=49407)
   np.testing.assert_array_equal(mask, [[0, 1, 1, 0, 0]])
+  # Position, not id, decides: a tokenizer padding with id 0 after EOS, a row with no EOS.
+  other = jnp.array([[998, 5, 0, 999, 0, 0], [998, 0, 7, 8, 9, 10]])
+  np.testing.assert_array_equal(losses.instruction_token_mask(other, eos_id=999),
+                                [[0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1]])
   probs = np.zeros((1, 2, 2, 5), np.float32)
   probs[0, 0, 0] = [0.5, 0.25, 0.25, 0, 0]   # instruction mass 0.5
   probs[0, 0, 1] = [0.9, 0.05, 0.05, 0, 0]   # 0.1
@@ -80,3 +84,20 @@ def test_conditioning_dropout_matches_the_ip2p_ranges():
   assert 0.03 < np.mean(text_dropped & ~image_dropped) < 0.07   # text only ~5%
   assert 0.03 < np.mean(text_dropped & image_dropped) < 0.07    # both ~5%
   assert 0.03 < np.mean(~text_dropped & image_dropped) < 0.07   # image only ~5%
+
+
+def test_metrics_share_the_loss_definitions_with_their_own_epsilon():
+  from uip2p_jax.eval import metrics
+  rng = np.random.default_rng(0)
+  a, b, c, d = (jnp.asarray(rng.normal(size=(4, 8)), jnp.float32) for _ in range(4))
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  # The metrics divide by the bare norm, exactly as before they shared the definition.
+  np.testing.assert_array_equal(metrics.cosine_similarity(a, b), jnp.sum(unit(a) * unit(b), -1))
+  old_direction = jnp.sum(unit(unit(b) - unit(a)) * unit(unit(d) - unit(c)), -1)
+  np.testing.assert_array_equal(metrics.direction_similarity(a, b, c, d), old_direction)
+  np.testing.assert_allclose(1 - losses.clip_direction_loss(b, a, d, c), old_direction,
+                             atol=1e-6)
+  # Only a zero vector tells them apart: NaN in the metric, a finite 0 in the loss.
+  zero = jnp.zeros((1, 8))
+  assert np.isnan(metrics.cosine_similarity(zero, a[:1])[0])
+  assert float(losses.cosine(zero, a[:1])[0]) == 0.0

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from uip2p_jax.pipeline import EditPipeline, load_image, prepare_image, working_size
+from uip2p_jax.image_io import load_image, prepare_image, working_size
+from uip2p_jax.pipeline import EditPipeline, batches_by_size
 
 from conftest import seeded
 
@@ -77,6 +78,37 @@ def test_edit_is_reproducible_and_batch_independent(ip2p_folder):
   np.testing.assert_allclose(batch[:1], single, atol=1e-4)  # batch-size float reordering
   other_seed = ours.edit(image, ["add snow"], steps=3, seeds=[6])
   assert np.abs(other_seed - single).max() > 1e-3
+
+
+def test_edit_takes_pil_images_and_pads_batches(ip2p_folder):
+  """PIL images are prepared like arrays; padding to a batch size leaves the edits alone."""
+  ours = EditPipeline.from_pretrained(ip2p_folder[1])
+  pil = Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), np.uint8))
+  from_array = ours.edit(prepare_image(pil, 64)[None], ["add snow"], steps=3, seeds=[5])
+  from_pil = ours.edit([pil], ["add snow"], steps=3, seeds=[5], resolution=64)
+  np.testing.assert_array_equal(from_pil, from_array)
+  padded = ours.edit([pil], ["add snow"], steps=3, seeds=[5], resolution=64, pad_to=2)
+  assert padded.shape == (1, 64, 64, 3)
+  np.testing.assert_allclose(padded, from_array, atol=1e-4)
+  with pytest.raises(ValueError, match="several sizes"):
+    ours.edit([pil, pil.resize((32, 64))], ["a", "b"], resolution=64)
+
+
+def test_batches_by_size_groups_then_chunks():
+  sizes = [(64, 64), (128, 64), (64, 64), (64, 64), (128, 64)]
+  assert batches_by_size(sizes, 2) == [[0, 2], [3], [1, 4]]
+  assert batches_by_size(sizes, 8) == [[0, 2, 3], [1, 4]]
+  with pytest.raises(ValueError, match="at least 1"):
+    batches_by_size(sizes, 0)
+
+
+def test_prepare_image_warns_when_it_upscales_a_tiny_input(tmp_path, capsys):
+  Image.new("RGB", (5, 5), (9, 9, 9)).save(tmp_path / "tiny.png")
+  assert prepare_image(load_image(tmp_path / "tiny.png"), 512).shape == (512, 512, 3)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "tiny.png: 5x5 px" in err[0] and "512x512" in err[0]
+  prepare_image(Image.new("RGB", (300, 200)), 512)  # above the minimum: no warning
+  assert capsys.readouterr().err == ""
 
 
 def test_edit_rejects_bad_requests(ip2p_folder):

@@ -66,6 +66,8 @@ def test_attention_resolution_the_unet_lacks_is_named(tmp_path):
   """Found while planning at a small size: L_attn with no layer at its resolution (traced only)."""
   from trainer_setup import tiny_config
   from uip2p_jax.plan import plan_train_step
+  config = tiny_config(**{"cycle.attention_select": "resolution",
+                          "cycle.attention_resolution": 3})
   with pytest.raises(ValueError, match=r"cycle.attention_resolution=3: no cross-attention layer"):
-    plan_train_step(tiny_config(**{"cycle.attention_resolution": 3}), 1, 1, 8, 32,
+    plan_train_step(config, 1, 1, 8, 32,
                     preset="tiny", dump_dir=str(tmp_path))

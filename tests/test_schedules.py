@@ -77,3 +77,19 @@ def test_bad_configs_are_refused():
     NoiseSchedule.from_diffusers({"use_karras_sigmas": True})
   with pytest.raises(ValueError, match="unknown sampler 'heun'"):
     make_sampler("heun", NoiseSchedule(), 3)
+
+
+def test_add_noise_matches_diffusers_ddpm_add_noise():
+  from diffusers import DDPMScheduler
+
+  from uip2p_jax.schedules import add_noise
+  reference = DDPMScheduler.from_config(IP2P_SCHEDULER)
+  rng = np.random.default_rng(0)
+  latents, noise = (rng.standard_normal((3, 4, 4, 4)).astype(np.float32) for _ in range(2))
+  timesteps = np.asarray([0, 500, 999])
+  expected = reference.add_noise(torch.from_numpy(latents), torch.from_numpy(noise),
+                                 torch.from_numpy(timesteps)).numpy()
+  ours = add_noise(np.asarray(reference.alphas_cumprod, np.float32), latents, noise, timesteps)
+  np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(NoiseSchedule.from_diffusers(IP2P_SCHEDULER).alphas_cumprod(),
+                             reference.alphas_cumprod.numpy(), rtol=1e-5)

@@ -2,8 +2,24 @@
 
 Pure functions over NNX modules (merged from parameters inside the caller's jit). Only the UNet
 is meant to be differentiated; the VAE and the CLIPs are frozen but gradients flow *through*
-them (decode and image embedding of the edited and reconstructed images). METHOD.md section 2
-is the specification; every choice it calls a default is a field of `CycleConfig`/`LossConfig`.
+them (decode and image embedding of the edited and reconstructed images). docs/method.md
+(section 2) is the specification; every choice it calls a default is a field of
+`CycleConfig`/`LossConfig`.
+
+Choices this module makes on purpose (each tested in tests/test_cycle_switches.py):
+- No classifier-free guidance inside the training edits: every denoising step is one
+  conditional UNet call on (image condition, instruction), the paper's single-prediction edit;
+  guidance (three branches, `pipeline.py`) is for inference only. A guided training edit would
+  triple the UNet cost of the step, so there is no switch for it.
+- K (the DDIM steps of an edit) is drawn once per training step, shared by the whole batch
+  (`CycleConfig.same_k` decides whether the reverse edit reuses it).
+- Decoded images are clamped to [-1, 1] like the pipeline's output, straight-through
+  (`CycleConfig.clamp_decoded`).
+- The latent L_recon (`LossConfig.recon_kind="latent"`) compares z_r with the deterministic
+  latent 0.18215 * E(x).mode(), not with the sampled z_x the forward edit starts from: the
+  target carries no posterior noise the reverse edit could not know.
+- The unconditional text ("") of conditioning dropout and the instruction tokens of L_attn
+  come from the run's tokenizer: callers pass `empty_ids`, the ids of "".
 """
 
 from __future__ import annotations
@@ -13,43 +29,117 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from uip2p_jax import losses
+from uip2p_jax import losses, schedules
 from uip2p_jax.models import AttentionCapture, AutoencoderKL, CLIPModel, CLIPTextTransformer
 from uip2p_jax.models import UNet2DConditionModel
 
 LOSS_NAMES = ("clip", "sim", "attn", "recon")
 
 
+def _check_type(section: str, name: str, value, kinds: tuple[type, ...]) -> None:
+  # bool is an int in Python: True given for a number (or 1 for a bool) is a config typo.
+  if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+    raise TypeError(f"{section}.{name}={value!r} ({type(value).__name__}); expected "
+                    f"{' or '.join(k.__name__ for k in kinds)}")
+
+
+_FIELD_TYPES = {"str": (str,), "int": (int,), "bool": (bool,), "float": (int, float)}
+
+
 @dataclasses.dataclass(frozen=True)
 class CycleConfig:
-  start: str = "noised_input"        # "noised_input": z_x noised at t; "noise": pure noise, t = T-1
-  num_steps: tuple[int, int] = (1, 1)  # K, inclusive range; K is drawn per step when lo < hi
-  timesteps: tuple[int, int] = (0, 1000)  # t ~ U{lo, ..., hi - 1} per example ("noised_input")
-  share_noise: bool = True           # the reverse edit reuses the forward edit's noise
-  reencode: bool = False             # reverse condition: E(D(z_e)).mode() instead of z_e / 0.18215
-  attention_resolution: int = 16     # feature-map height whose cross-attention L_attn compares
-  conditioning_dropout: float = 0.0  # IP2P's dropout per pass (0 keeps every edit conditioned)
+  """How the two edits of a CEC step run. The fields are exactly the keys of an experiment's
+  `cycle` section: the trainer builds `CycleConfig(**config.cycle)`.
+
+  start: "noised_input": each edit starts from its latent noised at t (z_x for the forward edit,
+    z_e for the reverse one); "noise": from pure noise at t = T - 1, the last training timestep
+    (timestep_min/max are then unused).
+  num_steps_min, num_steps_max: K, the DDIM steps of an edit, an inclusive range. K is drawn
+    once per training step and shared by the whole batch (not per example): `lax.switch` runs
+    one compiled branch per K, so a range never recompiles.
+  timestep_min, timestep_max: t ~ U{min, ..., max - 1} per example (max exclusive); `cycle_losses`
+    refuses a max beyond the noise schedule's length.
+  share_noise: the reverse edit reuses the forward edit's noise (its t is always the forward t).
+  same_k: the reverse edit runs the forward edit's K. Default true: the reverse edit mirrors the
+    forward one (same t and, by default, the same noise), so the two halves of the cycle differ
+    only in their conditions; an independent K would add variance to L_recon/L_sim that says
+    nothing about whether the edit is reversible. No effect when min == max.
+  reencode: the reverse edit's image condition is E(x_e).mode() of the decoded (and clamped)
+    edited image, reusing the decode the losses use, instead of z_e / 0.18215.
+  clamp_decoded: decoded images are clamped to [-1, 1], as the pipeline's output is, before
+    CLIP, L_recon and the re-encode. The clamp is straight-through (the value is clamped, the
+    gradient passes as if it were not): a hard clip gives an out-of-range pixel zero gradient,
+    so an L1 error at 1.3 against a target of 0.5 could never be pulled back.
+  attention_select: which cross-attention layers L_attn compares. "resolution": the layers whose
+    feature map has height `attention_resolution`, an absolute size (16 is SD 1.5's level 1 at
+    256 px but its level 2 at 512 px); "level": the layers of UNet level `attention_level`
+    (0 = the latent's own size, 1 = /2, 2 = /4, ...: down block i, the up block and, for the
+    last level, the mid block at that size), the same blocks at any image size. Default
+    "resolution" with 16 for a bare CycleConfig; the experiments (experiments/common.py) use
+    "level" 1 (16x16 at 256 px and 32x32 at 512 px for SD 1.5), smoke level 0 (the tiny UNet's
+    8x8 latent at 64 px).
+  conditioning_dropout: IP2P's per-example dropout (text only, both, image only: each with
+    this probability, so at most 1/3), drawn independently for each edit; 0 keeps every edit
+    conditioned.
+  """
+  start: str = "noised_input"
+  num_steps_min: int = 1
+  num_steps_max: int = 1
+  timestep_min: int = 0
+  timestep_max: int = 1000
+  share_noise: bool = True
+  same_k: bool = True
+  reencode: bool = False
+  clamp_decoded: bool = True
+  attention_select: str = "resolution"
+  attention_resolution: int = 16
+  attention_level: int = 1
+  conditioning_dropout: float = 0.0
 
   def __post_init__(self):
+    for field in dataclasses.fields(self):
+      _check_type("cycle", field.name, getattr(self, field.name), _FIELD_TYPES[field.type])
     if self.start not in ("noised_input", "noise"):
       raise ValueError(f"cycle.start {self.start!r}; expected 'noised_input' or 'noise'")
-    lo, hi = self.num_steps
-    if not 1 <= lo <= hi:
-      raise ValueError(f"cycle.num_steps {self.num_steps}: need 1 <= min <= max")
-    if not 0 <= self.timesteps[0] < self.timesteps[1]:
-      raise ValueError(f"cycle.timesteps {self.timesteps}: need 0 <= lo < hi")
+    if not 1 <= self.num_steps_min <= self.num_steps_max:
+      raise ValueError(f"cycle.num_steps_min={self.num_steps_min}, num_steps_max="
+                       f"{self.num_steps_max}: need 1 <= num_steps_min <= num_steps_max")
+    if not 0 <= self.timestep_min < self.timestep_max:
+      raise ValueError(f"cycle.timestep_min={self.timestep_min}, timestep_max="
+                       f"{self.timestep_max}: need 0 <= timestep_min < timestep_max (max is "
+                       "exclusive)")
+    if self.attention_select not in ("resolution", "level"):
+      raise ValueError(f"cycle.attention_select {self.attention_select!r}; expected "
+                       "'resolution' or 'level'")
+    if self.attention_resolution < 1:
+      raise ValueError(f"cycle.attention_resolution={self.attention_resolution}; expected a "
+                       "feature-map height >= 1")
+    if self.attention_level < 0:
+      raise ValueError(f"cycle.attention_level={self.attention_level}; expected a UNet level "
+                       ">= 0 (0 = the latent's own size)")
+    if not 0.0 <= self.conditioning_dropout <= 1.0 / 3.0:
+      raise ValueError(f"cycle.conditioning_dropout={self.conditioning_dropout}; expected a "
+                       "probability in [0, 1/3] (text, both and image are each dropped with it)")
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
+  """The CEC loss weights and variants; fields are exactly an experiment's `loss` keys
+  (`LossConfig(**config.loss)`). A weight of 0 skips computing that term.
+
+  sim_kind: "reconstruction": 1 - cos(E_I(x_r), E_I(x)); "edit_text": 1 - cos(E_I(x_e), E_T(c_out)).
+  recon_kind: "l1" | "l2" in pixels (decoded x_r vs x); "latent": mean |z_r - 0.18215 E(x).mode()|.
+  """
   clip: float = 1.0
   sim: float = 1.0
   attn: float = 1.0
   recon: float = 1.0
-  sim_kind: str = "reconstruction"   # 1 - cos(E_I(x_r), E_I(x)); "edit_text": E_I(x_e) vs E_T(c_out)
-  recon_kind: str = "l1"             # "l1" | "l2" in pixels, "latent": mean |z_r - z_x|
+  sim_kind: str = "reconstruction"
+  recon_kind: str = "l1"
 
   def __post_init__(self):
+    for field in dataclasses.fields(self):
+      _check_type("loss", field.name, getattr(self, field.name), _FIELD_TYPES[field.type])
     if self.sim_kind not in ("reconstruction", "edit_text"):
       raise ValueError(f"loss.sim_kind {self.sim_kind!r}; expected 'reconstruction' or "
                        "'edit_text'")
@@ -64,10 +154,24 @@ class LossConfig:
     return {name: getattr(self, name) for name in LOSS_NAMES}
 
 
+def attention_resolution(cycle: CycleConfig, latent_size: int, num_levels: int) -> int:
+  """The feature-map height whose cross-attention L_attn compares, for latents of height
+  `latent_size` and a UNet with `num_levels` levels (len(block_out_channels))."""
+  if cycle.attention_select == "resolution":
+    return cycle.attention_resolution
+  if cycle.attention_level >= num_levels:
+    raise ValueError(f"cycle.attention_level={cycle.attention_level}: this UNet has "
+                     f"{num_levels} levels (0 to {num_levels - 1})")
+  size = latent_size
+  for _ in range(cycle.attention_level):
+    size = (size + 1) // 2  # a down block's stride-2 conv (padding 1) halves, rounding up
+  return size
+
+
 def _ddim_denoise(unet, alphas_cumprod, latents, image_latents, context, timesteps, num_steps,
                   capture):
-  """K deterministic DDIM steps from per-example `timesteps` (B,) to 0; returns the final x0
-  prediction and the cross-attention captured in the first UNet call."""
+  """K deterministic DDIM steps from per-example `timesteps` (B,) to 0 (epsilon prediction);
+  returns the final x0 prediction and the cross-attention captured in the first UNet call."""
   captures = None
   x0 = latents
   for k in range(num_steps):
@@ -79,19 +183,17 @@ def _ddim_denoise(unet, alphas_cumprod, latents, image_latents, context, timeste
     else:
       eps = unet(unet_input, t, context)
       captures = {} if k == 0 else captures
-    alpha = alphas_cumprod[t][:, None, None, None]
-    x0 = (latents - jnp.sqrt(1 - alpha) * eps) / jnp.sqrt(alpha)
+    x0 = schedules.predict_x0(schedules.alpha_at(alphas_cumprod, t), latents, eps)
     if k < num_steps - 1:
-      alpha_next = alphas_cumprod[t_next][:, None, None, None]
-      latents = jnp.sqrt(alpha_next) * x0 + jnp.sqrt(1 - alpha_next) * eps
+      latents = schedules.ddim_renoise(schedules.alpha_at(alphas_cumprod, t_next), x0, eps)
   return x0, captures
 
 
 def edit_with_k_steps(unet, alphas_cumprod, latents, image_latents, context, timesteps, key,
                       config: CycleConfig, capture):
-  """The forward or reverse edit; K fixed, or drawn from `key` and run with `lax.switch` (one
-  compiled branch per K, no recompilation between steps)."""
-  lo, hi = config.num_steps
+  """The forward or reverse edit; K fixed, or drawn from `key` (one K for the batch) and run
+  with `lax.switch` (one compiled branch per K, no recompilation between steps)."""
+  lo, hi = config.num_steps_min, config.num_steps_max
   branches = [lambda args, k=k: _ddim_denoise(unet, alphas_cumprod, *args, num_steps=k,
                                               capture=capture)
               for k in range(lo, hi + 1)]
@@ -100,6 +202,23 @@ def edit_with_k_steps(unet, alphas_cumprod, latents, image_latents, context, tim
     return branches[0](args)
   index = jax.random.randint(key, (), 0, hi - lo + 1)
   return jax.lax.switch(index, branches, args)
+
+
+def _clamp_straight_through(images: jax.Array) -> jax.Array:
+  """Clamped to [-1, 1] in value, identity in gradient."""
+  return images + jax.lax.stop_gradient(jnp.clip(images, -1.0, 1.0) - images)
+
+
+def _empty_ids(empty_ids, ids_length: int) -> jax.Array:
+  """The ids of "" as (1, T), checked against the batch's (B, T) ids."""
+  empty_ids = jnp.asarray(empty_ids)
+  if empty_ids.ndim == 1:
+    empty_ids = empty_ids[None]
+  if empty_ids.shape != (1, ids_length) or not jnp.issubdtype(empty_ids.dtype, jnp.integer):
+    raise ValueError(f"empty_ids: shape {empty_ids.shape} {empty_ids.dtype}; expected the "
+                     f"integer ids of \"\" as (1, {ids_length}) or ({ids_length},), "
+                     "e.g. uip2p_jax.tokenizer.tokenize(tokenizer, [\"\"])")
+  return empty_ids
 
 
 def _one_call(fn, batches: list[jax.Array]) -> list[jax.Array]:
@@ -118,19 +237,30 @@ def _one_call(fn, batches: list[jax.Array]) -> list[jax.Array]:
 
 def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
                  text_encoder: CLIPTextTransformer, clip: CLIPModel, batch: dict[str, jax.Array],
-                 key: jax.Array, alphas_cumprod: jax.Array, cycle: CycleConfig, loss: LossConfig):
+                 key: jax.Array, alphas_cumprod: jax.Array, cycle: CycleConfig, loss: LossConfig,
+                 *, empty_ids: jax.Array):
   """The weighted CEC loss of a batch and its metrics.
 
   batch: image (B, H, W, 3) in [-1, 1]; input_caption_ids, instruction_ids, edited_caption_ids,
   reverse_instruction_ids (B, 77) int32. alphas_cumprod: (T,) float32 training schedule.
+  empty_ids: (1, 77) or (77,) int32, the run's tokenizer's ids of "" (`tokenize(tokenizer,
+  [""])`): the unconditional text of conditioning dropout, and its EOS id (position 1) bounds
+  the instruction tokens of L_attn.
   Returns (scalar loss, {name: scalar}): each computed loss, its weighted total and, when L_clip
   is computed, the CLIP direction similarity. A zero-weight loss is not computed at all.
   """
+  num_train_timesteps = alphas_cumprod.shape[0]
+  if cycle.timestep_max > num_train_timesteps:
+    # The gather alphas_cumprod[t] would clamp t silently: refuse before tracing.
+    raise ValueError(f"cycle.timestep_max={cycle.timestep_max} is beyond the noise schedule's "
+                     f"{num_train_timesteps} training timesteps (t is drawn from [timestep_min, "
+                     f"timestep_max), so timestep_max <= {num_train_timesteps})")
   weights = loss.weights
   active = {name for name, w in weights.items() if w > 0}
   scaling = vae.config.scaling_factor
   image = batch["image"]
   batch_size = image.shape[0]
+  empty_ids = _empty_ids(empty_ids, batch["instruction_ids"].shape[1])
   keys = dict(zip(("posterior", "t", "noise", "noise_r", "k", "k_r", "drop_f", "drop_r"),
                   jax.random.split(key, 8)))
 
@@ -142,40 +272,51 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   reverse_text = jax.lax.stop_gradient(text_encoder(batch["reverse_instruction_ids"])[0])
 
   if cycle.start == "noise":
-    timesteps = jnp.full((batch_size,), alphas_cumprod.shape[0] - 1, jnp.int32)
+    timesteps = jnp.full((batch_size,), num_train_timesteps - 1, jnp.int32)
   else:
-    timesteps = jax.random.randint(keys["t"], (batch_size,), *cycle.timesteps)
+    timesteps = jax.random.randint(keys["t"], (batch_size,), cycle.timestep_min,
+                                   cycle.timestep_max)
   noise = jax.random.normal(keys["noise"], input_latent.shape)
   reverse_noise = noise if cycle.share_noise else jax.random.normal(keys["noise_r"], noise.shape)
 
   def start_latent(clean, eps):
     if cycle.start == "noise":
       return eps
-    alpha = alphas_cumprod[timesteps][:, None, None, None]
-    return jnp.sqrt(alpha) * clean + jnp.sqrt(1 - alpha) * eps
+    return schedules.add_noise(alphas_cumprod, clean, eps, timesteps)
+
+  def decode_images(latents):
+    images = vae.decode(latents / scaling)
+    return _clamp_straight_through(images) if cycle.clamp_decoded else images
 
   if cycle.conditioning_dropout > 0:
-    empty = jax.lax.stop_gradient(text_encoder(jnp.asarray(_EMPTY_IDS))[0])
+    empty = jax.lax.stop_gradient(text_encoder(empty_ids)[0])
     forward_text, forward_condition = losses.conditioning_dropout(
         keys["drop_f"], forward_text, empty[0], image_latent, cycle.conditioning_dropout)
   else:
     forward_condition = image_latent
-  capture = AttentionCapture(resolutions=(cycle.attention_resolution,)) if "attn" in active \
-      else None
+  capture = None
+  if "attn" in active:
+    resolution = attention_resolution(cycle, input_latent.shape[1],
+                                      len(unet.config.block_out_channels))
+    capture = AttentionCapture(resolutions=(resolution,))
 
   # Forward edit: (z_t, c_x, T_f) -> z_e.
   edited_latent, forward_maps = edit_with_k_steps(
       unet, alphas_cumprod, start_latent(input_latent, noise), forward_condition, forward_text,
       timesteps, keys["k"], cycle, capture)
   if capture is not None and not forward_maps:
+    selected = (f"attention_level={cycle.attention_level}" if cycle.attention_select == "level"
+                else f"attention_resolution={cycle.attention_resolution}")
     raise ValueError(
-        f"cycle.attention_resolution={cycle.attention_resolution}: no cross-attention layer of "
-        f"this UNet sees a {cycle.attention_resolution}x{cycle.attention_resolution} feature map "
-        f"with {input_latent.shape[1]}x{input_latent.shape[2]} latents (each down block halves "
-        f"it); pick a resolution the UNet has at this image size, or set loss.attn=0")
+        f"cycle.{selected}: no cross-attention layer of this UNet sees a {resolution}x"
+        f"{resolution} feature map with {input_latent.shape[1]}x{input_latent.shape[2]} latents "
+        f"(each down block halves it); pick a level or resolution the UNet has at this image "
+        f"size, or set loss.attn=0")
   # Reverse edit: (z_e noised with the same t, its own latent as condition, T_r) -> z_r.
-  if cycle.reencode:
-    reverse_condition = vae.encode(vae.decode(edited_latent / scaling)).mode()
+  decoded = {}
+  if cycle.reencode:  # the edited image is decoded once: the condition and the losses share it
+    decoded["edited"] = decode_images(edited_latent)
+    reverse_condition = vae.encode(decoded["edited"]).mode()
   else:
     reverse_condition = edited_latent / scaling
   if cycle.conditioning_dropout > 0:
@@ -183,19 +324,18 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
         keys["drop_r"], reverse_text, empty[0], reverse_condition, cycle.conditioning_dropout)
   reconstructed_latent, reverse_maps = edit_with_k_steps(
       unet, alphas_cumprod, start_latent(edited_latent, reverse_noise), reverse_condition,
-      reverse_text, timesteps, keys["k_r"], cycle, capture)
+      reverse_text, timesteps, keys["k"] if cycle.same_k else keys["k_r"], cycle, capture)
 
   need_edited_image = "clip" in active or ("sim" in active and loss.sim_kind == "edit_text")
   need_reconstruction = (("recon" in active and loss.recon_kind != "latent")
                          or ("sim" in active and loss.sim_kind == "reconstruction"))
-  to_decode = ([edited_latent] if need_edited_image else []) + (
-      [reconstructed_latent] if need_reconstruction else [])
-  decoded = {}
+  to_decode = {}
+  if need_edited_image and "edited" not in decoded:
+    to_decode["edited"] = edited_latent
+  if need_reconstruction:
+    to_decode["reconstructed"] = reconstructed_latent
   if to_decode:  # one batched decode through the frozen VAE (differentiable)
-    images = _one_call(lambda z: vae.decode(z / scaling), to_decode)
-    names = (["edited"] if need_edited_image else []) + (["reconstructed"]
-                                                         if need_reconstruction else [])
-    decoded = dict(zip(names, images))
+    decoded.update(zip(to_decode, _one_call(decode_images, list(to_decode.values()))))
 
   need_clip_images = "clip" in active or "sim" in active
   embeddings = {}
@@ -228,14 +368,17 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
       per_example["sim"] = losses.similarity_loss(embeddings["edited"],
                                                   embeddings["edited_caption"])
   if "attn" in active:
+    eos_id = empty_ids[0, 1]
     forward_map = losses.attention_map(
-        forward_maps, losses.instruction_token_mask(batch["instruction_ids"]))
+        forward_maps, losses.instruction_token_mask(batch["instruction_ids"], eos_id=eos_id))
     reverse_map = losses.attention_map(
-        reverse_maps, losses.instruction_token_mask(batch["reverse_instruction_ids"]))
+        reverse_maps, losses.instruction_token_mask(batch["reverse_instruction_ids"],
+                                                    eos_id=eos_id))
     per_example["attn"] = losses.attention_loss(forward_map, reverse_map)
   if "recon" in active:
     if loss.recon_kind == "latent":
-      per_example["recon"] = jnp.mean(jnp.abs(reconstructed_latent - input_latent),
+      target_latent = image_latent * scaling  # the mode: no posterior noise in the target
+      per_example["recon"] = jnp.mean(jnp.abs(reconstructed_latent - target_latent),
                                       axis=(1, 2, 3))
     else:
       per_example["recon"] = losses.reconstruction_loss(decoded["reconstructed"], image,
@@ -246,35 +389,33 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   return total, metrics
 
 
-# CLIP ids of "" (BOS, EOS, padding with EOS): the unconditional text of conditioning dropout.
-_EMPTY_IDS = [[49406] + [49407] * 76]
-
-
 def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
                 text_encoder: CLIPTextTransformer, batch: dict[str, jax.Array], key: jax.Array,
-                alphas_cumprod: jax.Array, conditioning_dropout: float = 0.05):
+                alphas_cumprod: jax.Array, conditioning_dropout: float = 0.05, *,
+                empty_ids: jax.Array):
   """The supervised InstructPix2Pix loss (the baseline): noise MSE on the noised *edited*
   latent, conditioned on the input image's latent and the instruction, with IP2P's dropout.
 
   batch: image, edited_image (B, H, W, 3) in [-1, 1]; instruction_ids (B, 77).
+  empty_ids: (1, 77) or (77,) int32, the run's tokenizer's ids of "" (the dropped text).
   """
   keys = jax.random.split(key, 4)
   scaling = vae.config.scaling_factor
+  empty_ids = _empty_ids(empty_ids, batch["instruction_ids"].shape[1])
   image_latent = jax.lax.stop_gradient(vae.encode(batch["image"]).mode())
   target_latent = jax.lax.stop_gradient(vae.encode(batch["edited_image"]).sample(keys[0])
                                         * scaling)
   text = jax.lax.stop_gradient(text_encoder(batch["instruction_ids"])[0])
-  empty = jax.lax.stop_gradient(text_encoder(jnp.asarray(_EMPTY_IDS))[0])
+  empty = jax.lax.stop_gradient(text_encoder(empty_ids)[0])
   text, image_latent = losses.conditioning_dropout(keys[1], text, empty[0], image_latent,
                                                    conditioning_dropout)
   timesteps = jax.random.randint(keys[2], (target_latent.shape[0],), 0, alphas_cumprod.shape[0])
   noise = jax.random.normal(keys[3], target_latent.shape)
-  alpha = alphas_cumprod[timesteps][:, None, None, None]
-  noisy = jnp.sqrt(alpha) * target_latent + jnp.sqrt(1 - alpha) * noise
+  noisy = schedules.add_noise(alphas_cumprod, target_latent, noise, timesteps)
   prediction = unet(jnp.concatenate([noisy, image_latent], axis=-1), timesteps, text)
   value = losses.ip2p_loss(prediction, noise)
   return value, {"loss": value, "loss_ip2p": value}
 
 
-__all__ = ["CycleConfig", "LOSS_NAMES", "LossConfig", "cycle_losses", "edit_with_k_steps",
-           "ip2p_losses"]
+__all__ = ["CycleConfig", "LOSS_NAMES", "LossConfig", "attention_resolution", "cycle_losses",
+           "edit_with_k_steps", "ip2p_losses"]

@@ -1,5 +1,5 @@
 """Cycle Edit Consistency losses, the supervised InstructPix2Pix loss and its conditioning
-dropout, as pure functions (shared/METHOD.md section 2 gives the definitions).
+dropout, as pure functions (docs/method.md, section 2, gives the definitions).
 
 Embeddings passed here are CLIP embeddings (any normalisation: they are L2-normalised first).
 Images are NHWC in [-1, 1]; attention captures are what `UNet2DConditionModel` returns with an
@@ -14,21 +14,33 @@ import jax.numpy as jnp
 from uip2p_jax.models.attention import Captures
 
 
-def _normalise(x: jax.Array) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+def normalise(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(|x|, eps) over the last axis; eps=0 divides by the bare norm (a zero vector -> NaN)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
-  """Cosine similarity over the last axis: (B, D) x (B, D) -> (B,)."""
-  return jnp.sum(_normalise(a) * _normalise(b), axis=-1)
+def cosine(a: jax.Array, b: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Cosine similarity over the last axis: (B, D) x (B, D) -> (B,). The one definition the
+  losses and the evaluation metrics (`eval.metrics`, with eps=0) share."""
+  return jnp.sum(normalise(a, eps) * normalise(b, eps), axis=-1)
+
+
+def clip_direction_similarity(*, edited_image: jax.Array, input_image: jax.Array,
+                              edited_text: jax.Array, input_text: jax.Array,
+                              eps: float = 1e-12) -> jax.Array:
+  """InstructPix2Pix's CLIP direction similarity cos(E_I(x_e) - E_I(x), E_T(c_out) - E_T(c_in))
+  of L2-normalised embeddings, per example (B,). Keyword-only: the call sites order the four
+  embeddings differently."""
+  image_direction = normalise(edited_image, eps) - normalise(input_image, eps)
+  text_direction = normalise(edited_text, eps) - normalise(input_text, eps)
+  return cosine(image_direction, text_direction, eps)
 
 
 def clip_direction_loss(edited_image: jax.Array, input_image: jax.Array, edited_text: jax.Array,
                         input_text: jax.Array) -> jax.Array:
   """L_clip = 1 - cos(E_I(x_e) - E_I(x), E_T(c_out) - E_T(c_in)), per example (B,)."""
-  image_direction = _normalise(edited_image) - _normalise(input_image)
-  text_direction = _normalise(edited_text) - _normalise(input_text)
-  return 1.0 - cosine(image_direction, text_direction)
+  return 1.0 - clip_direction_similarity(edited_image=edited_image, input_image=input_image,
+                                         edited_text=edited_text, input_text=input_text)
 
 
 def similarity_loss(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -48,11 +60,15 @@ def reconstruction_loss(reconstructed: jax.Array, target: jax.Array, kind: str =
   return per_element.reshape(per_element.shape[0], -1).mean(axis=-1)
 
 
-def instruction_token_mask(token_ids: jax.Array, *, bos_id: int = 49406, eos_id: int = 49407,
-                           pad_id: int = 49407) -> jax.Array:
-  """(B, T) ids -> (B, T) float mask of the instruction's own tokens (no BOS/EOS/padding)."""
-  special = (token_ids == bos_id) | (token_ids == eos_id) | (token_ids == pad_id)
-  return (~special).astype(jnp.float32)
+def instruction_token_mask(token_ids: jax.Array, *, eos_id) -> jax.Array:
+  """(B, T) ids -> (B, T) float mask of the instruction's own tokens: the positions after BOS
+  (position 0) and before the first EOS, so neither the tokenizer's padding id nor its EOS
+  padding counts. eos_id: the run's tokenizer's EOS id (`empty_ids[0, 1]`, ids of ""), may be
+  traced; a row with no EOS counts every position after BOS."""
+  positions = jnp.arange(token_ids.shape[1])[None, :]
+  is_eos = token_ids == eos_id
+  first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), token_ids.shape[1])
+  return ((positions > 0) & (positions < first_eos[:, None])).astype(jnp.float32)
 
 
 def attention_map(captures: Captures, token_mask: jax.Array) -> jax.Array:

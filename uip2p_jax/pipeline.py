@@ -3,32 +3,31 @@
     pipe = EditPipeline.from_pretrained("timbrooks/instruct-pix2pix", dtype=jnp.bfloat16)
     edited = pipe.edit(images, ["make it snowy"], steps=20)   # (B, H, W, 3) in [-1, 1]
 
-Guidance (shared/METHOD.md), with the three branches batched into one UNet call per step:
+Guidance (docs/method.md, section 1), with the three branches batched into one UNet call per step:
     eps = e(z, 0, 0) + s_I (e(z, c_I, 0) - e(z, 0, 0)) + s_T (e(z, c_I, c_T) - e(z, c_I, 0))
 The compiled function is cached per (batch, resolution, steps, sampler); guidance scales and
 seeds are traced values, so changing them never recompiles. Each example's noise comes from its
-own seed, so an image edits the same whatever batch it is in.
+own seed, so an image edits the same whatever batch it is in. Image files and PIL images are
+converted at the edge by `uip2p_jax.image_io`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from PIL import Image, ImageOps
+from PIL import Image
 
-from uip2p_jax import weights
+from uip2p_jax import sharding
+from uip2p_jax.image_io import prepare_image
 from uip2p_jax.models import AutoencoderKL, CLIPTextTransformer, UNet2DConditionModel
 from uip2p_jax.schedules import IP2P_SCHEDULE, NoiseSchedule, Sampler, make_sampler
-from uip2p_jax.tokenizer import default_tokenizer, load_tokenizer, tokenize
-
+from uip2p_jax.tokenizer import tokenize
 
 
 def guided_noise(unet: UNet2DConditionModel, sampler: Sampler, i, latents: jax.Array,
@@ -95,34 +94,32 @@ class EditPipeline:
       raise ValueError(f"an edit UNet takes noisy + image latents: in_channels must be "
                        f"{2 * self.vae.config.latent_channels}, got {self.unet.config.in_channels}")
     self._mesh = None
-    if jax.device_count() > 1:  # replicate weights; batches are sharded over 'data'
-      self._mesh = Mesh(np.array(jax.devices()), ("data",))
-      replicated = NamedSharding(self._mesh, P())
+    if jax.device_count() > 1:  # replicate weights; batches are split over every device
+      self._mesh = sharding.make_mesh(data=-1, fsdp=1)
+      replicated = sharding.replicated(self._mesh)
       for module in (self.unet, self.vae, self.text_encoder):
         nnx.update(module, jax.device_put(nnx.state(module), replicated))
+
+  @classmethod
+  def from_models(cls, models) -> "EditPipeline":
+    """From a `model_set.ModelSet` (its loss CLIP, if any, is not used)."""
+    return cls(models.unet, models.vae, models.text_encoder, models.tokenizer, models.schedule)
 
   @classmethod
   def from_pretrained(cls, path_or_repo: str, *, dtype=jnp.float32, param_dtype=None,
                       backend: str = "auto") -> "EditPipeline":
     """Load unet/, vae/, text_encoder/, tokenizer/ and scheduler/ of a diffusers IP2P folder."""
+    from uip2p_jax.model_set import build_models
     param_dtype = param_dtype or dtype
-    unet = weights.load_unet(path_or_repo, dtype=dtype, param_dtype=param_dtype, backend=backend)
-    vae = weights.load_vae(path_or_repo, dtype=dtype, param_dtype=param_dtype)
-    text_encoder = weights.load_text_encoder(path_or_repo, dtype=dtype, param_dtype=param_dtype)
-    tokenizer = load_tokenizer(path_or_repo)
-    schedule = NoiseSchedule.from_folder(weights.resolve_folder(path_or_repo, "scheduler"))
-    return cls(unet, vae, text_encoder, tokenizer, schedule)
+    return cls.from_models(build_models(
+        pretrained=path_or_repo, compute_dtype=dtype, unet_param_dtype=param_dtype,
+        frozen_dtype=dtype, frozen_param_dtype=param_dtype, attention_backend=backend))
 
   @classmethod
   def tiny_random(cls, seed: int = 0) -> "EditPipeline":
     """The embedded default: a tiny randomly initialised IP2P model (no download)."""
-    from uip2p_jax.models.random_init import random_init
-    from uip2p_jax.models.presets import TINY
-    rngs = lambda: nnx.Rngs(0)
-    return cls(random_init(lambda: UNet2DConditionModel(TINY.unet, rngs=rngs()), seed),
-               random_init(lambda: AutoencoderKL(TINY.vae, rngs=rngs()), seed + 1),
-               random_init(lambda: CLIPTextTransformer(TINY.text_encoder, rngs=rngs()), seed + 2),
-               default_tokenizer())
+    from uip2p_jax.model_set import build_models
+    return cls.from_models(build_models(preset="tiny", seed=seed))
 
   @property
   def size_multiple(self) -> int:
@@ -133,11 +130,22 @@ class EditPipeline:
   def edit(self, images, instructions: Sequence[str], *, steps: int = 20,
            text_scale: float = 7.5, image_scale: float = 1.5, seeds: int | Sequence[int] = 0,
            sampler: str = "euler_ancestral", eta: float = 0.0,
-           initial_noise: np.ndarray | None = None) -> np.ndarray:
-    """Edit (B, H, W, 3) images in [-1, 1] by B instructions; returns (B, H, W, 3) in [-1, 1].
+           initial_noise: np.ndarray | None = None, resolution: int = 512,
+           pad_to: int | None = None) -> np.ndarray:
+    """Edit B images by B instructions; returns (B, H, W, 3) float32 in [-1, 1].
 
+    images: (B, H, W, 3) in [-1, 1] with sides multiples of `size_multiple`, or a list of B
+    PIL images of one size (prepared to the working size of longest side `resolution`).
     seeds: one int per example (or one int for all, offset by the example's index).
+    pad_to: run a batch of this size (the first example repeated), so that every batch of a
+    loop compiles once; the padding is dropped from the result.
     """
+    if isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
+      if len({image.size for image in images}) > 1:
+        raise ValueError(f"PIL images of several sizes {sorted({im.size for im in images})}: "
+                         "one size per call (group them with batches_by_size)")
+      images = np.stack([prepare_image(image, resolution, self.size_multiple)
+                         for image in images])
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be (batch, height, width, 3), got {images.shape}")
@@ -149,9 +157,19 @@ class EditPipeline:
     multiple = self.size_multiple
     if images.shape[1] % multiple or images.shape[2] % multiple:
       raise ValueError(f"image size {images.shape[1]}x{images.shape[2]} is not a multiple of "
-                       f"{multiple}; use prepare_image()")
+                       f"{multiple}; use image_io.prepare_image()")
+    count = images.shape[0]
     if isinstance(seeds, int):
-      seeds = [seeds + i for i in range(images.shape[0])]
+      seeds = [seeds + i for i in range(count)]
+    seeds, instructions = list(seeds), list(instructions)
+    if len(seeds) != count:
+      raise ValueError(f"{count} images but {len(seeds)} seeds")
+    if pad_to is not None and pad_to > count:
+      extra = pad_to - count
+      images = np.concatenate([images, np.repeat(images[:1], extra, axis=0)])
+      instructions, seeds = instructions + instructions[:1] * extra, seeds + seeds[:1] * extra
+      if initial_noise is not None:
+        initial_noise = np.concatenate([initial_noise, np.repeat(initial_noise[:1], extra, 0)])
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
     instruction_ids = tokenize(self.tokenizer, instructions)
     empty_ids = tokenize(self.tokenizer, [""])
@@ -160,56 +178,25 @@ class EditPipeline:
     if initial_noise is not None:
       batch_args.append(np.asarray(initial_noise, np.float32))
     if self._mesh is not None and images.shape[0] % jax.device_count() == 0:
-      sharding = NamedSharding(self._mesh, P("data"))
-      batch_args = [jax.device_put(a, sharding) for a in batch_args]
+      batch_args = [jax.device_put(a, sharding.batch_sharding(self._mesh)) for a in batch_args]
     images_in, ids_in, keys_in, *noise_in = batch_args
     # Traced under the mesh, so the models keep the batch split (see partitioning.shard_batch).
     with jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext():
       edited = edit_latents(self.unet, self.vae, self.text_encoder, images_in, ids_in,
                             empty_ids, table, jnp.float32(text_scale), jnp.float32(image_scale),
                             keys_in, *noise_in)
-    return np.asarray(edited)
+    return np.asarray(edited)[:count]
 
 
-# ---------------------------------------------------------------------------------------------
-# Image I/O at the edge: PIL <-> NHWC float in [-1, 1]
-# ---------------------------------------------------------------------------------------------
+def batches_by_size(sizes: Sequence[tuple], batch_size: int) -> list[list[int]]:
+  """Indices of same-size images, in first-seen order, in chunks of at most `batch_size`.
 
-def working_size(width: int, height: int, resolution: int, multiple: int = 64) -> tuple[int, int]:
-  """(width, height) with aspect kept, the longest side at most `resolution`, both sides
-  multiples of `multiple` (at least one multiple)."""
-  if resolution < multiple:
-    raise ValueError(f"resolution {resolution} is smaller than the size multiple {multiple}")
-  scale = (resolution // multiple * multiple) / max(width, height)
-  fit = lambda side: max(multiple, int(side * scale / multiple + 0.5) * multiple)
-  return fit(width), fit(height)
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-  """Open an image file as RGB, honouring EXIF orientation; alpha is composited on white."""
-  try:
-    with Image.open(path) as opened:
-      image = ImageOps.exif_transpose(opened)
-      image.load()
-  except FileNotFoundError:
-    raise FileNotFoundError(f"{path}: no such image file") from None
-  except (OSError, SyntaxError, ValueError) as e:
-    raise ValueError(f"{path}: unreadable image ({e})") from e
-  if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-    rgba = image.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    image = Image.alpha_composite(background, rgba)
-  return image.convert("RGB")
-
-
-def prepare_image(image: Image.Image, resolution: int, multiple: int = 64) -> np.ndarray:
-  """PIL RGB -> (H, W, 3) float32 in [-1, 1] at the working size."""
-  size = working_size(*image.size, resolution, multiple)
-  if image.size != size:
-    image = image.resize(size, Image.Resampling.LANCZOS)
-  return np.asarray(image, np.float32) / 127.5 - 1.0
-
-
-def to_pil(image: np.ndarray) -> Image.Image:
-  """(H, W, 3) in [-1, 1] -> PIL RGB."""
-  return Image.fromarray(np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8))
+  Run each chunk with `EditPipeline.edit(..., pad_to=batch_size)`: every working size then
+  compiles once, whatever the mix of sizes and the length of the last chunk."""
+  if batch_size < 1:
+    raise ValueError(f"batch size {batch_size}; expected at least 1")
+  by_size: dict[tuple, list[int]] = {}
+  for index, size in enumerate(sizes):
+    by_size.setdefault(tuple(size), []).append(index)
+  return [indices[start:start + batch_size] for indices in by_size.values()
+          for start in range(0, len(indices), batch_size)]

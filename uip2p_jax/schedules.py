@@ -12,6 +12,8 @@ A `Sampler` is a pytree of per-step tables computed once in numpy (exactly as di
 
 The step index may be traced, so a whole sampling loop runs inside one `jit`. Stochastic
 samplers take the noise as an array (the same arrays give the same trajectory as diffusers).
+The identities the samplers share with training (`add_noise`, `predict_x0`, `predict_epsilon`,
+`ddim_renoise`) are plain functions here, the one copy the CEC edits and losses use too.
 """
 
 from __future__ import annotations
@@ -109,6 +111,52 @@ def inference_timesteps(schedule: NoiseSchedule, num_steps: int, default_spacing
   raise ValueError(f"timestep_spacing {spacing!r}; expected 'linspace', 'leading' or 'trailing'")
 
 
+# ---------------------------------------------------------------------------------------------
+# The diffusion identities every caller shares (samplers, the CEC edits, the training losses).
+# `alpha` is alphas_cumprod at the step: a scalar, or per example (B,) via `alpha_at`.
+
+def alpha_at(alphas_cumprod: jax.Array, timesteps: jax.Array, ndim: int = 4) -> jax.Array:
+  """alphas_cumprod at integer training timesteps (B,), shaped (B, 1, ...) to broadcast over
+  (B, ...) arrays of rank `ndim`. The gather clamps out-of-range timesteps silently: callers
+  check their timestep range against alphas_cumprod.shape[0] before tracing."""
+  return alphas_cumprod[timesteps].reshape((-1,) + (1,) * (ndim - 1))
+
+
+def add_noise(alphas_cumprod: jax.Array, latents: jax.Array, noise: jax.Array,
+              timesteps: jax.Array) -> jax.Array:
+  """Forward diffusion q(z_t | z_0) at integer training timesteps (B,): DDPM's `add_noise`,
+  sqrt(a_t) * z_0 + sqrt(1 - a_t) * noise."""
+  alpha = alpha_at(alphas_cumprod, timesteps, latents.ndim)
+  return jnp.sqrt(alpha) * latents + jnp.sqrt(1 - alpha) * noise
+
+
+def predict_x0(alpha: jax.Array, sample: jax.Array, model_output: jax.Array,
+               prediction_type: str = "epsilon") -> jax.Array:
+  """The clean-latent (x0) prediction from a noisy sample at cumulative alpha `alpha`."""
+  if prediction_type == "epsilon":
+    return (sample - jnp.sqrt(1 - alpha) * model_output) / jnp.sqrt(alpha)
+  if prediction_type == "v_prediction":
+    return jnp.sqrt(alpha) * sample - jnp.sqrt(1 - alpha) * model_output
+  raise ValueError(f"prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+
+
+def predict_epsilon(alpha: jax.Array, sample: jax.Array, model_output: jax.Array,
+                    prediction_type: str = "epsilon") -> jax.Array:
+  """The noise (epsilon) prediction from a noisy sample at cumulative alpha `alpha`."""
+  if prediction_type == "epsilon":
+    return model_output
+  if prediction_type == "v_prediction":
+    return jnp.sqrt(alpha) * model_output + jnp.sqrt(1 - alpha) * sample
+  raise ValueError(f"prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
+
+
+def ddim_renoise(alpha_prev: jax.Array, x0: jax.Array, eps: jax.Array,
+                 std: jax.Array | float = 0.0) -> jax.Array:
+  """DDIM's move to cumulative alpha `alpha_prev` (before its stochastic part `std * noise`):
+  sqrt(a_prev) * x0 + sqrt(1 - a_prev - std^2) * eps."""
+  return jnp.sqrt(alpha_prev) * x0 + jnp.sqrt(1 - alpha_prev - std ** 2) * eps
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
   """Per-step tables (arrays, traced) and the sampler's kind/settings (static).
@@ -147,11 +195,7 @@ class Sampler:
       if self.prediction_type == "epsilon":
         return sample - sigma * model_output
       return model_output * (-sigma / jnp.sqrt(sigma ** 2 + 1)) + sample / (sigma ** 2 + 1)
-    alpha = self.alpha[i]
-    if self.prediction_type == "epsilon":
-      x0 = (sample - jnp.sqrt(1 - alpha) * model_output) / jnp.sqrt(alpha)
-    else:
-      x0 = jnp.sqrt(alpha) * sample - jnp.sqrt(1 - alpha) * model_output
+    x0 = predict_x0(self.alpha[i], sample, model_output, self.prediction_type)
     if self.clip_sample is not None:
       x0 = jnp.clip(x0, -self.clip_sample, self.clip_sample)
     return x0
@@ -174,13 +218,10 @@ class Sampler:
       return sample + derivative * (sigma_down - sigma) + noise * sigma_up
     alpha, alpha_prev = self.alpha[i], self.alpha_prev[i]
     if self.kind == "ddim":
-      if self.prediction_type == "epsilon":
-        eps = model_output
-      else:
-        eps = jnp.sqrt(alpha) * model_output + jnp.sqrt(1 - alpha) * sample
+      eps = predict_epsilon(alpha, sample, model_output, self.prediction_type)
       variance = (1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)
       std = self.eta * jnp.sqrt(variance)
-      prev = jnp.sqrt(alpha_prev) * x0 + jnp.sqrt(1 - alpha_prev - std ** 2) * eps
+      prev = ddim_renoise(alpha_prev, x0, eps, std)
       return prev + std * noise if self.eta > 0 else prev
     # DDPM ("fixed_small" variance)
     current_alpha = alpha / alpha_prev
@@ -236,10 +277,3 @@ def make_sampler(kind: str, schedule: NoiseSchedule, num_steps: int, *, eta: flo
                  sigmas=jnp.asarray(sigmas, jnp.float32),
                  alpha=jnp.asarray(alpha, jnp.float32),
                  alpha_prev=jnp.asarray(alpha_prev, jnp.float32))
-
-
-def add_noise(schedule_alphas_cumprod: jax.Array, latents: jax.Array, noise: jax.Array,
-              timesteps: jax.Array) -> jax.Array:
-  """Forward diffusion q(z_t | z_0) at integer training timesteps (B,): DDPM's `add_noise`."""
-  alpha = schedule_alphas_cumprod[timesteps].reshape((-1,) + (1,) * (latents.ndim - 1))
-  return jnp.sqrt(alpha) * latents + jnp.sqrt(1 - alpha) * noise

@@ -96,6 +96,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def global_batch(host_batch: dict[str, np.ndarray], sharding: NamedSharding,
+                 fields=None) -> dict[str, jax.Array]:
+  """This process's slice of a batch -> global arrays split over the batch axes (multi-host
+  safe). `fields`: the names to keep (default: every numeric field; record ids stay host-side)."""
+  if fields is None:
+    fields = [k for k, v in host_batch.items() if np.asarray(v).dtype.kind in "biuf"]
+  missing = [k for k in fields if k not in host_batch]
+  if missing:
+    raise KeyError(f"the batch lacks {missing} (it has {sorted(host_batch)})")
+  return {k: jax.make_array_from_process_local_data(sharding, host_batch[k]) for k in fields}
+
+
 def place(tree, shardings):
   """Host arrays (identical on every process) -> global arrays with ``shardings``."""
   def put(x, sharding):
@@ -104,5 +116,6 @@ def place(tree, shardings):
   return jax.tree.map(put, tree, shardings)
 
 
-__all__ = ["BATCH_AXES", "batch_sharding", "make_mesh", "maybe_initialize_distributed",
-           "parameter_shardings", "parameter_spec", "place", "replicated"]
+__all__ = ["BATCH_AXES", "batch_sharding", "global_batch", "make_mesh",
+           "maybe_initialize_distributed", "parameter_shardings", "parameter_spec", "place",
+           "replicated"]

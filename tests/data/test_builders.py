@@ -9,7 +9,6 @@ import PIL.Image
 import pytest
 
 from sources import TRUNCATED, image_struct, jpeg, texts, write_jsonl, write_parquet, write_tar
-from uip2p_jax.cli import main as cli_main
 from uip2p_jax.data import builders
 
 
@@ -37,7 +36,13 @@ def test_sample_photos_build_with_their_texts(sample_data):
   assert total < 1_000_000
 
 
-def test_manifest_build_skips_and_reports_bad_records(tmp_path, capsys):
+def skipped_file(out, kind):
+  """skipped.jsonl as {where: entry}."""
+  path = os.path.join(builders.dataset_dir(out, kind), "skipped.jsonl")
+  return {r["where"]: r for r in map(json.loads, open(path))}
+
+
+def test_manifest_build_skips_and_reports_bad_records(tmp_path):
   (tmp_path / "img").mkdir()
   for i in range(3):
     (tmp_path / "img" / f"{i}.jpg").write_bytes(jpeg(i))
@@ -45,32 +50,53 @@ def test_manifest_build_skips_and_reports_bad_records(tmp_path, capsys):
   png = io.BytesIO()
   PIL.Image.new("RGBA", (30, 20), (10, 200, 30, 128)).save(png, "PNG")
   (tmp_path / "img" / "alpha.png").write_bytes(png.getvalue())
-  rows = [{"image": f"img/{i}.jpg", **texts(i)} for i in range(3)]
+  rows = [{"image": f"img/{i}.jpg", **texts(i)} for i in range(3)]              # lines 1-3
   rows += [
-      {"image": "img/bad.jpg", **texts(3)},                                   # corrupt image
-      {"image": "img/missing.jpg", **texts(4)},                               # no file
-      {"image": "img/0.jpg", **{**texts(5), "instruction": ""}, "id": "e"},   # empty text
-      {"image": "img/1.jpg", **{**texts(6), "edited_caption": 7}, "id": "t"},  # wrong type
-      {"image": "img/alpha.png", **texts(8)},                                 # RGBA: converted
-      "{not json",
-      {"image": "img/2.jpg", **texts(9)},                                     # duplicate id
+      {"image": "img/bad.jpg", **texts(3)},                                   # 4: corrupt image
+      {"image": "img/missing.jpg", **texts(4)},                               # 5: no file
+      {"image": "img/0.jpg", **{**texts(5), "instruction": ""}, "id": "e"},   # 6: empty text
+      {"image": "img/1.jpg", **{**texts(6), "edited_caption": 7}, "id": "t"},  # 7: wrong type
+      {"image": "img/alpha.png", **texts(8)},                                 # 8: RGBA: converted
+      "{not json",                                                            # 9
+      {"image": "img/2.jpg", **texts(9)},                       # 10: line 3's image, new edit
+      {"image": "img/0.jpg", **texts(10), "id": "x"},           # 11: written as "x"
+      {"image": "img/bad.jpg", **texts(11), "id": "x"},         # 12: skipped, also "x"
+      {"image": "img/1.jpg", **texts(12), "id": "x"},           # 13: duplicate id
   ]
   manifest = write_jsonl(str(tmp_path / "manifest.jsonl"), rows)
   out = str(tmp_path / "data")
-  assert cli_main(["data", "build", "captions", "--manifest", manifest, "--out", out]) == 0
-  printed = capsys.readouterr().out
-  assert "4 records written, 6 skipped" in printed
+  report = builders.build("captions", lambda: builders.manifest_records(manifest), out)
+  assert (report.written, report.num_skipped) == (6, 7)
+  assert "skipped manifest.jsonl:12 (id x): undecodable image" in report.summary()
   records, _ = read_all(out, "captions")
-  assert sorted(records) == ["img/0.jpg", "img/1.jpg", "img/2.jpg", "img/alpha.png"]
-  assert decoded(records["img/alpha.png"]["image"]).shape == (20, 30, 3)
-  skipped = {r["id"]: r["reason"] for r in map(json.loads, open(
-      os.path.join(builders.dataset_dir(out, "captions"), "skipped.jsonl")))}
-  assert "undecodable image" in skipped["img/bad.jpg"]
-  assert "not found" in skipped["img/missing.jpg"]
-  assert skipped["e"] == "instruction is missing or empty"
-  assert skipped["t"] == "edited_caption must be a string, got int"
-  assert "invalid JSON" in skipped["line 9"]
-  assert "duplicate id" in skipped["img/2.jpg"]
+  assert sorted(records) == ["img/0.jpg@1", "img/1.jpg@2", "img/2.jpg@10", "img/2.jpg@3",
+                             "img/alpha.png@8", "x"]
+  assert records["img/2.jpg@10"]["instruction"] == texts(9)["instruction"].encode()
+  assert records["x"]["instruction"] == texts(10)["instruction"].encode()
+  assert decoded(records["img/alpha.png@8"]["image"]).shape == (20, 30, 3)
+  skipped = skipped_file(out, "captions")
+  assert list(skipped) == [f"manifest.jsonl:{n}" for n in (4, 5, 6, 7, 9, 12, 13)]
+  assert skipped["manifest.jsonl:4"]["id"] == "img/bad.jpg@4"
+  assert "undecodable image" in skipped["manifest.jsonl:4"]["reason"]
+  assert "not found" in skipped["manifest.jsonl:5"]["reason"]
+  assert skipped["manifest.jsonl:6"] == {"id": "e", "where": "manifest.jsonl:6",
+                                         "reason": "instruction is missing or empty"}
+  assert skipped["manifest.jsonl:7"]["reason"] == "edited_caption must be a string, got int"
+  assert skipped["manifest.jsonl:9"]["id"] is None
+  assert "invalid JSON" in skipped["manifest.jsonl:9"]["reason"]
+  assert skipped["manifest.jsonl:12"]["id"] == "x"
+  assert skipped["manifest.jsonl:13"]["reason"] == "duplicate id (first kept: manifest.jsonl:11)"
+
+
+def test_read_jsonl_yields_bad_lines_with_their_number_and_text(tmp_path):
+  path = tmp_path / "x.jsonl"
+  path.write_text('{"a": 1}\n\n[1, 2]\r\n{broken\n  \n"text"')
+  lines = list(builders.read_jsonl(str(path)))
+  assert lines == [(1, {"a": 1}, '{"a": 1}'), (3, None, "[1, 2]"), (4, None, "{broken"),
+                   (6, None, '"text"')]
+  assert builders.jsonl_error("[1, 2]") == "expected a JSON object, got list"
+  assert builders.jsonl_error("{broken").startswith("invalid JSON (")
+  assert builders.jsonl_error('{"a": 1}') == ""
 
 
 def test_webdataset_shards_joined_with_instructions(tmp_path):
@@ -88,6 +114,8 @@ def test_webdataset_shards_joined_with_instructions(tmp_path):
   })
   rows = [{"key": f"00000000{i}", **{k: v for k, v in texts(i).items() if k != "input_caption"}}
           for i in (0, 1, 2, 3, 4, 7)]
+  rows.append({**rows[0], "instruction": "a second instruction for key 0"})   # line 7
+  rows.append({"instruction": "no key"})                                      # line 8
   instructions = write_jsonl(str(tmp_path / "instructions.jsonl"), rows)
   out = str(tmp_path / "data")
   report = builders.build("captions", lambda: builders.webdataset_records(
@@ -95,13 +123,19 @@ def test_webdataset_shards_joined_with_instructions(tmp_path):
   records, _ = read_all(out, "captions")
   assert sorted(records) == ["000000000", "000000001", "000000003"]
   assert records["000000000"]["input_caption"] == b"caption zero"   # txt wins over json
+  assert records["000000000"]["instruction"] == texts(0)["instruction"].encode()  # first kept
   assert records["000000001"]["input_caption"] == b"caption one"    # json caption
   assert records["000000003"]["reverse_instruction"] == b"undo red 3"
-  reasons = dict(report.skipped)
-  assert "undecodable" in reasons["000000002"]
-  assert "no image" in reasons["000000004"]
-  assert reasons["000000005"] == "no instruction record for this key"
-  assert reasons["000000007"] == "instruction record has no image in the shards"
+  reasons = {skip.where: (skip.id, skip.reason) for skip in report.skipped}
+  assert reasons == {
+      "instructions.jsonl:7": (None, "duplicate of instructions.jsonl:1 (first kept)"),
+      "instructions.jsonl:8": (None, "no 'key' field"),
+      f"{shards}/00000.tar:000000002": ("000000002", reasons[f"{shards}/00000.tar:000000002"][1]),
+      f"{shards}/00001.tar:000000004": ("000000004", reasons[f"{shards}/00001.tar:000000004"][1]),
+      f"{shards}/00001.tar:000000005": ("000000005", "no instruction record for this key"),
+      "instructions.jsonl:6": ("000000007", "instruction record has no image in the shards")}
+  assert "undecodable" in reasons[f"{shards}/00000.tar:000000002"][1]
+  assert "no image" in reasons[f"{shards}/00001.tar:000000004"][1]
 
 
 def test_brace_patterns_expand_to_existing_files(tmp_path):
@@ -137,11 +171,14 @@ def test_ip2p_parquet_with_reverse_instructions(tmp_path):
       {"id": "part-0-000002", "reverse_instruction": "bad image row"},
   ])
   out = str(tmp_path / "data")
-  assert cli_main(["data", "build", "ip2p", "--parquet", str(tmp_path / "pq" / "*.parquet"),
-                   "--reverse-instructions", reverse, "--out", out]) == 0
+  report = builders.build("ip2p", lambda: builders.ip2p_records(
+      str(tmp_path / "pq" / "*.parquet"), reverse), out, metadata={"has_reverse": True})
   records, info = read_all(out, "ip2p")
   assert info.metadata["has_reverse"] is True
   assert sorted(records) == ["part-0-000000", "part-0-000001"]   # 2: corrupt, 3: no reverse
+  assert [(skip.id, skip.where) for skip in report.skipped] == [
+      ("part-0-000002", f"{path}:row 2"), ("part-0-000003", f"{path}:row 3")]
+  assert report.skipped[1].reason == "no reverse instruction for this record"
   assert records["part-0-000000"]["reverse_instruction"] == b"by id"
   assert records["part-0-000001"]["reverse_instruction"] == b"by text"
   assert records["part-0-000001"]["edited_image"] == edited[1]
@@ -184,10 +221,11 @@ def test_magicbrush_turns_and_descriptions(tmp_path):
                  "327726-output3.png": "a hat"},
       "99": {"99-input.png": "a road", "99-output1.png": "a snowy road"}}))
   out = str(tmp_path / "data")
-  assert cli_main(["data", "build", "magicbrush", "--parquet", path, "--descriptions",
-                   str(descriptions), "--out", out]) == 0
+  report = builders.build("magicbrush", lambda: builders.magicbrush_records(
+      path, str(descriptions)), out)
   records, info = read_all(out, "magicbrush")   # the "test" split
   assert sorted(records) == ["327726-1", "327726-2", "99-1"]
+  assert [(skip.id, skip.where) for skip in report.skipped] == [("327726-3", f"{path}:row 2")]
   second = records["327726-2"]
   assert second["turn_index"] == 2 and second["img_id"] == b"327726"
   assert second["input_caption"] == b"a dog with a hat"
@@ -213,3 +251,60 @@ def test_opening_the_wrong_kind_or_nothing_is_a_clear_error(tmp_path, sample_dat
     builders.open_split(builders.dataset_dir(sample_data, "captions"), "ip2p")
   with pytest.raises(FileNotFoundError, match="uip2p data build magicbrush"):
     builders.open_split(str(tmp_path), "magicbrush")
+
+
+def test_missing_inputs_fail_before_anything_is_written(tmp_path):
+  out = tmp_path / "data"
+  manifest = write_jsonl(str(tmp_path / "m.jsonl"), [])
+  parquet, _, _ = ip2p_parquet(str(tmp_path / "p.parquet"), n=1)
+  missing = str(tmp_path / "missing.jsonl")
+  cases = [
+      ("captions", lambda: builders.manifest_records(missing), "manifest not found"),
+      ("captions", lambda: builders.webdataset_records(str(tmp_path / "*.tar"), manifest),
+       "no webdataset shard files match"),
+      ("captions", lambda: builders.webdataset_records(str(tmp_path / "*.tar"), missing),
+       "instructions file not found"),
+      ("ip2p", lambda: builders.ip2p_records(str(tmp_path / "none-*.parquet")),
+       "no parquet files match"),
+      ("ip2p", lambda: builders.ip2p_records(parquet, missing),
+       "reverse instructions file not found"),
+      ("magicbrush", lambda: builders.magicbrush_records(parquet), r"missing columns \['img_id'"),
+  ]
+  for kind, source, message in cases:
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+      builders.build(kind, source, str(out))
+    assert not out.exists(), message
+
+
+def test_a_build_with_no_good_record_is_an_error_and_still_lists_why(tmp_path):
+  (tmp_path / "bad.jpg").write_bytes(TRUNCATED)
+  manifest = write_jsonl(str(tmp_path / "m.jsonl"), [
+      {"image": "bad.jpg", **texts(0)}, {"image": "gone.jpg", **texts(1)}, "[]"])
+  out = str(tmp_path / "data")
+  with pytest.raises(builders.NothingWritten,
+                     match=r"all 3 captions records were skipped, nothing written; first: "
+                           r"m.jsonl:1 \(id bad.jpg@1\): undecodable image.*m.jsonl:2 .*"
+                           r"image file not found.*skipped.jsonl") as error:
+    builders.build("captions", lambda: builders.manifest_records(manifest), out)
+  assert error.value.report.num_skipped == 3 and error.value.report.written == 0
+  assert list(skipped_file(out, "captions")) == ["m.jsonl:1", "m.jsonl:2", "m.jsonl:3"]
+  assert os.listdir(os.path.join(out, "uip2p_captions")) == ["1.0.0"]   # no incomplete.* left
+  # Fixing the input and building again needs no --overwrite: nothing was built.
+  (tmp_path / "bad.jpg").write_bytes(jpeg(0))
+  assert builders.build("captions", lambda: builders.manifest_records(manifest), out).written == 1
+  # An empty source is the same error, and leaves no folder behind.
+  empty, empty_out = write_jsonl(str(tmp_path / "empty.jsonl"), []), tmp_path / "empty_out"
+  with pytest.raises(builders.NothingWritten, match="the source is empty"):
+    builders.build("captions", lambda: builders.manifest_records(empty), str(empty_out))
+  assert not empty_out.exists()
+
+
+def test_a_missing_input_leaves_an_existing_dataset_alone(tmp_path):
+  out = str(tmp_path / "data")
+  (tmp_path / "a.jpg").write_bytes(jpeg(0))
+  manifest = write_jsonl(str(tmp_path / "m.jsonl"), [{"image": "a.jpg", **texts(0)}])
+  builders.build("captions", lambda: builders.manifest_records(manifest), out)
+  with pytest.raises(FileNotFoundError, match="manifest not found"):
+    builders.build("captions", lambda: builders.manifest_records(str(tmp_path / "x.jsonl")), out,
+                   overwrite=True)
+  assert list(read_all(out, "captions")[0]) == ["a.jpg@1"]

@@ -6,7 +6,7 @@ import pytest
 
 from sources import TRUNCATED, image_struct, jpeg, texts, write_parquet
 from uip2p_jax.data import builders
-from uip2p_jax.data.loader import DataError, Loader, LoaderConfig, to_global
+from uip2p_jax.data.loader import DataError, Loader, LoaderConfig
 from uip2p_jax.tokenizer import default_tokenizer, tokenize
 
 
@@ -82,7 +82,7 @@ def corrupt_dataset(tmp_path):
   def records():
     for i in range(6):
       image = TRUNCATED if i in (1, 4) else jpeg(i)
-      yield f"r{i}", {"image": image, **texts(i)}
+      yield f"r{i}", f"test:{i}", {"image": image, **texts(i)}
   out = str(tmp_path / "data")
   builders.build("captions", records, out)
   return out
@@ -115,7 +115,8 @@ def test_ip2p_pairs_share_one_crop_and_flip(tmp_path):
 def test_host_batches_become_sharded_global_arrays(sample_data):
   mesh = jax.make_mesh((1, 1), ("data", "fsdp"))
   batch = next(Loader(LoaderConfig(sample_data, batch_size=2, resolution=32, num_workers=0)))
-  arrays = to_global(batch, mesh)
+  from uip2p_jax import sharding
+  arrays = sharding.global_batch(batch, sharding.batch_sharding(mesh))
   assert "id" not in arrays
   assert arrays["image"].shape == (2, 32, 32, 3)
   assert arrays["image"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))

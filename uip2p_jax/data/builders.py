@@ -7,8 +7,21 @@
   filtered``, optionally joined with reverse instructions.
 * ``magicbrush``: MagicBrush turns from its Hugging Face parquet files (turn structure kept).
 
-A source yields ``(id, fields)`` or raises :class:`BadRecord` for one record; the builder writes
-the good ones and a :class:`SkipReport` lists the others (``skipped.jsonl`` next to the data).
+A source is a function that checks its input files when called (a missing manifest or no
+matching parquet file raises before anything is written) and returns an iterator of
+``(id, where, fields)`` or ``(id, where, BadRecord)``. ``where`` says where the record came
+from, so two records with the same id can be told apart: ``manifest.jsonl:12`` (JSONL file name
+and line), ``data/part-0.parquet:row 7`` (parquet path and row), ``shards/00001.tar:000010004``
+(shard path and key). Ids: a manifest line's ``id`` field, else ``<image path>@<line>`` (one
+image may carry several edits); the webdataset key; ``<parquet stem>-<row, 6 digits>`` for IP2P;
+``<img_id>-<turn>`` for MagicBrush.
+
+``build`` writes the good records and returns a :class:`SkipReport` of the others, also written to
+``skipped.jsonl`` next to the data (``{"id", "where", "reason"}`` per line; ``id`` is null for a
+line that is not a JSON object). A build in which no record can be written raises
+:class:`NothingWritten` (still writing ``skipped.jsonl``). Exit status of ``uip2p data build``:
+0 when every record was written, 3 when the dataset was written but ``report.num_skipped > 0``,
+2 on an error (missing input, nothing written, an existing dataset without ``--overwrite``).
 Images are validated (fully decoded) at build time and stored as their original JPEG/PNG bytes.
 """
 
@@ -24,6 +37,7 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import PIL.Image
@@ -51,20 +65,44 @@ class BadRecord(Exception):
   """One source record that cannot be written (the reason is the message)."""
 
 
+class SkippedRecord(NamedTuple):
+  id: str | None     # the record's id; None when the line could not even be parsed
+  where: str         # 'file:line', 'file:row N' or 'shard:key': unique within one build
+  reason: str
+
+
 @dataclasses.dataclass
 class SkipReport:
-  skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  skipped: list[SkippedRecord] = dataclasses.field(default_factory=list)
   written: int = 0
 
-  def add(self, record_id: str, reason: str) -> None:
-    self.skipped.append((record_id, reason))
+  @property
+  def num_skipped(self) -> int:
+    return len(self.skipped)
+
+  def add(self, record_id: str | None, where: str, reason: str) -> None:
+    self.skipped.append(SkippedRecord(record_id, where, reason))
 
   def summary(self, limit: int = 20) -> str:
-    lines = [f"{self.written} records written, {len(self.skipped)} skipped"]
-    lines += [f"  skipped {rid}: {why}" for rid, why in self.skipped[:limit]]
-    if len(self.skipped) > limit:
-      lines.append(f"  ... and {len(self.skipped) - limit} more (see skipped.jsonl)")
+    lines = [f"{self.written} records written, {self.num_skipped} skipped"]
+    lines += [f"  skipped {describe_skip(skip)}" for skip in self.skipped[:limit]]
+    if self.num_skipped > limit:
+      lines.append(f"  ... and {self.num_skipped - limit} more (see skipped.jsonl)")
     return "\n".join(lines)
+
+
+def describe_skip(skip: SkippedRecord) -> str:
+  """'manifest.jsonl:3 (id img/a.jpg@3): image file not found: ...'."""
+  named = f" (id {skip.id})" if skip.id is not None and skip.id != skip.where else ""
+  return f"{skip.where}{named}: {skip.reason}"
+
+
+class NothingWritten(ValueError):
+  """Every record of a build was bad (or there were none); ``report`` lists them."""
+
+  def __init__(self, message: str, report: SkipReport):
+    super().__init__(message)
+    self.report = report
 
 
 def validated_image(data: bytes, max_side: int = 0) -> bytes:
@@ -104,21 +142,31 @@ def _text(fields: dict, name: str, optional: bool = False) -> str:
   return value
 
 
-def _read_jsonl(path: str) -> Iterator[tuple[int, dict | None, str]]:
-  """(line number, object or None, error) per non-blank line."""
+def _parse_jsonl_line(raw: str) -> tuple[dict | None, str]:
+  """(object, "") for a JSON object line, else (None, why it is not one)."""
+  try:
+    obj = json.loads(raw)
+  except json.JSONDecodeError as e:
+    return None, f"invalid JSON ({e.msg} at column {e.colno})"
+  if not isinstance(obj, dict):
+    return None, f"expected a JSON object, got {type(obj).__name__}"
+  return obj, ""
+
+
+def read_jsonl(path: str) -> Iterator[tuple[int, dict | None, str]]:
+  """(line number from 1, the parsed object or None when the line is not a JSON object, the raw
+  line without its newline) for each non-blank line of ``path``; ``jsonl_error(raw)`` says why a
+  line gave None. Bad lines are yielded, not raised, so a caller can report and skip them."""
   with open(path, encoding="utf-8") as f:
     for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        yield number, None, f"invalid JSON ({e.msg})"
-        continue
-      if not isinstance(obj, dict):
-        yield number, None, f"expected a JSON object, got {type(obj).__name__}"
-        continue
-      yield number, obj, ""
+      raw = line.rstrip("\r\n")
+      if raw.strip():
+        yield number, _parse_jsonl_line(raw)[0], raw
+
+
+def jsonl_error(raw: str) -> str:
+  """Why a raw JSONL line is not a JSON object ("" if it is one)."""
+  return _parse_jsonl_line(raw)[1]
 
 
 def expand_pattern(pattern: str) -> list[str]:
@@ -144,32 +192,62 @@ def _files(pattern: str, what: str) -> list[str]:
   return files
 
 
-# ---------------------------------------------------------------------------------------------
-# Sources: each yields (id, fields) or (id, BadRecord).
+def _require_file(path: str, what: str) -> None:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what} not found: {path}")
 
-Record = tuple[str, "dict | BadRecord"]
+
+# ---------------------------------------------------------------------------------------------
+# Sources: each checks its inputs when called, then yields (id, where, fields | BadRecord).
+
+Record = tuple["str | None", str, "dict | BadRecord"]
+
+
+def _jsonl_table(path: str, key_of: Callable[[dict], object | None], missing: str
+                 ) -> tuple[dict, list[Record]]:
+  """({key: (object, where)} of a side JSONL (first occurrence kept), [skip records])."""
+  name = os.path.basename(path)
+  table, bad = {}, []
+  for number, obj, raw in read_jsonl(path):
+    where = f"{name}:{number}"
+    key = key_of(obj) if obj is not None else None
+    if obj is None or key is None:
+      bad.append((None, where, BadRecord(jsonl_error(raw) if obj is None else missing)))
+    elif key in table:
+      bad.append((None, where, BadRecord(f"duplicate of {table[key][1]} (first kept)")))
+    else:
+      table[key] = (obj, where)
+  return table, bad
 
 
 def manifest_records(manifest: str, max_side: int = 0) -> Iterator[Record]:
   """A folder of images + JSONL manifest; image paths relative to the manifest's folder."""
+  _require_file(manifest, "manifest")
   root = os.path.dirname(os.path.abspath(manifest))
-  for number, obj, error in _read_jsonl(manifest):
-    if obj is None:
-      yield f"line {number}", BadRecord(error)
-      continue
-    rel = obj.get("image")
-    rid = str(obj.get("id") or rel or f"line {number}")
-    try:
-      if not isinstance(rel, str) or not rel:
-        raise BadRecord("image path is missing")
-      path = os.path.join(root, rel)
-      if not os.path.isfile(path):
-        raise BadRecord(f"image file not found: {path}")
-      with open(path, "rb") as f:
-        image = validated_image(f.read(), max_side)
-      yield rid, {"image": image, **{k: _text(obj, k) for k in TEXT_FIELDS["captions"]}}
-    except BadRecord as e:
-      yield rid, e
+  name = os.path.basename(manifest)
+
+  def records():
+    for number, obj, raw in read_jsonl(manifest):
+      where = f"{name}:{number}"
+      if obj is None:
+        yield None, where, BadRecord(jsonl_error(raw))
+        continue
+      rel = obj.get("image")
+      # The image path alone is not unique: one image may carry several edits.
+      rid = str(obj["id"]) if obj.get("id") else f"{rel}@{number}" if rel else where
+      try:
+        if not isinstance(rel, str) or not rel:
+          raise BadRecord("image path is missing")
+        path = os.path.join(root, rel)
+        if not os.path.isfile(path):
+          raise BadRecord(f"image file not found: {path}")
+        with open(path, "rb") as f:
+          image = validated_image(f.read(), max_side)
+        yield rid, where, {"image": image,
+                           **{k: _text(obj, k) for k in TEXT_FIELDS["captions"]}}
+      except BadRecord as e:
+        yield rid, where, e
+  return records()
 
 
 def _key_of(member: str) -> tuple[str, str]:
@@ -202,61 +280,72 @@ def webdataset_records(shards: str, instructions: str, max_side: int = 0) -> Ite
   ``instructions`` JSONL: ``{"key": ..., "instruction": ..., "edited_caption": ...,
   "reverse_instruction": ...}`` and optionally ``input_caption`` (else the shard's txt caption).
   """
-  table: dict[str, dict] = {}
-  for number, obj, error in _read_jsonl(instructions):
-    if obj is None or not isinstance(obj.get("key"), (str, int)):
-      yield f"{os.path.basename(instructions)}:{number}", BadRecord(error or "no 'key' field")
-      continue
-    table[str(obj["key"])] = obj
-  seen = set()
-  for shard in _files(shards, "webdataset shard"):
-    try:
-      samples = list(_tar_samples(shard))
-    except (tarfile.TarError, OSError, EOFError) as e:
-      yield os.path.basename(shard), BadRecord(f"unreadable shard ({e})")
-      continue
-    for key, sample in samples:
-      short_key = os.path.basename(key)
-      seen.add(short_key)
+  _require_file(instructions, "instructions file")
+  shard_files = _files(shards, "webdataset shard")
+
+  def records():
+    key_of = lambda obj: str(obj["key"]) if isinstance(obj.get("key"), (str, int)) else None
+    table, bad = _jsonl_table(instructions, key_of, "no 'key' field")
+    yield from bad
+    seen = set()
+    for shard in shard_files:
       try:
-        extra = table.get(short_key)
-        if extra is None:
-          raise BadRecord("no instruction record for this key")
-        image_ext = next((e for e in _IMAGE_EXTENSIONS if e in sample), None)
-        if image_ext is None:
-          raise BadRecord(f"no image in the sample (members: {sorted(sample)})")
-        caption = extra.get("input_caption")
-        if not caption and "txt" in sample:
-          caption = sample["txt"].decode("utf-8", errors="replace")
-        if not caption and "json" in sample:
-          try:
-            caption = json.loads(sample["json"]).get("caption")
-          except (json.JSONDecodeError, AttributeError):
-            caption = None
-        fields = {**extra, "input_caption": caption}
-        yield short_key, {"image": validated_image(sample[image_ext], max_side),
-                          **{k: _text(fields, k) for k in TEXT_FIELDS["captions"]}}
-      except BadRecord as e:
-        yield short_key, e
-  for key in sorted(set(table) - seen):
-    yield key, BadRecord("instruction record has no image in the shards")
+        samples = list(_tar_samples(shard))
+      except (tarfile.TarError, OSError, EOFError) as e:
+        yield None, shard, BadRecord(f"unreadable shard ({e})")
+        continue
+      for key, sample in samples:
+        short_key = os.path.basename(key)
+        where = f"{shard}:{key}"
+        seen.add(short_key)
+        try:
+          extra = table.get(short_key, (None,))[0]
+          if extra is None:
+            raise BadRecord("no instruction record for this key")
+          image_ext = next((e for e in _IMAGE_EXTENSIONS if e in sample), None)
+          if image_ext is None:
+            raise BadRecord(f"no image in the sample (members: {sorted(sample)})")
+          caption = extra.get("input_caption")
+          if not caption and "txt" in sample:
+            caption = sample["txt"].decode("utf-8", errors="replace")
+          if not caption and "json" in sample:
+            try:
+              caption = json.loads(sample["json"]).get("caption")
+            except (json.JSONDecodeError, AttributeError):
+              caption = None
+          fields = {**extra, "input_caption": caption}
+          yield short_key, where, {"image": validated_image(sample[image_ext], max_side),
+                                   **{k: _text(fields, k) for k in TEXT_FIELDS["captions"]}}
+        except BadRecord as e:
+          yield short_key, where, e
+    for key in sorted(set(table) - seen):
+      yield key, table[key][1], BadRecord("instruction record has no image in the shards")
+  return records()
 
 
-def _parquet_rows(pattern: str, columns: list[str]) -> Iterator[tuple[str, int, dict]]:
+def _parquet_files(pattern: str, columns: list[str]) -> list[str]:
+  """The files matching ``pattern``, each checked to be parquet with ``columns``."""
   import pyarrow.parquet as pq
-  for path in _files(pattern, "parquet"):
-    stem = os.path.splitext(os.path.basename(path))[0]
+  files = _files(pattern, "parquet")
+  for path in files:
     try:
-      file = pq.ParquetFile(path)
+      names = pq.read_schema(path).names
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-parquet files
       raise ValueError(f"{path}: not a readable parquet file ({e})") from None
-    missing = [c for c in columns if c not in file.schema_arrow.names]
+    missing = [c for c in columns if c not in names]
     if missing:
-      raise ValueError(f"{path}: missing columns {missing}; has {file.schema_arrow.names}")
+      raise ValueError(f"{path}: missing columns {missing}; has {names}")
+  return files
+
+
+def _parquet_rows(files: list[str], columns: list[str]) -> Iterator[tuple[str, int, dict]]:
+  """(path, row within the file, {column: value})."""
+  import pyarrow.parquet as pq
+  for path in files:
     row = 0
-    for batch in file.iter_batches(batch_size=64, columns=columns):
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=64, columns=columns):
       for values in batch.to_pylist():
-        yield stem, row, values
+        yield path, row, values
         row += 1
 
 
@@ -269,41 +358,50 @@ def _image_bytes(value) -> bytes | None:
 
 def ip2p_records(parquet: str, reverse_instructions: str | None = None,
                  max_side: int = 0) -> Iterator[Record]:
-  """timbrooks/instructpix2pix-clip-filtered rows; ids are '<file stem>-<row>'.
+  """timbrooks/instructpix2pix-clip-filtered rows; ids are '<file stem>-<row, 6 digits>'.
 
   ``reverse_instructions`` JSONL: ``{"id": ..., "reverse_instruction": ...}`` or, keyed by text,
   ``{"input_caption": ..., "instruction": ..., "reverse_instruction": ...}``. When given, rows
   without a reverse instruction are skipped (CEC training needs one).
   """
-  by_id: dict[str, str] = {}
-  by_text: dict[tuple[str, str], str] = {}
-  if reverse_instructions:
-    for number, obj, error in _read_jsonl(reverse_instructions):
-      reverse = obj and obj.get("reverse_instruction")
-      if not reverse:
-        yield (f"{os.path.basename(reverse_instructions)}:{number}",
-               BadRecord(error or "no 'reverse_instruction'"))
-      elif obj.get("id"):
-        by_id[str(obj["id"])] = reverse
-      else:
-        by_text[(str(obj.get("input_caption", "")).strip(),
-                 str(obj.get("instruction", "")).strip())] = reverse
   columns = ["original_prompt", "original_image", "edit_prompt", "edited_prompt", "edited_image"]
-  for stem, row, values in _parquet_rows(parquet, columns):
-    rid = f"{stem}-{row:06d}"
-    try:
-      fields = {"input_caption": _text(values, "original_prompt"),
-                "instruction": _text(values, "edit_prompt"),
-                "edited_caption": _text(values, "edited_prompt")}
-      reverse = by_id.get(rid) or by_text.get((fields["input_caption"], fields["instruction"]))
-      if reverse_instructions and not reverse:
-        raise BadRecord("no reverse instruction for this record")
-      fields["reverse_instruction"] = (reverse or "").strip()
-      yield rid, {"image": validated_image(_image_bytes(values["original_image"]), max_side),
-                  "edited_image": validated_image(_image_bytes(values["edited_image"]), max_side),
-                  **fields}
-    except BadRecord as e:
-      yield rid, e
+  files = _parquet_files(parquet, columns)
+  if reverse_instructions:
+    _require_file(reverse_instructions, "reverse instructions file")
+
+  def records():
+    reverse_by = {}
+    if reverse_instructions:
+      def key_of(obj):  # by id, or by (input caption, instruction)
+        reverse = obj.get("reverse_instruction")
+        if not isinstance(reverse, str) or not reverse.strip():
+          return None
+        if obj.get("id"):
+          return str(obj["id"])
+        return (str(obj.get("input_caption", "")).strip(),
+                str(obj.get("instruction", "")).strip())
+      reverse_by, bad = _jsonl_table(reverse_instructions, key_of,
+                                     "'reverse_instruction' is missing or empty")
+      yield from bad
+    for path, row, values in _parquet_rows(files, columns):
+      rid = f"{os.path.splitext(os.path.basename(path))[0]}-{row:06d}"
+      where = f"{path}:row {row}"
+      try:
+        fields = {"input_caption": _text(values, "original_prompt"),
+                  "instruction": _text(values, "edit_prompt"),
+                  "edited_caption": _text(values, "edited_prompt")}
+        match = (reverse_by.get(rid)
+                 or reverse_by.get((fields["input_caption"], fields["instruction"])))
+        if reverse_instructions and not match:
+          raise BadRecord("no reverse instruction for this record")
+        fields["reverse_instruction"] = match[0]["reverse_instruction"].strip() if match else ""
+        yield rid, where, {
+            "image": validated_image(_image_bytes(values["original_image"]), max_side),
+            "edited_image": validated_image(_image_bytes(values["edited_image"]), max_side),
+            **fields}
+      except BadRecord as e:
+        yield rid, where, e
+  return records()
 
 
 def _magicbrush_descriptions(path: str | None) -> dict[tuple[str, int], tuple[str, str]]:
@@ -314,12 +412,19 @@ def _magicbrush_descriptions(path: str | None) -> dict[tuple[str, int], tuple[st
   """
   if not path:
     return {}
+  _require_file(path, "descriptions file")
   with open(path, encoding="utf-8") as f:
-    table = json.load(f)
+    try:
+      table = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: invalid JSON ({e})") from None
+  if not isinstance(table, dict):
+    raise ValueError(f"{path}: expected a JSON object {{img_id: {{file name: caption}}}}, got "
+                     f"{type(table).__name__}")
   out = {}
   for img_id, texts in table.items():
     by_turn = {}
-    for name, text in texts.items():
+    for name, text in (texts.items() if isinstance(texts, dict) else ()):
       match = re.search(r"-(input|output(\d+))\.", name)
       if match:
         by_turn[0 if match.group(1) == "input" else int(match.group(2))] = text
@@ -332,24 +437,29 @@ def _magicbrush_descriptions(path: str | None) -> dict[tuple[str, int], tuple[st
 def magicbrush_records(parquet: str, descriptions: str | None = None,
                        max_side: int = 0) -> Iterator[Record]:
   """MagicBrush parquet rows (img_id, turn_index, source_img, target_img, instruction)."""
-  captions = _magicbrush_descriptions(descriptions)
   columns = ["img_id", "turn_index", "source_img", "target_img", "instruction"]
-  for _, _, values in _parquet_rows(parquet, columns):
-    img_id, turn = str(values["img_id"]), values["turn_index"]
-    rid = f"{img_id}-{turn}"
-    try:
-      if not isinstance(turn, (int, np.integer)) or turn < 1:
-        raise BadRecord(f"turn_index must be a positive integer, got {turn!r}")
-      input_caption, edited_caption = captions.get((img_id, int(turn)), ("", ""))
-      if descriptions and not edited_caption:
-        raise BadRecord("no global description for this turn")
-      yield rid, {"image": validated_image(_image_bytes(values["source_img"]), max_side),
-                  "target_image": validated_image(_image_bytes(values["target_img"]), max_side),
-                  "instruction": _text(values, "instruction"), "img_id": img_id,
-                  "turn_index": int(turn), "input_caption": input_caption,
-                  "edited_caption": edited_caption}
-    except BadRecord as e:
-      yield rid, e
+  files = _parquet_files(parquet, columns)
+  captions = _magicbrush_descriptions(descriptions)
+
+  def records():
+    for path, row, values in _parquet_rows(files, columns):
+      img_id, turn = str(values["img_id"]), values["turn_index"]
+      rid, where = f"{img_id}-{turn}", f"{path}:row {row}"
+      try:
+        if not isinstance(turn, (int, np.integer)) or turn < 1:
+          raise BadRecord(f"turn_index must be a positive integer, got {turn!r}")
+        input_caption, edited_caption = captions.get((img_id, int(turn)), ("", ""))
+        if descriptions and not edited_caption:
+          raise BadRecord("no global description for this turn")
+        yield rid, where, {
+            "image": validated_image(_image_bytes(values["source_img"]), max_side),
+            "target_image": validated_image(_image_bytes(values["target_img"]), max_side),
+            "instruction": _text(values, "instruction"), "img_id": img_id,
+            "turn_index": int(turn), "input_caption": input_caption,
+            "edited_caption": edited_caption}
+      except BadRecord as e:
+        yield rid, where, e
+  return records()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,12 +474,16 @@ def features(kind: str) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict(spec)
 
 
+class _NoRecords(Exception):
+  """Raised from inside the TFDS generator when the source ends with nothing written."""
+
+
 class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Writes one split from a record source; the source and kind come at construction."""
+  """Writes one split from a record iterator; the iterator and kind come at construction."""
 
   VERSION = tfds.core.Version(VERSION)
 
-  def __init__(self, *, kind: str, records: Callable[[], Iterator[Record]], split: str,
+  def __init__(self, *, kind: str, records: Iterator[Record], split: str,
                report: SkipReport, metadata: dict, data_dir: str):
     self.name = DATASET_NAME[kind]
     self._kind, self._records, self._split = kind, records, split
@@ -385,51 +499,87 @@ class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {self._split: self._generate_examples()}
 
   def _generate_examples(self):
-    seen = set()
-    for rid, fields in self._records():
+    first_seen = {}  # id -> where it was written
+    for rid, where, fields in self._records:
       if isinstance(fields, BadRecord):
-        self._report.add(rid, str(fields))
-      elif rid in seen:
-        self._report.add(rid, "duplicate id (first occurrence kept)")
+        self._report.add(rid, where, str(fields))
+      elif rid in first_seen:
+        self._report.add(rid, where, f"duplicate id (first kept: {first_seen[rid]})")
       else:
-        seen.add(rid)
+        first_seen[rid] = where
         self._report.written += 1
         yield rid, {"id": rid, **fields}
+    if not self._report.written:  # TFDS would fail with "No examples were yielded"
+      raise _NoRecords()
 
 
 def dataset_dir(data_dir: str, kind: str) -> str:
   return os.path.join(data_dir, DATASET_NAME[kind], VERSION)
 
 
+def _write_skipped(target: str, report: SkipReport) -> str:
+  os.makedirs(target, exist_ok=True)
+  path = os.path.join(target, "skipped.jsonl")
+  with open(path, "w", encoding="utf-8") as f:
+    for skip in report.skipped:
+      f.write(json.dumps(skip._asdict()) + "\n")
+  return path
+
+
 def build(kind: str, records: Callable[[], Iterator[Record]], data_dir: str, *,
           split: str | None = None, metadata: dict | None = None,
           overwrite: bool = False) -> SkipReport:
-  """Writes ``records`` as a TFDS array_record dataset under ``data_dir``; returns the report.
+  """Writes ``records()`` as a TFDS array_record dataset under ``data_dir``; returns the report.
 
-  TFDS writes into an ``incomplete.*`` folder and renames it when done, so a killed build leaves
-  no half dataset; leftovers of such a build are removed here before building again.
+  ``records()`` is called before anything is created or removed, so a missing input file is an
+  error that leaves ``data_dir`` as it was. TFDS writes into an ``incomplete.*`` folder and
+  renames it when done, so a killed build leaves no half dataset; leftovers of such a build are
+  removed here before building again. Raises :class:`NothingWritten` when no record could be
+  written (``skipped.jsonl`` still lists why).
   """
   if kind not in KINDS:
     raise ValueError(f"unknown dataset kind {kind!r}; expected one of {KINDS}")
   target = dataset_dir(data_dir, kind)
-  if os.path.exists(os.path.join(target, "dataset_info.json")):
-    if not overwrite:
-      raise FileExistsError(f"{target} already holds a built dataset; pass overwrite "
-                            "(--overwrite) to rebuild it")
-    shutil.rmtree(target)
+  built = os.path.exists(os.path.join(target, "dataset_info.json"))
+  if built and not overwrite:
+    raise FileExistsError(f"{target} already holds a built dataset; pass overwrite "
+                          "(--overwrite) to rebuild it")
+  source = records()  # opens the inputs: fails here, before any folder changes
+  data_dir_existed = os.path.isdir(data_dir)
+  if os.path.isdir(target):
+    leftovers = set(os.listdir(target)) - {"skipped.jsonl"}
+    if not built and leftovers:
+      raise FileExistsError(f"{target} holds {sorted(leftovers)[:5]} but no dataset_info.json; "
+                            "it is not a dataset this code built: move it away first")
+    shutil.rmtree(target)  # a built dataset (overwrite) or the skip list of a failed build
   parent = os.path.dirname(target)
   for stale in glob.glob(os.path.join(parent, "incomplete.*")):
     shutil.rmtree(stale, ignore_errors=True)
   report = SkipReport()
-  builder = _RecordBuilder(kind=kind, records=records, split=split or DEFAULT_SPLIT[kind],
+  builder = _RecordBuilder(kind=kind, records=source, split=split or DEFAULT_SPLIT[kind],
                            report=report, metadata={"kind": kind, **(metadata or {})},
                            data_dir=data_dir)
-  with tempfile.TemporaryDirectory() as scratch:  # TFDS wants a download folder; we fetch nothing
-    builder.download_and_prepare(download_dir=scratch, download_config=tfds.download.DownloadConfig(
-        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-  with open(os.path.join(target, "skipped.jsonl"), "w", encoding="utf-8") as f:
-    for rid, why in report.skipped:
-      f.write(json.dumps({"id": rid, "reason": why}) + "\n")
+  try:
+    with tempfile.TemporaryDirectory() as scratch:  # TFDS wants a download folder; unused
+      builder.download_and_prepare(
+          download_dir=scratch, download_config=tfds.download.DownloadConfig(
+              download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  except _NoRecords:
+    for stale in glob.glob(os.path.join(parent, "incomplete.*")):
+      shutil.rmtree(stale, ignore_errors=True)
+    if not report.num_skipped:
+      for folder in [parent] + ([] if data_dir_existed else [data_dir]):
+        try:  # leave no empty folders behind for an empty source
+          os.rmdir(folder)
+        except OSError:
+          pass
+      raise NothingWritten(f"no {kind} records to write: the source is empty", report) from None
+    skipped_file = _write_skipped(target, report)
+    first = "; ".join(describe_skip(skip) for skip in report.skipped[:3])
+    raise NothingWritten(
+        f"all {report.num_skipped} {kind} records were skipped, nothing written; first: {first}"
+        f" (full list: {skipped_file})", report) from None
+  _write_skipped(target, report)
   return report
 
 
@@ -467,6 +617,7 @@ def build_sample(data_dir: str, overwrite: bool = False) -> SkipReport:
                metadata={"source": "uip2p_jax sample photos"}, overwrite=overwrite)
 
 
-__all__ = ["KINDS", "BadRecord", "SkipReport", "build", "build_sample", "dataset_dir",
-           "expand_pattern", "ip2p_records", "magicbrush_records", "manifest_records",
-           "open_split", "sample_manifest", "validated_image", "webdataset_records"]
+__all__ = ["KINDS", "BadRecord", "NothingWritten", "SkipReport", "SkippedRecord", "build",
+           "build_sample", "dataset_dir", "describe_skip", "expand_pattern", "ip2p_records",
+           "jsonl_error", "magicbrush_records", "manifest_records", "open_split", "read_jsonl",
+           "sample_manifest", "validated_image", "webdataset_records"]

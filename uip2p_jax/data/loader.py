@@ -23,10 +23,8 @@ from absl import flags
 import jax
 import numpy as np
 import PIL.Image
-from jax.sharding import Mesh
 
 from uip2p_jax.data import builders
-from uip2p_jax.sharding import batch_sharding
 from uip2p_jax.tokenizer import MAX_LENGTH, load_tokenizer, tokenize
 
 _INVALID = "__invalid__"
@@ -203,7 +201,7 @@ def make_dataset(config: LoaderConfig, process_index: int | None = None,
 
 class Loader:
   """Host batches: images float32 in [-1, 1] (B, R, R, 3), token ids int32 (B, 77), record ids
-  (B,) bytes (host only: ``to_global`` leaves them out).
+  (B,) bytes (host only: ``sharding.global_batch`` leaves them out).
 
   ``get_state()`` is a JSON string (saved with the training checkpoint); ``set_state`` on a
   loader built from the same config (same ``num_workers``) continues the exact stream.
@@ -239,13 +237,5 @@ class Loader:
       close()
 
 
-def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Per-host batches -> global arrays sharded over the mesh's batch axes (multi-host safe);
-  the host-only fields (record ids) are left out."""
-  sharding = batch_sharding(mesh)
-  return {key: jax.make_array_from_process_local_data(sharding, value)
-          for key, value in batch.items() if value.dtype.kind in "biuf"}
-
-
 __all__ = ["DataError", "Loader", "LoaderConfig", "TEXT_IDS", "decode_image",
-           "make_dataset", "random_resized_crop", "to_global"]
+           "make_dataset", "random_resized_crop"]

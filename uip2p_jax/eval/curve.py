@@ -1,17 +1,61 @@
 """InstructPix2Pix's trade-off curve: CLIP direction similarity vs CLIP image similarity
-(ViT-L/14) over guidance scales, for one or several models."""
+(ViT-L/14) over guidance scales, for one or several models.
+
+The similarities follow InstructPix2Pix's own metric (`metrics/clip_similarity.py`,
+`ClipSimilarity`), not OpenAI CLIP's preprocess: each image in [0, 1] is squashed to the CLIP
+input size by torch's `F.interpolate(mode="bicubic", align_corners=False)` (no centre crop, no
+antialiasing), then CLIP-normalised. `torch_bicubic_matrix` reproduces that resampling.
+"""
 
 from __future__ import annotations
 
-import csv
+import functools
 import io
 
 import numpy as np
 from PIL import Image
 
 from uip2p_jax.eval.metrics import MetricModels, cosine_similarity, direction_similarity
+from uip2p_jax.models.clip import CLIP_MEAN, CLIP_STD
 
 FIELDS = ("model", "text_scale", "image_scale", "n", "direction_similarity", "image_similarity")
+
+
+def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) float32 weights of torch's bicubic resize along one axis
+  (align_corners=False, no antialias): Keys' kernel with a = -0.75, edge pixels repeated."""
+  a = -0.75
+  source = (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5
+  base = np.floor(source)
+  t = source - base
+  near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1                # |x| <= 1
+  far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a           # 1 < |x| < 2
+  weights = np.zeros((out_size, in_size), np.float64)
+  for offset, coefficient in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+    index = np.clip(base + offset, 0, in_size - 1).astype(np.int64)
+    np.add.at(weights, (np.arange(out_size), index), coefficient)
+  return weights.astype(np.float32)
+
+
+def ip2p_clip_pixels(image: Image.Image, size: int) -> np.ndarray:
+  """ClipSimilarity.encode_image's input: (size, size, 3) float32, CLIP-normalised."""
+  pixels = np.asarray(image.convert("RGB"), np.float32) / 255.0
+  rows, cols = torch_bicubic_matrix(pixels.shape[0], size), torch_bicubic_matrix(
+      pixels.shape[1], size)
+  resized = np.einsum("owc,pw->opc", np.tensordot(rows, pixels, axes=1), cols, optimize=True)
+  return (resized - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+
+
+@functools.cache
+def _jitted_image_features():
+  from flax import nnx
+  return nnx.jit(lambda model, pixels: model.get_image_features(pixels))
+
+
+def ip2p_image_features(clip: MetricModels, images: list[Image.Image]) -> np.ndarray:
+  """(N, D) CLIP image features of InstructPix2Pix's metric (not normalised)."""
+  pixels = np.stack([ip2p_clip_pixels(image, clip.clip_size) for image in images])
+  return np.asarray(_jitted_image_features()(clip.clip, pixels))
 
 
 def load_records(data_dir: str, kind: str = "ip2p", split: str | None = None,
@@ -39,7 +83,7 @@ def curve_points(label: str, edit, records: list[dict], clip: MetricModels,
   edit(images, instructions, seeds, text_scale, image_scale) -> edited PIL images.
   """
   from tqdm import tqdm
-  inputs = clip.clip_image_features([r["image"] for r in records])
+  inputs = ip2p_image_features(clip, [r["image"] for r in records])
   in_text = clip.clip_text_features([r["input_caption"] for r in records])
   out_text = clip.clip_text_features([r["edited_caption"] for r in records])
   rows = []
@@ -50,20 +94,13 @@ def curve_points(label: str, edit, records: list[dict], clip: MetricModels,
       chunk = records[start:start + batch_size]
       edited += edit([r["image"] for r in chunk], [r["instruction"] for r in chunk],
                      list(range(start, start + len(chunk))), text_scale, image_scale)
-    features = clip.clip_image_features(edited)
+    features = ip2p_image_features(clip, edited)
     rows.append({"model": label, "text_scale": text_scale, "image_scale": image_scale,
                  "n": len(records),
                  "direction_similarity": float(np.mean(direction_similarity(
                      inputs, features, in_text, out_text))),
                  "image_similarity": float(np.mean(cosine_similarity(inputs, features)))})
   return rows
-
-
-def write_csv(rows: list[dict], path: str) -> None:
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -93,4 +130,5 @@ def plot(rows: list[dict], path: str) -> None:
   plt.close(figure)
 
 
-__all__ = ["FIELDS", "curve_points", "load_records", "plot", "write_csv"]
+__all__ = ["FIELDS", "curve_points", "ip2p_clip_pixels", "ip2p_image_features", "load_records",
+           "plot", "torch_bicubic_matrix"]

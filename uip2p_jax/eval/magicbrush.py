@@ -2,14 +2,18 @@
 
 Single-turn: every turn is edited from its own source image (the dataset's source for turn t is
 the ground-truth output of turn t - 1). Multi-turn: turn 1 from the source, turn t from our own
-edit of turn t - 1. Edited images are written as they are made, so a re-run skips them (resume);
-scores are recomputed from the files. The summary reports the mean over all turns and, for
-multi-turn, over final turns too, next to the paper's reference rows (METHOD.md).
+edit of turn t - 1 (a turn whose previous edit is missing is skipped and reported, with its
+session's later turns; never restarted from the dataset's source). Edited images are written as
+they are made, so a re-run skips them (resume); out_dir/edits.json records the model and
+settings that made them, and a resume with others is refused. Scores are recomputed from the
+files. The summary reports the mean over all turns and, for
+multi-turn, over final turns too, next to the paper's reference rows (docs/method.md, section 5).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -20,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from uip2p_jax.eval.metrics import MetricModels, magicbrush_metrics
+from uip2p_jax.image_io import save_image_atomic
 
 METRICS = ("l1", "l2", "clip_i", "dino", "clip_t")
 # MagicBrush test, single turn (L1, L2, CLIP-I, DINO, CLIP-T), as the UIP2P paper reports them.
@@ -63,41 +68,108 @@ def _open(data: bytes) -> Image.Image:
 EditFn = Callable[[list[Image.Image], list[str], list[int]], list[Image.Image]]
 
 
+@dataclasses.dataclass
+class EditsReport:
+  made: int = 0      # edits made by this run
+  on_disk: int = 0   # edits an earlier run made (kept)
+  skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (turn id, why)
+
+
 def run_edits(turns: list[dict], edit: EditFn, out_dir: str, mode: str, batch_size: int,
-              seed: int, progress: bool = True) -> int:
-  """Edits every turn not yet on disk into out_dir/<mode>/<id>.png; returns how many it made."""
+              seed: int, progress: bool = True) -> EditsReport:
+  """Edits every turn not yet on disk into out_dir/<mode>/<id>.png.
+
+  Multi-turn: a turn whose previous turn's edit is missing (that turn is not in the data, or
+  its own chain broke) is skipped with the reason, and so are its session's later turns; it is
+  never restarted from the dataset's (ground-truth) source image."""
   folder = os.path.join(out_dir, mode)
   os.makedirs(folder, exist_ok=True)
   path = lambda t: os.path.join(folder, f"{t['id']}.png")
   by_session: dict[str, dict[int, dict]] = {}
   for t in turns:
     by_session.setdefault(t["img_id"], {})[t["turn"]] = t
+  first_turn = min((t["turn"] for t in turns), default=1)
   pending = [t for t in turns if not os.path.exists(path(t))]
+  report = EditsReport(on_disk=len(turns) - len(pending))
+  broken: dict[str, str] = {}  # turn id -> why its chain is broken
+
+  def chain_break(t: dict) -> str:
+    """Why multi-turn turn t cannot start from our previous edit ("" when it can)."""
+    if mode != "multi" or t["turn"] == first_turn:
+      return ""
+    previous = by_session[t["img_id"]].get(t["turn"] - 1)
+    if previous is None:
+      return f"turn {t['turn'] - 1} of session {t['img_id']} is not in the data"
+    if previous["id"] in broken:
+      return broken[previous["id"]]
+    if not os.path.exists(path(previous)):
+      return f"the edit of turn {previous['id']} is missing"
+    return ""
+
   from tqdm import tqdm
   bar = tqdm(total=len(pending), desc=f"magicbrush {mode}", unit="edit", disable=not progress)
-  made = 0
   # Waves by turn index: in multi-turn mode, turn t needs turn t - 1's output first.
   for turn_index in sorted({t["turn"] for t in pending}):
-    wave = [t for t in pending if t["turn"] == turn_index]
+    wave = []
+    for t in (t for t in pending if t["turn"] == turn_index):
+      why = chain_break(t)
+      if why:
+        broken[t["id"]] = why
+        report.skipped.append((t["id"], why))
+        bar.update(1)
+      else:
+        wave.append(t)
     for start in range(0, len(wave), batch_size):
       chunk = wave[start:start + batch_size]
       inputs = []
       for t in chunk:
-        previous = by_session[t["img_id"]].get(t["turn"] - 1)
-        if mode == "multi" and previous is not None:
-          inputs.append(Image.open(path(previous)).convert("RGB"))
+        if mode == "multi" and t["turn"] != first_turn:
+          inputs.append(Image.open(path(by_session[t["img_id"]][t["turn"] - 1])).convert("RGB"))
         else:
           inputs.append(_open(t["image"]))
       # Per-turn seeds (stable across runs and batch sizes): a resumed run edits the same way.
       seeds = [(seed + zlib.crc32(t["id"].encode())) % 2 ** 31 for t in chunk]
       for t, image in zip(chunk, edit(inputs, [t["instruction"] for t in chunk], seeds)):
-        tmp = path(t) + ".tmp.png"
-        image.save(tmp)
-        os.replace(tmp, path(t))  # a killed run never leaves a half-written image
-        made += 1
+        save_image_atomic(image, path(t))  # a killed run never leaves a half-written image
+        report.made += 1
         bar.update(1)
   bar.close()
-  return made
+  return report
+
+
+EDIT_SETTINGS_FILE = "edits.json"
+
+
+def check_edit_settings(out_dir: str, settings: dict) -> None:
+  """Refuses (ValueError) an output folder whose edits were made with other settings (model,
+  steps, scales, resolution, ...), as recorded in out_dir/edits.json: a resumed run would mix
+  two models' edits in one score. A folder with edits but no record is refused too."""
+  record = os.path.join(out_dir, EDIT_SETTINGS_FILE)
+  if os.path.exists(record):
+    with open(record) as f:
+      made_with = json.load(f)
+    differ = {k: v for k, v in settings.items() if made_with.get(k) != v}
+    if differ:
+      then = ", ".join(f"{k} {made_with.get(k)!r}" for k in differ)
+      now = ", ".join(f"{k} {v!r}" for k, v in differ.items())
+      raise ValueError(f"{out_dir}: its edits were made with {then}, this run asks for {now}; "
+                       "give another --out (or remove the folder to redo its edits)")
+    return
+  for mode in ("single", "multi"):
+    folder = os.path.join(out_dir, mode)
+    if os.path.isdir(folder) and any(n.endswith(".png") for n in os.listdir(folder)):
+      raise ValueError(f"{out_dir}: holds edits ({folder}) but no {EDIT_SETTINGS_FILE} saying "
+                       "which model and settings made them; give another --out (or remove "
+                       "the folder to redo its edits)")
+
+
+def record_edit_settings(out_dir: str, settings: dict) -> None:
+  """Writes out_dir/edits.json (after `check_edit_settings`), before the first edit."""
+  os.makedirs(out_dir, exist_ok=True)
+  temporary = os.path.join(out_dir, EDIT_SETTINGS_FILE + ".tmp")
+  with open(temporary, "w") as f:
+    json.dump(settings, f, indent=2)
+  os.replace(temporary, os.path.join(out_dir, EDIT_SETTINGS_FILE))
 
 
 def score(turns: list[dict], out_dir: str, mode: str, models: MetricModels,
@@ -118,9 +190,13 @@ def score(turns: list[dict], out_dir: str, mode: str, models: MetricModels,
   return rows
 
 
-def write_csv(rows: list[dict], path: str) -> None:
+TURN_FIELDS = ("id", "img_id", "turn", "instruction", *METRICS)
+
+
+def write_csv(rows: list[dict], path: str, fields=TURN_FIELDS) -> None:
+  """Rows as CSV with columns `fields` (default: a turn's scores; the curve passes its own)."""
   with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=["id", "img_id", "turn", "instruction", *METRICS])
+    writer = csv.DictWriter(f, fieldnames=list(fields))
     writer.writeheader()
     writer.writerows(rows)
 
@@ -191,5 +267,7 @@ def compare(run_a: str, run_b: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-__all__ = ["METRICS", "REFERENCE_ROWS", "compare", "load_turns", "markdown_table", "read_csv",
-           "run_edits", "score", "summarise", "write_csv", "write_summary"]
+__all__ = ["EDIT_SETTINGS_FILE", "METRICS", "REFERENCE_ROWS", "EditsReport",
+           "check_edit_settings", "compare", "load_turns", "markdown_table", "read_csv",
+           "record_edit_settings", "run_edits", "score", "summarise", "write_csv",
+           "write_summary"]

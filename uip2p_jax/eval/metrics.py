@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from uip2p_jax import losses
 from uip2p_jax.models.clip import CLIP_MEAN, CLIP_STD
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,17 +35,18 @@ def l2_distance(edited: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
-  a = a / jnp.linalg.norm(a, axis=-1, keepdims=True)
-  b = b / jnp.linalg.norm(b, axis=-1, keepdims=True)
-  return jnp.sum(a * b, axis=-1)
+  """Cosine similarity of (B, D) features -> (B,): `losses.cosine` with no epsilon, so a zero
+  feature vector gives NaN rather than a plausible 0."""
+  return losses.cosine(a, b, eps=0.0)
 
 
 def direction_similarity(input_image: jax.Array, edited_image: jax.Array, input_text: jax.Array,
                          edited_text: jax.Array) -> jax.Array:
   """InstructPix2Pix's CLIP direction similarity: cos(I_e - I_in, T_out - T_in) of normalised
-  embeddings."""
-  n = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-  return cosine_similarity(n(edited_image) - n(input_image), n(edited_text) - n(input_text))
+  embeddings; `losses.clip_direction_similarity` (L_clip's definition) with no epsilon."""
+  return losses.clip_direction_similarity(edited_image=edited_image, input_image=input_image,
+                                          edited_text=edited_text, input_text=input_text,
+                                          eps=0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,13 +61,20 @@ def to_unit_array(image: Image.Image, size: tuple[int, int] | None = None) -> np
 
 
 def resize_center_crop(image: Image.Image, resize: int, crop: int, mean, std) -> np.ndarray:
-  """Shorter side -> `resize` (bicubic), centre crop `crop`, normalise: (crop, crop, 3)."""
+  """Shorter side -> `resize` (bicubic), centre crop `crop`, normalise: (crop, crop, 3) float32.
+
+  Exactly torchvision's Resize(int) + CenterCrop on a PIL image, as OpenAI CLIP's preprocess and
+  MagicBrush's DINO transform run them: the longer side becomes `int(resize * long / short)`
+  (truncated, not rounded) and the crop offsets `int(round((side - crop) / 2))`; either
+  rounding changed shifts every pixel and moves CLIP-T by ~1e-2 on random weights.
+  """
   image = image.convert("RGB")
   w, h = image.size
-  scale = resize / min(w, h)
-  image = image.resize((max(resize, round(w * scale)), max(resize, round(h * scale))),
-                       Image.BICUBIC)
-  left, top = (image.width - crop) // 2, (image.height - crop) // 2
+  new_long = int(resize * max(w, h) / min(w, h))
+  size = (resize, new_long) if w <= h else (new_long, resize)
+  if size != (w, h):
+    image = image.resize(size, Image.BICUBIC)
+  left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
   array = np.asarray(image.crop((left, top, left + crop, top + crop)), np.float32) / 255.0
   return (array - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 

@@ -1,5 +1,6 @@
 """The train step and the trainer on tiny models (one CPU device): updates, NaN skipping,
-overfitting one batch, SIGTERM save, a killed save skipped, exact resume, export."""
+overfitting one batch, gradient accumulation, SIGTERM save, a killed save skipped, exact resume
+without duplicate metrics, retention, export, the final edit of a finished run."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import signal
 
 import jax
 import numpy as np
+import pytest
 
 from trainer_setup import tiny_config
 from uip2p_jax import train as tr
@@ -59,7 +61,7 @@ def read_metrics(workdir):
 def test_sigterm_save_killed_save_and_exact_resume(tmp_path, monkeypatch):
   config = tiny_config(**{"total_steps": 4, "checkpoint.every": 2, "export": True})
   straight = str(tmp_path / "straight")
-  tr.train(config, straight)
+  assert not tr.train(config, straight).preempted
   reference = read_metrics(straight)
   assert sorted(reference) == [1, 2, 3, 4]
   assert sorted(os.listdir(os.path.join(straight, "checkpoints"))) == ["2", "4"]
@@ -81,10 +83,13 @@ def test_sigterm_save_killed_save_and_exact_resume(tmp_path, monkeypatch):
     return original_next(self)
   monkeypatch.setattr(Loader, "__next__", next_with_sigterm)
   resumed = str(tmp_path / "resumed")
-  tr.train(config, resumed)
+  assert tr.train(config, resumed).preempted
   monkeypatch.setattr(Loader, "__next__", original_next)
   checkpoints = os.path.join(resumed, "checkpoints")
   assert sorted(os.listdir(checkpoints)) == ["2", "3"]
+  # A run killed after logging step 4 but before saving it: the resumed run logs 4 once.
+  with open(os.path.join(resumed, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n" + '{"step": 5, "lo')
 
   # A save killed midway leaves a temporary folder: it is ignored (and cleaned up).
   partial = os.path.join(checkpoints, "4.orbax-checkpoint-tmp")
@@ -93,10 +98,53 @@ def test_sigterm_save_killed_save_and_exact_resume(tmp_path, monkeypatch):
     f.write(b"half a checkpoint")
 
   tr.train(config, resumed)
+  with open(os.path.join(resumed, "metrics.jsonl")) as f:
+    assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
   continued = read_metrics(resumed)
-  assert sorted(continued) == [1, 2, 3, 4]
   for step in (1, 2, 3, 4):
     for name in ("loss", "loss_clip", "loss_recon", "grad_norm"):
       np.testing.assert_allclose(continued[step][name], reference[step][name], rtol=1e-6,
                                  err_msg=f"step {step} {name}")
   assert not os.path.exists(partial)
+  # Retention: the last `keep` (2) plus the best by loss, whose loss is in each checkpoint.
+  kept = sorted(os.listdir(checkpoints), key=int)
+  assert kept[-2:] == ["3", "4"] and len(kept) <= 3, kept
+  for step in kept:
+    with open(os.path.join(checkpoints, step, "metrics", "metrics")) as f:
+      assert json.load(f)["loss"] == pytest.approx(continued[int(step)]["loss"], rel=1e-6)
+
+  # A finished run asked again for its final edit (no step left to run) writes it.
+  tr.train(tiny_config(**{"total_steps": 4, "checkpoint.every": 2, "final_edit": True}), resumed)
+  assert os.path.getsize(os.path.join(resumed, "final_edit.png")) > 0
+
+
+def test_accumulation_equals_one_step_of_the_whole_batch():
+  """accumulate=2 averages the gradients of examples (0, 2, ...) and (1, 3, ...): for a loss
+  that is a mean over examples, that is the gradient of the whole batch."""
+  import jax.numpy as jnp
+  from uip2p_jax.train import step as train_step
+  from uip2p_jax.train.config import load_config
+  optim = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "experiments",
+                                   "smoke.py")).optim
+  optimizer, schedule = train_step.make_optimizer(optim)
+  inputs = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+  batch = {"x": inputs, "y": inputs @ np.array([1.0, -2.0, 0.5], np.float32) + 0.3}
+
+  def compute_loss(params, frozen, batch, key):
+    error = batch["x"] @ params["w"] + params["b"] - batch["y"]
+    loss = jnp.mean(error ** 2)
+    return loss, {"loss": loss}
+  params = {"w": jnp.zeros(3), "b": jnp.zeros(())}
+  states = {}
+  for accumulate in (1, 2):
+    state = train_step.TrainState(jnp.zeros((), jnp.int32), params, params,
+                                  optimizer.init(params), jax.random.PRNGKey(0),
+                                  jnp.zeros((), jnp.int32))
+    states[accumulate] = train_step.train_step(
+        state, {}, batch, compute_loss=compute_loss, optimizer=optimizer, lr_schedule=schedule,
+        accumulate=accumulate)
+  (one, m1), (two, m2) = states[1], states[2]
+  np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), two.params, one.params)
+  assert float(m1["grad_norm"]) > 0

@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SCRIPT = r"""
 import os, sys
@@ -20,22 +20,14 @@ import jax
 import numpy as np
 sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-from trainer_setup import tiny_config
-from uip2p_jax import sharding as shd, train as tr
-from uip2p_jax.data import builders
-from uip2p_jax.data.loader import Loader, LoaderConfig
+from trainer_setup import build_step_setup
+from uip2p_jax import sharding as shd
 
 assert jax.device_count() == 8
 shd.MIN_SHARDED_SIZE = 256  # the tiny model's arrays are small: shard them anyway
-config = tiny_config()
-models = tr.build_models(config.model, config.objective)
-graphs, params, frozen = tr.split_models(models)
-builders.build_sample(sys.argv[2])
-host = next(Loader(LoaderConfig(sys.argv[2], batch_size=8, resolution=32, num_workers=0)))
-f = tr.make_step_functions(config, graphs, params, frozen, models.schedule, shd.make_mesh(4, 2))
+f, params, placed, batch = build_step_setup(sys.argv[2], mesh=shd.make_mesh(4, 2))
 state = f.init_state(params, seed=0)
-placed = shd.place(jax.tree.map(np.asarray, frozen), f.frozen_shardings)
-state, metrics = f.step(state, placed, tr.device_batch(host, config, f.batch_sharding))
+state, metrics = f.step(state, placed, batch)
 specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state.params)]
 assert sum("fsdp" in tuple(s) for s in specs) > 10, specs
 mu = state.opt_state[1][0].mu

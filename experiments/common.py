@@ -1,0 +1,79 @@
+"""The shared experiment schema and argument parser; each experiment file overrides it.
+
+An experiment file's `get_config(arg)` starts from `base_config()` and changes what differs
+with `override(config, {...})`: a key the schema lacks is an error, as on the command line
+(`--config.key=value`). `parse_arg("data=cc3m,losses=full", data="ip2p", losses="full")` reads
+the `FILE.py:ARGS` part (big_vision's habit). The method and its defaults: docs/method.md.
+"""
+
+import ml_collections
+
+
+def parse_arg(arg, **defaults) -> dict:
+  """"a=1,b=x" -> {"a": "1", "b": "x"} over `defaults`; unknown names are an error."""
+  values = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in values:
+      raise ValueError(f"config argument {item!r}: expected NAME=VALUE with NAME one of "
+                       f"{sorted(values)}")
+    values[key] = value
+  return values
+
+
+def choice(args: dict, name: str, options) -> str:
+  """args[name], which must be one of `options`."""
+  if args[name] not in options:
+    raise ValueError(f"config argument {name}={args[name]!r}; expected one of {sorted(options)}")
+  return args[name]
+
+
+def override(config: ml_collections.ConfigDict, values: dict, where: str = "config"):
+  """Sets nested `values` on `config`; a key `config` does not have is an error."""
+  for key, value in values.items():
+    if key not in config:
+      raise KeyError(f"{where}.{key} is not a config key; {where} has {sorted(config.keys())}")
+    if isinstance(value, dict) and len(config[key]):  # an empty section (expected) is free-form
+      override(config[key], value, f"{where}.{key}")
+    else:
+      config[key] = value
+  return config
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key a run reads, with the project's defaults (docs/method.md gives the reasons)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.objective = "cec"                  # cec (UIP2P) | ip2p (supervised InstructPix2Pix)
+  c.total_steps = 20_000
+  c.batch_size = 64                    # global, per update
+  c.ema_decay = 0.9999
+  c.log_every = 50
+  c.export = True                      # the EMA UNet in diffusers' format at the end
+  c.final_edit = False                 # edit one sample image with it
+
+  c.model = dict(preset="sd15", pretrained="", init_from_sd="", clip="", seed=0,
+                 attention_backend="auto", compute_dtype="bfloat16", frozen_dtype="bfloat16",
+                 remat="full")
+  c.data = dict(dir="", kind="captions", resolution=256, num_workers=8, min_scale=1.0,
+                max_scale=1.125, flip=True, strict=False)
+  # attention_select="level": L_attn reads the UNet level attention_level (0 = the latent's own
+  # size), the same blocks at 256 and 512 px (level 1 = 16x16 at 256 px for SD 1.5);
+  # "resolution" picks blocks by the absolute side attention_resolution instead.
+  c.cycle = dict(start="noised_input", num_steps_min=1, num_steps_max=1, same_k=True,
+                 timestep_min=0, timestep_max=1000, share_noise=True, reencode=False,
+                 clamp_decoded=True, attention_select="level", attention_level=1,
+                 attention_resolution=16, conditioning_dropout=0.0)
+  c.loss = dict(clip=1.0, sim=1.0, attn=1.0, recon=1.0, sim_kind="reconstruction",
+                recon_kind="l1")
+  c.ip2p = dict(conditioning_dropout=0.05)
+  c.optim = dict(lr=5e-5, warmup_steps=500, schedule="constant", decay_steps=0,
+                 end_lr_factor=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
+                 grad_clip=1.0, accumulate=1)
+  c.mesh = dict(data=1, fsdp=-1)       # -1: every remaining device
+  # Keep the last `keep` checkpoints plus the best by training loss; `strict_resume`: refuse a
+  # damaged latest checkpoint instead of setting it aside and resuming from the one before.
+  c.checkpoint = dict(every=1000, keep=3, use_async=True, strict_resume=False)
+  c.sample = dict(every=1000, count=4, steps=20, text_scale=7.5, image_scale=1.5)
+  c.expected = dict()                  # reference numbers for `uip2p eval --expected`
+  return c

@@ -1,0 +1,89 @@
+"""Checkpoints: a damaged latest checkpoint (truncated array file, garbled metadata, garbled
+data-iterator state) is set aside and the previous one restored; strict_resume refuses."""
+
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from uip2p_jax.train.checkpoint import CheckpointError, Checkpoints
+
+
+class FakeLoader:
+  def __init__(self, position=0):
+    self.position = position
+
+  def get_state(self) -> str:
+    return f'{{"position": {self.position}}}'
+
+  def set_state(self, state: str) -> None:
+    import json
+    self.position = json.loads(state)["position"]
+
+
+def _config(strict=False):
+  return ml_collections.ConfigDict(dict(checkpoint=dict(every=1, keep=3, use_async=False,
+                                                        strict_resume=strict)))
+
+
+def _state(step):
+  return {"step": jnp.asarray(step, jnp.int32), "w": jnp.full((64, 64), float(step))}
+
+
+def _saved_run(directory):
+  checkpoints = Checkpoints(directory, _config())
+  for step in (1, 2):
+    checkpoints.save(step, _state(step), FakeLoader(step * 10), loss=1.0 / step)
+  checkpoints.close()
+
+
+def _truncate_array(step_dir):
+  files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
+           if os.path.isfile(f) and "d/" in f.replace(os.sep, "/")]
+  assert files, os.listdir(os.path.join(step_dir, "state"))
+  for path in files:
+    with open(path, "r+b") as f:
+      f.truncate(max(1, os.path.getsize(path) // 3))
+
+
+def _garble(path):
+  assert os.path.isfile(path), path
+  with open(path, "w") as f:
+    f.write("{not json")
+
+
+DAMAGE = {
+    "truncated array file": _truncate_array,
+    "garbled _METADATA": lambda d: _garble(os.path.join(d, "state", "_METADATA")),
+    "garbled data-iterator state": lambda d: _garble(
+        next(f for f in glob.glob(os.path.join(d, "data", "*")) if os.path.isfile(f))),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_latest_checkpoint_is_set_aside(tmp_path, damage, capsys):
+  directory = str(tmp_path / "checkpoints")
+  _saved_run(directory)
+  DAMAGE[damage](os.path.join(directory, "2"))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _state(0))
+
+  with pytest.raises(CheckpointError, match=r"checkpoints/2 cannot be restored .*strict_resume"):
+    Checkpoints(directory, _config(strict=True)).restore_latest(abstract, FakeLoader())
+  assert os.path.isdir(os.path.join(directory, "2"))  # refused, not moved
+
+  checkpoints = Checkpoints(directory, _config())
+  loader = FakeLoader()
+  state, step = checkpoints.restore_latest(abstract, loader)
+  assert step == 1 and loader.position == 10
+  np.testing.assert_array_equal(np.asarray(state["w"]), np.ones((64, 64)))
+  assert sorted(os.listdir(directory)) == ["1", "2.unreadable-0"]  # kept for inspection
+  warning = capsys.readouterr().err
+  assert "checkpoints/2 cannot be restored" in warning and "2.unreadable-0" in warning
+  # The run goes on: the next save of step 2 is a fresh checkpoint.
+  checkpoints.save(2, _state(2), FakeLoader(20), loss=0.5)
+  checkpoints.close()
+  assert sorted(os.listdir(directory)) == ["1", "2", "2.unreadable-0"]

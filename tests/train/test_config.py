@@ -1,0 +1,88 @@
+"""`uip2p train`'s command line and experiment files: every mistake is a one-line error
+naming the key or file, raised before the workdir is created."""
+
+import os
+
+import pytest
+
+from uip2p_jax.train import config as run_config
+from uip2p_jax.train.loop import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMOKE = os.path.join(ROOT, "experiments", "smoke.py")
+UIP2P = os.path.join(ROOT, "experiments", "uip2p.py")
+
+
+def test_overrides_are_typed_and_nested():
+  command = run_config.parse_command_line(
+      ["--config", SMOKE, "--workdir", "w", "--config.total_steps=7", "--config.cycle.reencode",
+       "true", "--config.loss.sim=0.5", "--config.model.preset=sd15"])
+  config = command.config
+  assert (config.total_steps, config.cycle.reencode, config.loss.sim) == (7, True, 0.5)
+  assert config.model.preset == "sd15" and command.workdir == "w"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config.foo=1"], r"--config.foo: config has no key 'foo' \(keys: \["),
+    (["--config.cycle.bogus=1"], r"cycle has no key 'bogus'"),
+    (["--config.total_steps=many"], r"--config.total_steps='many': expected a int"),
+    (["--config.cycle.share_noise=maybe"], r"expected a bool"),
+    (["--frobnicate"], r"unknown argument '--frobnicate'"),
+])
+def test_bad_overrides_are_named(tmp_path, argv, message):
+  workdir = str(tmp_path / "run")
+  with pytest.raises(run_config.ConfigError, match=message):
+    run_config.parse_command_line(["--config", SMOKE, "--workdir", workdir] + argv)
+  assert not os.path.exists(workdir)
+
+
+def test_bad_files_and_arguments(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  with pytest.raises(run_config.ConfigError, match="experiment config 'nope.py' not found"):
+    run_config.parse_command_line(["--config", "nope.py", "--workdir", workdir])
+  with pytest.raises(run_config.ConfigError,
+                     match=r"data='nonexistent'; expected one of \['cc12m', 'cc3m', 'ip2p'\]"):
+    run_config.parse_command_line(["--config", f"{UIP2P}:data=nonexistent", "--workdir", workdir])
+  with pytest.raises(run_config.ConfigError, match=r"expected NAME=VALUE with NAME one of"):
+    run_config.parse_command_line(["--config", f"{UIP2P}:dta=cc3m", "--workdir", workdir])
+  a_file = tmp_path / "file"
+  a_file.write_text("x")
+  with pytest.raises(run_config.ConfigError, match="is a file; expected a folder"):
+    run_config.parse_command_line(["--config", SMOKE, "--workdir", str(a_file)])
+  # Through the command: one line on stderr, status 2, nothing created.
+  assert main(["--config", SMOKE, "--workdir", workdir, "--config.foo=1"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("uip2p train: error: --config.foo"), err
+  assert not os.path.exists(workdir)
+
+
+def test_experiment_files_refuse_unknown_keys(tmp_path):
+  experiments = tmp_path / "experiments"
+  experiments.mkdir()
+  with open(os.path.join(ROOT, "experiments", "common.py")) as f:
+    (experiments / "common.py").write_text(f.read())
+  (experiments / "typo.py").write_text(
+      "import common\n\ndef get_config(arg=None):\n"
+      "  return common.override(common.base_config(), {'optim': dict(learning_rate=1.0)})\n")
+  with pytest.raises(run_config.ConfigError,
+                     match=r"config.optim.learning_rate is not a config key"):
+    run_config.load_config(str(experiments / "typo.py"))
+
+
+def test_every_experiment_translates():
+  """Each shipped experiment's sections become the code's configs (no stray keys)."""
+  names = [n for n in sorted(os.listdir(os.path.join(ROOT, "experiments")))
+           if n.endswith(".py") and n != "common.py"]
+  assert {"smoke.py", "uip2p.py", "ip2p_supervised.py"} <= set(names)
+  for name in names:
+    config = run_config.load_config(os.path.join(ROOT, "experiments", name))
+    run_config.cycle_config(config)
+    run_config.loss_config(config)
+    run_config.check_objective_data(config)
+
+
+def test_supervised_objective_needs_pairs():
+  config = run_config.load_config(os.path.join(ROOT, "experiments", "ip2p_supervised.py"))
+  config.data.kind = "captions"
+  with pytest.raises(run_config.ConfigError, match="config.data.kind must be 'ip2p'"):
+    run_config.check_objective_data(config)

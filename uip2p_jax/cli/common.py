@@ -1,0 +1,71 @@
+"""What several commands share: argument types, exit statuses, loading the edit pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Exit statuses of every command that works through records (edit, data build, eval).
+OK = 0            # every record done
+USAGE_ERROR = 2   # a usage error, or nothing could be done
+SOME_SKIPPED = 3  # some records were skipped (each reported); the rest are done
+
+EXIT_STATUS_HELP = ("Exit status: 0 all records done; 3 some records skipped (each reported "
+                    "with its line or id, the rest done); 2 nothing could be done, or a usage "
+                    "error.")
+EMBEDDED_MODEL = "embedded tiny random model"
+
+
+def int_at_least(minimum: int, what: str = "a whole number"):
+  """An argparse `type=`: an int >= minimum, else an error naming the bound."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"{value}: expected {what} of at least {minimum}")
+    return value
+  return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+# The working size's longest side: one multiple of 64 at least (SD's VAE x UNet factor).
+resolution = int_at_least(64, "a resolution in pixels")
+
+
+def mesh_shape(text: str) -> tuple[int, int]:
+  """`data=N,fsdp=M` -> (N, M): an argparse `type=`."""
+  expected = "expected data=N,fsdp=M with whole numbers >= 1, e.g. data=2,fsdp=4"
+  parts = dict(item.partition("=")[::2] for item in text.split(","))
+  if sorted(parts) != ["data", "fsdp"]:
+    raise argparse.ArgumentTypeError(f"{text!r}: {expected}")
+  try:
+    data, fsdp = int(parts["data"]), int(parts["fsdp"])
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: {expected}") from None
+  if data < 1 or fsdp < 1:
+    raise argparse.ArgumentTypeError(f"{text!r}: {expected}")
+  return data, fsdp
+
+
+def load_pipeline(model: str | None, dtype: str = "float32", seed: int = 0,
+                  command: str = "uip2p"):
+  """An `EditPipeline` from a diffusers IP2P folder or Hub repo id; with no model, the embedded
+  tiny random model, said on stderr (its edits are noise)."""
+  from uip2p_jax.model_set import dtype_of
+  from uip2p_jax.pipeline import EditPipeline
+  if model is None:
+    print(f"{command}: no --model given: using the {EMBEDDED_MODEL} (no download; its edits "
+          "are noise, it shows the path runs)", file=sys.stderr)
+    return EditPipeline.tiny_random(seed)
+  return EditPipeline.from_pretrained(model, dtype=dtype_of(dtype))
+
+
+def model_id(model: str | None, seed: int = 0) -> str:
+  """What made a set of edits: an absolute folder, a Hub repo id, or the embedded model."""
+  if model is None:
+    return f"{EMBEDDED_MODEL} (seed {seed})"
+  return os.path.abspath(model) if os.path.isdir(model) else model

@@ -1,0 +1,199 @@
+"""`uip2p eval magicbrush | ip2p-curve | compare`.
+
+Everything a run needs besides the edits (the data, --expected, the CLIP and DINO metric
+models, the output folder's record of earlier edits) is checked before the first edit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from PIL import Image
+
+from uip2p_jax.cli import common
+from uip2p_jax.eval import curve, magicbrush
+from uip2p_jax.eval.metrics import MetricModels
+
+
+def make_edit(pipe, steps: int, resolution: int, batch_size: int,
+              sampler: str = "euler_ancestral"):
+  """(images, instructions, seeds, text_scale, image_scale) -> edited PIL images; images of
+  different working sizes are edited in separate fixed-size batches (one compile per size)."""
+  from uip2p_jax.image_io import prepare_image, to_pil
+  from uip2p_jax.pipeline import batches_by_size
+
+  def edit(images: list[Image.Image], instructions: list[str], seeds: list[int],
+           text_scale: float, image_scale: float) -> list[Image.Image]:
+    prepared = [prepare_image(im, resolution, pipe.size_multiple) for im in images]
+    out: list[Image.Image | None] = [None] * len(images)
+    for chunk in batches_by_size([p.shape for p in prepared], batch_size):
+      edited = pipe.edit([prepared[i] for i in chunk], [instructions[i] for i in chunk],
+                         steps=steps, text_scale=text_scale, image_scale=image_scale,
+                         seeds=[seeds[i] for i in chunk], sampler=sampler, pad_to=batch_size)
+      for i, e in zip(chunk, edited):
+        out[i] = to_pil(e)
+    return out
+  return edit
+
+
+def metric_models(clip: str | None, dino: str | None) -> MetricModels:
+  """The CLIP (CLIP-I, CLIP-T, direction) and DINO models, loaded (so a bad name fails here)."""
+  from uip2p_jax import weights
+  from uip2p_jax.tokenizer import default_tokenizer, load_tokenizer
+  clip_model = weights.load_clip(clip) if clip else None
+  tokenizer = None
+  if clip:
+    folder = weights.resolve_folder(clip)
+    has_tokenizer = os.path.isfile(os.path.join(folder, "vocab.json")) or os.path.isfile(
+        os.path.join(folder, "tokenizer.json"))
+    tokenizer = load_tokenizer(clip, subfolder=None) if has_tokenizer else default_tokenizer()
+  return MetricModels(clip_model, weights.load_vit(dino) if dino else None, tokenizer)
+
+
+def expected_row(spec: str | None) -> dict | None:
+  """The config's expected MagicBrush single-turn row (`--expected FILE.py[:ARGS]`)."""
+  if not spec:
+    return None
+  from uip2p_jax.train.config import load_config
+  config = load_config(spec)
+  if "expected" not in config:
+    raise ValueError(f"--expected {spec}: the config has no 'expected' field (expected "
+                     "config.expected.magicbrush_single_turn = {l1: ..., ...})")
+  return dict(config.expected.get("magicbrush_single_turn", {}))
+
+
+def edit_settings(args: argparse.Namespace) -> dict:
+  """What decides the edits of a run (recorded in OUT/edits.json, compared on resume)."""
+  return {"model": common.model_id(args.model, args.seed), "dtype": args.dtype,
+          "steps": args.steps, "text_scale": args.text_scale, "image_scale": args.image_scale,
+          "resolution": args.resolution, "sampler": "euler_ancestral", "seed": args.seed}
+
+
+def eval_magicbrush(args: argparse.Namespace) -> int:
+  """Edits every MagicBrush test turn (resumable) and scores L1, L2, CLIP-I, DINO, CLIP-T."""
+  turns = magicbrush.load_turns(args.data, args.limit)
+  if not turns:
+    raise ValueError(f"{args.data}: no MagicBrush turns to evaluate")
+  # Everything but the edits first: a typo must not cost an evaluation's worth of edits.
+  expected = expected_row(args.expected)
+  models = metric_models(args.clip, args.dino)
+  settings = edit_settings(args)
+  magicbrush.check_edit_settings(args.out, settings)
+  pipe = common.load_pipeline(args.model, args.dtype, args.seed, command="uip2p eval")
+  edit = make_edit(pipe, args.steps, args.resolution, args.batch_size)
+  label = args.label or (args.model or common.EMBEDDED_MODEL)
+  modes = ["single", "multi"] if args.turns == "both" else [args.turns]
+  magicbrush.record_edit_settings(args.out, settings)
+  skipped: dict[str, set[str]] = {}
+  for mode in modes:
+    report = magicbrush.run_edits(
+        turns, lambda ims, ins, seeds: edit(ims, ins, seeds, args.text_scale, args.image_scale),
+        args.out, mode, args.batch_size, args.seed)
+    for turn_id, why in report.skipped:
+      print(f"skipped {turn_id} ({mode}-turn): {why}", file=sys.stderr)
+    skipped[mode] = {turn_id for turn_id, _ in report.skipped}
+    print(f"uip2p eval magicbrush: {mode}-turn: {report.made} edits made, "
+          f"{report.on_disk} already on disk"
+          + (f", {len(report.skipped)} skipped (see above)" if report.skipped else ""))
+  rows = {}
+  for mode in modes:
+    rows[mode] = magicbrush.score([t for t in turns if t["id"] not in skipped[mode]], args.out,
+                                  mode, models)
+    magicbrush.write_csv(rows[mode], os.path.join(args.out, f"{mode}_turn.csv"))
+  summary = magicbrush.summarise(rows)
+  magicbrush.write_summary(summary, args.out, label, expected)
+  print(magicbrush.markdown_table(summary, label, expected))
+  return common.SOME_SKIPPED if any(skipped.values()) else common.OK
+
+
+def eval_curve(args: argparse.Namespace) -> int:
+  """CLIP direction vs image similarity over guidance scales (InstructPix2Pix's curve)."""
+  parse = lambda text: [float(v) for v in text.split(",") if v]
+  text_scales, image_scales = parse(args.text_scales), parse(args.image_scales)
+  models = args.model or [None]
+  labels = args.label or [m or common.EMBEDDED_MODEL for m in models]
+  if len(labels) != len(models):
+    raise ValueError(f"{len(models)} --model but {len(labels)} --label")
+  records = curve.load_records(args.data, args.kind, args.split, args.limit)
+  clip = metric_models(args.clip, None)
+  rows = []
+  for model, label in zip(models, labels):
+    pipe = common.load_pipeline(model, args.dtype, command="uip2p eval")
+    edit = make_edit(pipe, args.steps, args.resolution, args.batch_size)
+    rows += curve.curve_points(label, edit, records, clip, text_scales, image_scales,
+                               args.batch_size)
+  os.makedirs(args.out, exist_ok=True)
+  magicbrush.write_csv(rows, os.path.join(args.out, "ip2p_curve.csv"), curve.FIELDS)
+  curve.plot(rows, os.path.join(args.out, "ip2p_curve.png"))
+  for r in rows:
+    print(f"{r['model']}: text {r['text_scale']:g} image {r['image_scale']:g} -> direction "
+          f"{r['direction_similarity']:.4f}, image similarity {r['image_similarity']:.4f}")
+  print(f"uip2p eval ip2p-curve: {args.out}/ip2p_curve.csv and ip2p_curve.png")
+  return common.OK
+
+
+def eval_compare(args: argparse.Namespace) -> int:
+  """Two `eval magicbrush` runs' summaries side by side, with B - A."""
+  print(magicbrush.compare(args.run_a, args.run_b), end="")
+  return common.OK
+
+
+def scales(text: str) -> str:
+  """An argparse `type=` for comma-separated guidance scales (kept as text)."""
+  try:
+    values = [float(v) for v in text.split(",") if v]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas, "
+                                     "e.g. 3,5,7.5") from None
+  if not values:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected at least one scale")
+  return text
+
+
+def add_parser(commands) -> None:
+  evaluation = commands.add_parser("eval", help="evaluation").add_subparsers(
+      dest="eval_command", required=True)
+  common_args = argparse.ArgumentParser(add_help=False)
+  common_args.add_argument("--data", required=True, metavar="DATA_DIR")
+  common_args.add_argument("--out", required=True, metavar="DIR")
+  common_args.add_argument("--steps", type=common.positive_int, default=20)
+  common_args.add_argument("--resolution", type=common.resolution, default=512)
+  common_args.add_argument("--batch-size", type=common.positive_int, default=4)
+  common_args.add_argument("--limit", type=common.positive_int, default=None)
+  common_args.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+  p = evaluation.add_parser(
+      "magicbrush", parents=[common_args], help="the MagicBrush test protocol",
+      description=eval_magicbrush.__doc__ + " Exit status: 0 every turn scored; 3 some "
+      "multi-turn turns skipped (their chain broke; each reported); 2 a usage error.")
+  p.add_argument("--model", default=None,
+                 help="diffusers IP2P folder or Hub repo (default: embedded tiny random model)")
+  p.add_argument("--turns", default="both", choices=["single", "multi", "both"])
+  p.add_argument("--text-scale", type=float, default=7.5)
+  p.add_argument("--image-scale", type=float, default=1.5)
+  p.add_argument("--seed", type=common.non_negative_int, default=0)
+  p.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIP for CLIP-I/CLIP-T")
+  p.add_argument("--dino", default="facebook/dino-vits16", help="ViT for the DINO metric")
+  p.add_argument("--label", default=None, help="row name in the summary")
+  p.add_argument("--expected", default=None, metavar="experiments/FILE.py[:ARGS]",
+                 help="add the config's expected MagicBrush row to the summary")
+  p.set_defaults(run=eval_magicbrush)
+
+  p = evaluation.add_parser("ip2p-curve", parents=[common_args], description=eval_curve.__doc__,
+                            help="CLIP direction vs image similarity over guidance scales")
+  p.add_argument("--model", action="append", help="repeat for several models on one plot")
+  p.add_argument("--label", action="append", help="one per --model")
+  p.add_argument("--kind", default="ip2p", choices=["ip2p", "captions"])
+  p.add_argument("--split", default=None)
+  p.add_argument("--text-scales", type=scales, default="3,5,7.5,10,12.5")
+  p.add_argument("--image-scales", type=scales, default="1.0,1.5,2.0")
+  p.add_argument("--clip", default="openai/clip-vit-large-patch14")
+  p.set_defaults(run=eval_curve)
+
+  p = evaluation.add_parser("compare", description=eval_compare.__doc__,
+                            help="two MagicBrush runs side by side")
+  p.add_argument("run_a")
+  p.add_argument("run_b")
+  p.set_defaults(run=eval_compare)

@@ -1,0 +1,189 @@
+"""Experiment configs: loading `FILE.py[:ARGS]`, `--config.key=value` overrides, the command
+line of `uip2p train`, and the translation of a ConfigDict into what the code takes
+(CycleConfig, LossConfig, LoaderConfig, `build_models` arguments).
+
+Every mistake here is a one-line error naming the file or key and the expected form, raised
+before anything is written to the workdir.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import os
+import sys
+
+import ml_collections
+
+from uip2p_jax.cycle import CycleConfig, LossConfig
+
+
+class ConfigError(ValueError):
+  """A config file, argument or key that is wrong (the message says what was expected)."""
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """``FILE.py[:ARGS]`` -> ``get_config(ARGS)``. The file may `import common` (the shared
+  schema beside it, experiments/common.py)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"experiment config {path!r} not found (expected FILE.py[:ARGS], e.g. "
+                      "experiments/uip2p.py:data=cc3m)")
+  folder = os.path.dirname(os.path.abspath(path))
+  sys.path.insert(0, folder)
+  sys.modules.pop("common", None)  # the `common` beside this file, not another folder's
+  try:
+    module_spec = importlib.util.spec_from_file_location("experiment_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise ConfigError(f"experiment config {path!r} has no get_config(arg) function")
+    try:
+      config = module.get_config(arg or None)
+    except (KeyError, ValueError) as e:
+      message = e.args[0] if e.args else str(e)
+      raise ConfigError(f"{spec}: {message}") from None
+  finally:
+    sys.path.remove(folder)
+    sys.modules.pop("common", None)
+  return config
+
+
+def _parse_value(text: str, current, key: str):
+  """The command-line text of `key` as the type of its current value."""
+  try:
+    if isinstance(current, bool):
+      lowered = text.lower()
+      if lowered not in ("true", "false", "1", "0"):
+        raise ValueError
+      return lowered in ("true", "1")
+    if isinstance(current, int):
+      return int(text)
+    if isinstance(current, float):
+      return float(text)
+    if isinstance(current, str):
+      return text
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise ConfigError(f"--config.{key}={text!r}: expected a {type(current).__name__} "
+                      f"(the current value is {current!r})") from None
+
+
+def apply_override(config: ml_collections.ConfigDict, assignment: str) -> None:
+  """``"a.b=value"`` sets config.a.b, parsed as the type it has; unknown keys are an error."""
+  key, sep, text = assignment.partition("=")
+  if not sep:
+    raise ConfigError(f"--config.{assignment}: expected --config.KEY=VALUE")
+  node = config
+  *parents, leaf = key.split(".")
+  for depth, name in enumerate(parents):
+    if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
+      where = ".".join(parents[:depth]) or "config"
+      sections = sorted(k for k in node if isinstance(node[k], ml_collections.ConfigDict))
+      raise ConfigError(f"--config.{key}: {where} has no section {name!r} (sections: {sections})")
+    node = node[name]
+  if leaf not in node:
+    where = ".".join(parents) or "config"
+    raise ConfigError(f"--config.{key}: {where} has no key {leaf!r} (keys: {sorted(node.keys())})")
+  with node.unlocked():
+    node[leaf] = _parse_value(text, node[leaf], key)
+
+
+@dataclasses.dataclass
+class Command:
+  """`uip2p train`'s arguments."""
+  config: ml_collections.ConfigDict
+  config_spec: str
+  workdir: str
+
+
+USAGE = ("usage: uip2p train --config FILE.py[:ARGS] --workdir DIR [--config.KEY=VALUE ...] "
+         "[--config.checkpoint.strict_resume=true]")
+
+
+def parse_command_line(argv: list[str]) -> Command:
+  """`--config FILE.py[:ARGS] --workdir DIR [--config.key=value ...]` (also `--flag=value`).
+  Checks the config file, every key and the workdir before anything is created."""
+  spec = workdir = None
+  overrides = []
+  args = list(argv)
+  while args:
+    arg = args.pop(0)
+    name, sep, value = arg.partition("=")
+    if name in ("--config", "--workdir") and not sep:
+      if not args:
+        raise ConfigError(f"{name} needs a value; {USAGE}")
+      value = args.pop(0)
+    if name == "--config":
+      spec = value
+    elif name == "--workdir":
+      workdir = value
+    elif name.startswith("--config."):
+      if not sep:
+        if not args:
+          raise ConfigError(f"{name} needs a value; {USAGE}")
+        value = args.pop(0)
+      overrides.append(f"{name[len('--config.'):]}={value}")
+    else:
+      raise ConfigError(f"unknown argument {arg!r}; {USAGE}")
+  if not spec or not workdir:
+    raise ConfigError(f"--config and --workdir are required; {USAGE}")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir!r} is a file; expected a folder (created if missing)")
+  config = load_config(spec)
+  for assignment in overrides:
+    apply_override(config, assignment)
+  return Command(config, spec, workdir)
+
+
+# ---------------------------------------------------------------------------------------------
+# ConfigDict -> what the code takes
+
+def _dataclass_from(cls, section: ml_collections.ConfigDict, name: str):
+  fields = {f.name for f in dataclasses.fields(cls)}
+  values = section.to_dict()
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ConfigError(f"config.{name} has keys {unknown} that {cls.__name__} does not take "
+                      f"(it takes {sorted(fields)})")
+  return cls(**values)
+
+
+def cycle_config(config) -> CycleConfig:
+  return _dataclass_from(CycleConfig, config.cycle, "cycle")
+
+
+def loss_config(config) -> LossConfig:
+  return _dataclass_from(LossConfig, config.loss, "loss")
+
+
+def model_kwargs(config, abstract: bool = False) -> dict:
+  """`model_set.build_models` arguments of a run (float32 master weights for the UNet)."""
+  m = config.model
+  return dict(preset=m.preset, pretrained=m.pretrained, init_from_sd=m.init_from_sd,
+              clip=m.clip, with_clip=config.objective == "cec", seed=m.seed,
+              compute_dtype=m.compute_dtype, unet_param_dtype="float32",
+              frozen_dtype=m.frozen_dtype, attention_backend=m.attention_backend,
+              remat=m.remat, abstract=abstract)
+
+
+def loader_config(config, data_dir: str, processes: int = 1):
+  """The run's LoaderConfig: this process's share of the global batch."""
+  from uip2p_jax.data.loader import LoaderConfig
+  d = config.data
+  return LoaderConfig(
+      data_dir, kind=d.kind, resolution=d.resolution, batch_size=config.batch_size // processes,
+      seed=config.seed, num_workers=d.num_workers, min_scale=d.min_scale,
+      max_scale=d.max_scale, flip=d.flip, strict=d.strict,
+      tokenizer=config.model.pretrained or config.model.init_from_sd or None,
+      require_reverse=config.objective == "cec")
+
+
+def check_objective_data(config) -> None:
+  """The objective's data kind: supervised IP2P needs edited images (ip2p pairs)."""
+  if config.objective not in ("cec", "ip2p"):
+    raise ConfigError(f"config.objective={config.objective!r}; expected 'cec' or 'ip2p'")
+  if config.objective == "ip2p" and config.data.kind != "ip2p":
+    raise ConfigError(f"config.objective='ip2p' trains on edited images: config.data.kind must "
+                      f"be 'ip2p' (pairs), got {config.data.kind!r}")

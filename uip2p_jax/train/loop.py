@@ -1,0 +1,217 @@
+"""The training loop: data -> jitted step -> metrics, samples, checkpoints; then export.
+
+  uip2p train --config experiments/FILE.py[:ARGS] --workdir DIR [--config.key=value ...]
+
+Exit status: 0 finished; 75 (EXIT_PREEMPTED) stopped by SIGTERM or Ctrl-C after saving a
+checkpoint (run the same command to resume); 2 a config, data or checkpoint error (one line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from uip2p_jax import sharding as shd
+from uip2p_jax.train import config as run_config
+from uip2p_jax.train.checkpoint import EXIT_PREEMPTED, CheckpointError, Checkpoints, Preemption
+from uip2p_jax.train.metric_writer import MetricWriter
+from uip2p_jax.train.samples import RunContext, export, final_edit, write_samples
+from uip2p_jax.train.step import (StepFunctions, batch_fields, check_batch_size, lower_step,
+                                  split_models)
+
+# Dense bfloat16 peak FLOP/s per device, for the MFU estimate (None: unknown, MFU not shown).
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12,
+              "A100": 312e12, "B200": 2250e12}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  kind = device.device_kind
+  return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  metrics: dict[str, float]   # the last logged metrics
+  preempted: bool             # stopped by SIGTERM / Ctrl-C after saving a checkpoint
+
+
+_COMPILED: dict[tuple, tuple[StepFunctions, object]] = {}
+
+
+def _compiled_step(config, graphs, params, frozen, schedule, tokenizer, mesh):
+  """The run's step functions and compiled step; a later run of the same config in this process
+  (a resumed run, a notebook) reuses them instead of compiling again."""
+  # Only what the compiled step depends on (not checkpointing, logging, samples or export).
+  step_config = {name: config[name] for name in ("objective", "batch_size", "ema_decay",
+                                                  "model", "cycle", "loss", "ip2p", "optim")}
+  key = (ml_collections.ConfigDict(step_config).to_json_best_effort(sort_keys=True),
+         config.data.resolution, mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))
+  if key not in _COMPILED:
+    _COMPILED.clear()  # keep one: compiled SD-size steps are large
+    functions, lowered = lower_step(config, graphs, params, frozen, schedule, tokenizer, mesh,
+                                    config.batch_size)
+    _COMPILED[key] = functions, lowered.compile()
+  return _COMPILED[key]
+
+
+def _resolve_data_dir(config, workdir: str) -> str:
+  """config.data.dir, or for "sample" the bundled photos built into workdir/data."""
+  from uip2p_jax.data import builders
+  if config.data.dir != "sample":
+    if not config.data.dir:
+      raise run_config.ConfigError("config.data.dir is empty: give a built dataset folder "
+                                   "(uip2p data build ... --out DIR) or 'sample'")
+    return config.data.dir
+  out = os.path.join(workdir, "data")
+  if not os.path.isfile(os.path.join(builders.dataset_dir(out, "captions"), "dataset_info.json")):
+    if jax.process_index() == 0:
+      builders.build_sample(out)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("sample data")
+  return out
+
+
+def _flops_per_device(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+  """Runs (or resumes) the experiment `config` in `workdir`."""
+  from uip2p_jax.data.loader import Loader
+  from uip2p_jax.model_set import build_models
+  run_config.check_objective_data(config)
+  shd.maybe_initialize_distributed()
+  mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp)
+  global_batch = config.batch_size
+  check_batch_size(global_batch, mesh.shape["data"] * mesh.shape["fsdp"],
+                   config.optim.accumulate, jax.process_count())
+  os.makedirs(workdir, exist_ok=True)
+  # The data first: a missing or wrong dataset fails in seconds, not after the compile.
+  loader = Loader(run_config.loader_config(config, _resolve_data_dir(config, workdir),
+                                           jax.process_count()))
+  checkpoints = preemption = writer = None
+  try:
+    models = build_models(**run_config.model_kwargs(config))
+    graphs, params, frozen = split_models(models)
+    tokenizer, schedule = models.tokenizer, models.schedule
+    del models  # the arrays live on in params/frozen only
+    functions, compiled = _compiled_step(config, graphs, params, frozen, schedule,
+                                          tokenizer, mesh)
+    frozen = shd.place(jax.tree.map(np.asarray, frozen), functions.frozen_shardings)
+    run = RunContext(config, workdir, graphs, frozen, tokenizer, schedule, mesh)
+
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config)
+    state, restored = checkpoints.restore_latest(functions.abstract_state, loader)
+    if state is None:
+      state = functions.init_state(params, config.seed)
+    else:
+      print(f"train: resumed from {checkpoints.directory} step {restored}", flush=True)
+    del params
+    step = int(jax.device_get(state.step))
+
+    flops_per_device = _flops_per_device(compiled)
+    peak = peak_flops(jax.devices()[0])
+    is_writer = jax.process_index() == 0
+    writer = MetricWriter(workdir, step, enabled=is_writer)
+    if is_writer:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    print(f"train: {config.objective} on {jax.device_count()} devices, mesh "
+          f"{dict(mesh.shape)}, global batch {global_batch}, steps {step} -> "
+          f"{config.total_steps}; {flops_per_device / 1e9:.1f} GFLOP per device per step",
+          flush=True)
+    preemption = Preemption()
+    sample_batch = None
+    last_metrics: dict[str, float] = {}
+    window_start, window_steps = time.perf_counter(), 0
+    while step < config.total_steps:
+      host_batch = next(loader)
+      if sample_batch is None:
+        sample_batch = _sample_batch(host_batch, config)
+      batch = shd.global_batch(host_batch, functions.batch_sharding,
+                               batch_fields(config.objective))
+      state, metrics = compiled(state, frozen, batch)
+      step += 1
+      window_steps += 1
+      if step % config.log_every == 0 or step == config.total_steps:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        step_time = (time.perf_counter() - window_start) / window_steps
+        metrics.update(step_time=step_time, images_per_second=global_batch / step_time,
+                       skipped_records=float(loader.skipped_records))
+        if peak and flops_per_device:
+          metrics["mfu"] = flops_per_device / step_time / peak
+        last_metrics = metrics
+        writer.scalars(step, metrics)
+        window_start, window_steps = time.perf_counter(), 0
+      if config.sample.every and (step % config.sample.every == 0 or step == config.total_steps):
+        write_samples(run, state, sample_batch, step, writer)
+      preempted = preemption.requested or checkpoints.reached_preemption(step)
+      if preempted or step % config.checkpoint.every == 0 or step == config.total_steps:
+        # The save records this step's loss (for "best"), logged or not.
+        loss = float(jax.device_get(metrics["loss"]))
+        checkpoints.save(step, state, loader, loss, force=preempted or step == config.total_steps)
+      if preempted:
+        checkpoints.wait_until_finished()
+        print(f"train: interrupted: saved step {step}; run the same command to resume "
+              f"(exit status {EXIT_PREEMPTED})", flush=True)
+        return TrainResult(last_metrics, preempted=True)
+    checkpoints.wait_until_finished()
+    if config.export:
+      export(run, state)
+    if config.final_edit:
+      final_edit(run, state, sample_batch or _sample_batch(next(loader), config))
+    return TrainResult(last_metrics, preempted=False)
+  finally:
+    if preemption is not None:
+      preemption.restore()
+    if checkpoints is not None:
+      checkpoints.close()
+    loader.close()
+    if writer is not None:
+      writer.close()
+
+
+def _sample_batch(host_batch, config) -> dict:
+  """The first examples of a host batch, identical on every process."""
+  batch = {k: v[:config.sample.count] for k, v in host_batch.items() if k != "id"}
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    batch = multihost_utils.broadcast_one_to_all(batch)
+  return batch
+
+
+def enable_compilation_cache() -> None:
+  """JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR, default
+  ~/.cache/uip2p_jax/jax): a restarted or resumed run skips most of its compile time."""
+  directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "uip2p_jax", "jax")
+  jax.config.update("jax_compilation_cache_dir", directory)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """`uip2p train --config FILE.py[:ARGS] --workdir DIR [--config.key=value ...]`."""
+  from absl import logging
+  from uip2p_jax.data.loader import DataError
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] in (["-h"], ["--help"]):
+    print(run_config.USAGE + "\n\n" + __doc__)
+    return 0
+  try:
+    command = run_config.parse_command_line(argv)
+    logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
+    enable_compilation_cache()
+    result = train(command.config, command.workdir)
+  except (run_config.ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
+    print(f"uip2p train: error: {e}", file=sys.stderr)
+    return 2
+  return EXIT_PREEMPTED if result.preempted else 0

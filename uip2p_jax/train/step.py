@@ -1,0 +1,251 @@
+"""The train state, the optimizer and the jitted, sharded train step.
+
+`train_step` is a plain module-level function (a test can call it directly, jitted or not);
+`make_step_functions` binds it to a run's losses, optimizer and mesh and jits it with explicit
+in/out shardings and a donated state; `lower_step` lowers that jit on abstract shapes, for the
+loop (which compiles it) and for `uip2p plan` (which reads its memory and FLOPs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from uip2p_jax import sharding as shd
+from uip2p_jax.cycle import cycle_losses, ip2p_losses
+from uip2p_jax.model_set import ModelSet
+from uip2p_jax.schedules import NoiseSchedule
+from uip2p_jax.train import config as run_config
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array             # () int32: updates applied or skipped so far
+  params: Any                 # UNet parameters, float32 (pure dict)
+  ema_params: Any             # their exponential moving average
+  opt_state: Any
+  rng: jax.Array              # (2,) uint32 base key; step keys are fold_in(rng, step)
+  skipped_updates: jax.Array  # () int32: steps whose loss or gradient was not finite
+
+
+def learning_rate_schedule(optim) -> optax.Schedule:
+  warmup = optax.linear_schedule(0.0, optim.lr, max(optim.warmup_steps, 1))
+  if optim.schedule == "constant":
+    after = optax.constant_schedule(optim.lr)
+  elif optim.schedule == "cosine":
+    after = optax.cosine_decay_schedule(optim.lr, max(optim.decay_steps, 1),
+                                        alpha=optim.end_lr_factor)
+  else:
+    raise ValueError(f"optim.schedule {optim.schedule!r}; expected 'constant' or 'cosine'")
+  return optax.join_schedules([warmup, after], [optim.warmup_steps])
+
+
+def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = learning_rate_schedule(optim)
+  return optax.chain(
+      optax.clip_by_global_norm(optim.grad_clip),
+      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                  weight_decay=optim.weight_decay)), schedule
+
+
+def split_models(models: ModelSet):
+  """(graphdefs, UNet parameters, frozen parameters) as pure dicts of arrays (or shapes)."""
+  graphs, frozen, params = {}, {}, None
+  for name in ("unet", "vae", "text_encoder", "clip"):
+    module = getattr(models, name)
+    if module is None:
+      continue
+    graph, state = nnx.split(module)
+    graphs[name] = graph
+    if name == "unet":
+      params = nnx.to_pure_dict(state)
+    else:
+      frozen[name] = nnx.to_pure_dict(state)
+  return graphs, params, frozen
+
+
+def loss_function(config, graphs, alphas_cumprod, empty_ids) -> Callable:
+  """(params, frozen, batch, key) -> (loss, metrics) for the run's objective. `empty_ids`:
+  (1, 77) int32, the run's tokenizer's ids of "" (the unconditional text)."""
+  objective = config.objective
+  if objective == "cec":
+    cycle, weights = run_config.cycle_config(config), run_config.loss_config(config)
+  elif objective != "ip2p":
+    raise ValueError(f"objective {objective!r}; expected 'cec' or 'ip2p'")
+
+  def compute(params, frozen, batch, key):
+    unet = nnx.merge(graphs["unet"], params)
+    vae = nnx.merge(graphs["vae"], frozen["vae"])
+    text_encoder = nnx.merge(graphs["text_encoder"], frozen["text_encoder"])
+    if objective == "cec":
+      clip = nnx.merge(graphs["clip"], frozen["clip"])
+      return cycle_losses(unet, vae, text_encoder, clip, batch, key, alphas_cumprod, cycle,
+                          weights, empty_ids=empty_ids)
+    return ip2p_losses(unet, vae, text_encoder, batch, key, alphas_cumprod,
+                       config.ip2p.conditioning_dropout, empty_ids=empty_ids)
+  return compute
+
+
+def _gradients(compute_loss, params, frozen_params, batch, key, accumulate: int, mesh):
+  """(metrics, gradients) of the mean loss; with accumulate > 1, averaged over microbatches
+  i, i + A, i + 2A, ... (every device then holds a slice of every microbatch)."""
+  grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+  if accumulate == 1:
+    (_, metrics), grads = grad_fn(params, frozen_params, batch, key)
+    return metrics, grads
+
+  def split(x):
+    x = x.reshape((x.shape[0] // accumulate, accumulate) + x.shape[1:]).swapaxes(0, 1)
+    if mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, PartitionSpec(None, shd.BATCH_AXES)))
+  micro = jax.tree.map(split, batch)
+
+  def accumulate_one(carry, inputs):
+    grads_sum, metrics_sum = carry
+    index, microbatch = inputs
+    (_, m), g = grad_fn(params, frozen_params, microbatch, jax.random.fold_in(key, index))
+    return (jax.tree.map(jnp.add, grads_sum, g), jax.tree.map(jnp.add, metrics_sum, m)), None
+  metric_shapes = jax.eval_shape(
+      lambda: grad_fn(params, frozen_params, jax.tree.map(lambda x: x[0], micro), key)[0][1])
+  zeros = (jax.tree.map(jnp.zeros_like, params),
+           jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+  (grads, metrics), _ = jax.lax.scan(accumulate_one, zeros, (jnp.arange(accumulate), micro))
+  return (jax.tree.map(lambda m: m / accumulate, metrics),
+          jax.tree.map(lambda g: g / accumulate, grads))
+
+
+def train_step(state: TrainState, frozen_params, batch, *, compute_loss: Callable,
+               optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule,
+               accumulate: int = 1, ema_decay: float = 0.9999, mesh=None):
+  """One update: gradients of `compute_loss` for the UNet only (frozen models are
+  differentiated through, never updated), AdamW, EMA. A non-finite loss or gradient norm
+  leaves parameters, EMA and optimizer state unchanged and is counted in skipped_updates."""
+  key = jax.random.fold_in(state.rng, state.step)
+  metrics, grads = _gradients(compute_loss, state.params, frozen_params, batch, key,
+                              accumulate, mesh)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_params = keep(new_params, state.params)
+  new_opt_state = keep(new_opt_state, state.opt_state)
+  # diffusers' EMA warm-up: decay min(ema_decay, (1 + n) / (10 + n)) after n updates.
+  n = state.step.astype(jnp.float32)
+  decay = jnp.minimum(ema_decay, (1 + n) / (10 + n))
+  new_ema = jax.tree.map(lambda e, p: jnp.where(finite, decay * e + (1 - decay) * p, e),
+                         state.ema_params, new_params)
+  skipped = state.skipped_updates + (~finite).astype(jnp.int32)
+  metrics = dict(metrics, grad_norm=grad_norm, learning_rate=lr_schedule(state.step),
+                 skipped_updates=skipped, update_skipped=(~finite).astype(jnp.int32))
+  return TrainState(state.step + 1, new_params, new_ema, new_opt_state, state.rng,
+                    skipped), metrics
+
+
+@dataclasses.dataclass
+class StepFunctions:
+  """What a run compiles: the jitted train step and the shardings of its arguments."""
+  step: Callable                     # (state, frozen, batch) -> (state, metrics)
+  state_shardings: Any
+  frozen_shardings: Any
+  batch_sharding: NamedSharding
+  abstract_state: Any                # ShapeDtypeStructs with shardings (restore target)
+  init_state: Callable               # (UNet params, seed) -> TrainState
+
+
+def make_step_functions(config, graphs, params, frozen, schedule: NoiseSchedule, tokenizer,
+                        mesh) -> StepFunctions:
+  """Builds the jitted train step for `mesh` from `split_models`' pieces (arrays or shapes)
+  and the run's schedule and tokenizer."""
+  from uip2p_jax.tokenizer import tokenize
+  if schedule.prediction_type != "epsilon":
+    raise ValueError(f"the noise schedule predicts {schedule.prediction_type!r}; training "
+                     "supports epsilon-prediction checkpoints only (InstructPix2Pix, SD 1.x)")
+  alphas_cumprod = jnp.asarray(schedule.alphas_cumprod(), jnp.float32)
+  optimizer, lr_schedule = make_optimizer(config.optim)
+  bound_step = functools.partial(
+      train_step, compute_loss=loss_function(config, graphs, alphas_cumprod,
+                                             tokenize(tokenizer, [""])),
+      optimizer=optimizer, lr_schedule=lr_schedule, accumulate=config.optim.accumulate,
+      ema_decay=config.ema_decay, mesh=mesh)
+
+  def step_under_mesh(state, frozen_params, batch):
+    # The abstract mesh lets the models pin activations to the batch axes (`shard_batch`).
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return bound_step(state, frozen_params, batch)
+  step_under_mesh.__name__ = "train_step"  # the HLO module name plan reads: jit_train_step
+
+  param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
+  opt_shapes = jax.eval_shape(optimizer.init, param_shapes)
+  replicated = shd.replicated(mesh)
+  state_shardings = TrainState(
+      step=replicated, params=shd.parameter_shardings(param_shapes, mesh),
+      ema_params=shd.parameter_shardings(param_shapes, mesh),
+      opt_state=shd.parameter_shardings(opt_shapes, mesh), rng=replicated,
+      skipped_updates=replicated)
+  frozen_shardings = shd.parameter_shardings(frozen, mesh)
+  batch_sharding = shd.batch_sharding(mesh)
+  abstract_state = jax.tree.map(
+      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      TrainState(jax.ShapeDtypeStruct((), jnp.int32), param_shapes, param_shapes, opt_shapes,
+                 jax.ShapeDtypeStruct((2,), jnp.uint32), jax.ShapeDtypeStruct((), jnp.int32)),
+      state_shardings)
+  step = jax.jit(step_under_mesh,
+                 in_shardings=(state_shardings, frozen_shardings, batch_sharding),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+  def _init(params, seed):
+    params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+    return TrainState(jnp.zeros((), jnp.int32), params,
+                      jax.tree.map(jnp.copy, params), optimizer.init(params),
+                      jax.random.PRNGKey(seed), jnp.zeros((), jnp.int32))
+  init = jax.jit(_init, out_shardings=state_shardings)  # compiled once per step functions
+
+  def init_state(params, seed: int) -> TrainState:
+    return init(shd.place(jax.tree.map(np.asarray, params), state_shardings.params), seed)
+
+  return StepFunctions(step, state_shardings, frozen_shardings, batch_sharding, abstract_state,
+                       init_state)
+
+
+def lower_step(config, graphs, params, frozen, schedule: NoiseSchedule, tokenizer, mesh,
+               global_batch: int):
+  """(step functions, the step lowered on abstract shapes) for a global batch on `mesh`."""
+  functions = make_step_functions(config, graphs, params, frozen, schedule, tokenizer, mesh)
+  abstract_frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                 frozen, functions.frozen_shardings)
+  batch = abstract_batch(config, global_batch, functions.batch_sharding)
+  return functions, functions.step.lower(functions.abstract_state, abstract_frozen, batch)
+
+
+def check_batch_size(global_batch: int, devices: int, accumulate: int, processes: int = 1):
+  """Every microbatch splits evenly over the devices, and the batch over the processes."""
+  if global_batch % (devices * accumulate) or global_batch % processes:
+    raise ValueError(f"batch_size {global_batch} must divide by devices x accumulate "
+                     f"({devices} x {accumulate}) and by the {processes} processes")
+
+
+def batch_fields(objective: str) -> tuple[str, ...]:
+  """The batch fields the step of `objective` reads."""
+  fields = ("image", "input_caption_ids", "instruction_ids", "edited_caption_ids",
+            "reverse_instruction_ids")
+  return fields + ("edited_image",) if objective == "ip2p" else fields
+
+
+def abstract_batch(config, global_batch: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes of one global batch of the run's objective."""
+  r = config.data.resolution
+  image = jax.ShapeDtypeStruct((global_batch, r, r, 3), jnp.float32, sharding=sharding)
+  ids = jax.ShapeDtypeStruct((global_batch, 77), jnp.int32, sharding=sharding)
+  return {name: image if name.endswith("image") else ids
+          for name in batch_fields(config.objective)}
