@@ -18,8 +18,8 @@ import PIL.Image
 
 
 def build(out: str, records: int) -> None:
-  from uip2p_jax.data import builders
-  manifest = builders.sample_manifest()
+  from uip2p_jax.data import builders, sources
+  manifest = sources.sample_manifest()
   rows = [json.loads(line) for line in open(manifest)]
   root = os.path.dirname(manifest)
   photos = {r["image"]: PIL.Image.open(os.path.join(root, r["image"])).convert("RGB")
@@ -36,7 +36,7 @@ def build(out: str, records: int) -> None:
       data = io.BytesIO()
       image.save(data, "JPEG", quality=90)
       yield f"{row['id']}-{i}", f"bench record {i}", {
-          "image": data.getvalue(), **{k: row[k] for k in builders.TEXT_FIELDS["captions"]}}
+          "image": data.getvalue(), **{k: row[k] for k in sources.TEXT_FIELDS["captions"]}}
   builders.build("captions", source, out)
 
 

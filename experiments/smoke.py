@@ -5,7 +5,7 @@ Command (the README's main job; no download):
   bash launch/local.sh train --config experiments/smoke.py --workdir runs/smoke
 
 Hardware: any CPU (1 device) up to a TPU/GPU host (the mesh takes every device). Time and
-loss on the 2-core development machine: BENCHMARKS.md ("Smoke training").
+loss on the 2-core development machine: BENCHMARKS.md ("Tiny model on this CPU").
 Writes 300 steps of metrics, checkpoints at 100/200/300 (resumable: run the command again
 with --config.total_steps=400), runs/smoke/samples/step_*.png (input | forward edit |
 reconstruction), runs/smoke/export/unet (diffusers format) and runs/smoke/final_edit.png.

@@ -225,7 +225,7 @@ def _first(analysis):
 # skip LLVM optimisation (buffer assignment, hence memory, is decided before code generation)
 # and schedule for memory as accelerator compilers do: XLA:CPU's default schedule runs
 # rematerialised forward passes early for parallelism, which at SD 1.5 size triples the peak
-# (46.6 vs 14.6 GiB). The device count flag simulates the mesh's devices.
+# (BENCHMARKS.md, "SD 1.5 size: memory and FLOPs"). The device count flag simulates the mesh's devices.
 CPU_PLANNING_FLAGS = ("--xla_backend_optimization_level=0",
                       "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
 

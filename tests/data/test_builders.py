@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 
 from sources import TRUNCATED, image_struct, jpeg, texts, write_jsonl, write_parquet, write_tar
-from uip2p_jax.data import builders
+from uip2p_jax.data import builders, sources
 
 
 def read_all(data_dir, kind, split=None):
@@ -24,15 +24,15 @@ def decoded(data: bytes) -> np.ndarray:
 def test_sample_photos_build_with_their_texts(sample_data):
   records, info = read_all(sample_data, "captions")
   assert len(records) == 12 and info.metadata["kind"] == "captions"
-  manifest = [json.loads(line) for line in open(builders.sample_manifest())]
+  manifest = [json.loads(line) for line in open(sources.sample_manifest())]
   for row in manifest:
     record = records[row["id"]]
     for field in ("input_caption", "instruction", "edited_caption", "reverse_instruction"):
       assert record[field].decode() == row[field]
     image = decoded(record["image"])
     assert image.ndim == 3 and min(image.shape[:2]) == 288
-  total = sum(os.path.getsize(os.path.join(os.path.dirname(builders.sample_manifest()), f))
-              for f in os.listdir(os.path.dirname(builders.sample_manifest())))
+  total = sum(os.path.getsize(os.path.join(os.path.dirname(sources.sample_manifest()), f))
+              for f in os.listdir(os.path.dirname(sources.sample_manifest())))
   assert total < 1_000_000
 
 
@@ -65,7 +65,7 @@ def test_manifest_build_skips_and_reports_bad_records(tmp_path):
   ]
   manifest = write_jsonl(str(tmp_path / "manifest.jsonl"), rows)
   out = str(tmp_path / "data")
-  report = builders.build("captions", lambda: builders.manifest_records(manifest), out)
+  report = builders.build("captions", lambda: sources.manifest_records(manifest), out)
   assert (report.written, report.num_skipped) == (6, 7)
   assert "skipped manifest.jsonl:12 (id x): undecodable image" in report.summary()
   records, _ = read_all(out, "captions")
@@ -91,12 +91,12 @@ def test_manifest_build_skips_and_reports_bad_records(tmp_path):
 def test_read_jsonl_yields_bad_lines_with_their_number_and_text(tmp_path):
   path = tmp_path / "x.jsonl"
   path.write_text('{"a": 1}\n\n[1, 2]\r\n{broken\n  \n"text"')
-  lines = list(builders.read_jsonl(str(path)))
+  lines = list(sources.read_jsonl(str(path)))
   assert lines == [(1, {"a": 1}, '{"a": 1}'), (3, None, "[1, 2]"), (4, None, "{broken"),
                    (6, None, '"text"')]
-  assert builders.jsonl_error("[1, 2]") == "expected a JSON object, got list"
-  assert builders.jsonl_error("{broken").startswith("invalid JSON (")
-  assert builders.jsonl_error('{"a": 1}') == ""
+  assert sources.jsonl_error("[1, 2]") == "expected a JSON object, got list"
+  assert sources.jsonl_error("{broken").startswith("invalid JSON (")
+  assert sources.jsonl_error('{"a": 1}') == ""
 
 
 def test_webdataset_shards_joined_with_instructions(tmp_path):
@@ -118,7 +118,7 @@ def test_webdataset_shards_joined_with_instructions(tmp_path):
   rows.append({"instruction": "no key"})                                      # line 8
   instructions = write_jsonl(str(tmp_path / "instructions.jsonl"), rows)
   out = str(tmp_path / "data")
-  report = builders.build("captions", lambda: builders.webdataset_records(
+  report = builders.build("captions", lambda: sources.webdataset_records(
       str(shards / "{00000..00001}.tar"), instructions), out)
   records, _ = read_all(out, "captions")
   assert sorted(records) == ["000000000", "000000001", "000000003"]
@@ -141,11 +141,11 @@ def test_webdataset_shards_joined_with_instructions(tmp_path):
 def test_brace_patterns_expand_to_existing_files(tmp_path):
   for name in ("a00.tar", "a01.tar", "a03.tar", "b.tar"):
     (tmp_path / name).write_bytes(b"")
-  assert [os.path.basename(p) for p in builders.expand_pattern(
+  assert [os.path.basename(p) for p in sources.expand_pattern(
       str(tmp_path / "a{00..03}.tar"))] == ["a00.tar", "a01.tar", "a03.tar"]
-  assert len(builders.expand_pattern(str(tmp_path / "{a,b}*.tar"))) == 4
+  assert len(sources.expand_pattern(str(tmp_path / "{a,b}*.tar"))) == 4
   with pytest.raises(FileNotFoundError, match="no webdataset shard files match"):
-    list(builders.webdataset_records(str(tmp_path / "none*.tar"), write_jsonl(
+    list(sources.webdataset_records(str(tmp_path / "none*.tar"), write_jsonl(
         str(tmp_path / "i.jsonl"), [])))
 
 
@@ -171,7 +171,7 @@ def test_ip2p_parquet_with_reverse_instructions(tmp_path):
       {"id": "part-0-000002", "reverse_instruction": "bad image row"},
   ])
   out = str(tmp_path / "data")
-  report = builders.build("ip2p", lambda: builders.ip2p_records(
+  report = builders.build("ip2p", lambda: sources.ip2p_records(
       str(tmp_path / "pq" / "*.parquet"), reverse), out, metadata={"has_reverse": True})
   records, info = read_all(out, "ip2p")
   assert info.metadata["has_reverse"] is True
@@ -188,7 +188,7 @@ def test_ip2p_parquet_with_reverse_instructions(tmp_path):
 def test_ip2p_without_reverse_is_for_the_supervised_baseline_only(tmp_path):
   path, _, _ = ip2p_parquet(str(tmp_path / "p.parquet"), n=2)
   out = str(tmp_path / "data")
-  report = builders.build("ip2p", lambda: builders.ip2p_records(path), out,
+  report = builders.build("ip2p", lambda: sources.ip2p_records(path), out,
                           metadata={"has_reverse": False})
   assert report.written == 2
   records, _ = read_all(out, "ip2p")
@@ -202,7 +202,7 @@ def test_ip2p_without_reverse_is_for_the_supervised_baseline_only(tmp_path):
 def test_parquet_schema_errors_name_the_missing_columns(tmp_path):
   path = write_parquet(str(tmp_path / "x.parquet"), {"original_prompt": ["a"]})
   with pytest.raises(ValueError, match=r"missing columns \['original_image'"):
-    list(builders.ip2p_records(path))
+    list(sources.ip2p_records(path))
 
 
 def test_magicbrush_turns_and_descriptions(tmp_path):
@@ -221,7 +221,7 @@ def test_magicbrush_turns_and_descriptions(tmp_path):
                  "327726-output3.png": "a hat"},
       "99": {"99-input.png": "a road", "99-output1.png": "a snowy road"}}))
   out = str(tmp_path / "data")
-  report = builders.build("magicbrush", lambda: builders.magicbrush_records(
+  report = builders.build("magicbrush", lambda: sources.magicbrush_records(
       path, str(descriptions)), out)
   records, info = read_all(out, "magicbrush")   # the "test" split
   assert sorted(records) == ["327726-1", "327726-2", "99-1"]
@@ -259,16 +259,16 @@ def test_missing_inputs_fail_before_anything_is_written(tmp_path):
   parquet, _, _ = ip2p_parquet(str(tmp_path / "p.parquet"), n=1)
   missing = str(tmp_path / "missing.jsonl")
   cases = [
-      ("captions", lambda: builders.manifest_records(missing), "manifest not found"),
-      ("captions", lambda: builders.webdataset_records(str(tmp_path / "*.tar"), manifest),
+      ("captions", lambda: sources.manifest_records(missing), "manifest not found"),
+      ("captions", lambda: sources.webdataset_records(str(tmp_path / "*.tar"), manifest),
        "no webdataset shard files match"),
-      ("captions", lambda: builders.webdataset_records(str(tmp_path / "*.tar"), missing),
+      ("captions", lambda: sources.webdataset_records(str(tmp_path / "*.tar"), missing),
        "instructions file not found"),
-      ("ip2p", lambda: builders.ip2p_records(str(tmp_path / "none-*.parquet")),
+      ("ip2p", lambda: sources.ip2p_records(str(tmp_path / "none-*.parquet")),
        "no parquet files match"),
-      ("ip2p", lambda: builders.ip2p_records(parquet, missing),
+      ("ip2p", lambda: sources.ip2p_records(parquet, missing),
        "reverse instructions file not found"),
-      ("magicbrush", lambda: builders.magicbrush_records(parquet), r"missing columns \['img_id'"),
+      ("magicbrush", lambda: sources.magicbrush_records(parquet), r"missing columns \['img_id'"),
   ]
   for kind, source, message in cases:
     with pytest.raises((FileNotFoundError, ValueError), match=message):
@@ -285,17 +285,17 @@ def test_a_build_with_no_good_record_is_an_error_and_still_lists_why(tmp_path):
                      match=r"all 3 captions records were skipped, nothing written; first: "
                            r"m.jsonl:1 \(id bad.jpg@1\): undecodable image.*m.jsonl:2 .*"
                            r"image file not found.*skipped.jsonl") as error:
-    builders.build("captions", lambda: builders.manifest_records(manifest), out)
+    builders.build("captions", lambda: sources.manifest_records(manifest), out)
   assert error.value.report.num_skipped == 3 and error.value.report.written == 0
   assert list(skipped_file(out, "captions")) == ["m.jsonl:1", "m.jsonl:2", "m.jsonl:3"]
   assert os.listdir(os.path.join(out, "uip2p_captions")) == ["1.0.0"]   # no incomplete.* left
   # Fixing the input and building again needs no --overwrite: nothing was built.
   (tmp_path / "bad.jpg").write_bytes(jpeg(0))
-  assert builders.build("captions", lambda: builders.manifest_records(manifest), out).written == 1
+  assert builders.build("captions", lambda: sources.manifest_records(manifest), out).written == 1
   # An empty source is the same error, and leaves no folder behind.
   empty, empty_out = write_jsonl(str(tmp_path / "empty.jsonl"), []), tmp_path / "empty_out"
   with pytest.raises(builders.NothingWritten, match="the source is empty"):
-    builders.build("captions", lambda: builders.manifest_records(empty), str(empty_out))
+    builders.build("captions", lambda: sources.manifest_records(empty), str(empty_out))
   assert not empty_out.exists()
 
 
@@ -303,8 +303,8 @@ def test_a_missing_input_leaves_an_existing_dataset_alone(tmp_path):
   out = str(tmp_path / "data")
   (tmp_path / "a.jpg").write_bytes(jpeg(0))
   manifest = write_jsonl(str(tmp_path / "m.jsonl"), [{"image": "a.jpg", **texts(0)}])
-  builders.build("captions", lambda: builders.manifest_records(manifest), out)
+  builders.build("captions", lambda: sources.manifest_records(manifest), out)
   with pytest.raises(FileNotFoundError, match="manifest not found"):
-    builders.build("captions", lambda: builders.manifest_records(str(tmp_path / "x.jsonl")), out,
+    builders.build("captions", lambda: sources.manifest_records(str(tmp_path / "x.jsonl")), out,
                    overwrite=True)
   assert list(read_all(out, "captions")[0]) == ["a.jpg@1"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from sources import TRUNCATED, image_struct, jpeg, texts, write_parquet
-from uip2p_jax.data import builders
+from uip2p_jax.data import builders, sources
 from uip2p_jax.data.loader import DataError, Loader, LoaderConfig
 from uip2p_jax.tokenizer import default_tokenizer, tokenize
 
@@ -20,7 +20,7 @@ def test_batches_hold_augmented_images_and_token_ids(sample_data):
   assert batch["image"].shape == (4, 64, 64, 3) and batch["image"].dtype == np.float32
   assert -1.0 <= batch["image"].min() < 0 < batch["image"].max() <= 1.0
   records = {r["id"]: r for r in map(__import__("json").loads,
-                                     open(builders.sample_manifest()))}
+                                     open(sources.sample_manifest()))}
   for row, rid in enumerate(batch["id"]):
     record = records[rid.decode()]
     for field in ("input_caption", "instruction", "edited_caption", "reverse_instruction"):
@@ -106,7 +106,7 @@ def test_ip2p_pairs_share_one_crop_and_flip(tmp_path):
       "original_prompt": ["a"] * 3, "original_image": images, "edit_prompt": ["b"] * 3,
       "edited_prompt": ["c"] * 3, "edited_image": images})
   out = str(tmp_path / "data")
-  builders.build("ip2p", lambda: builders.ip2p_records(path), out, metadata={"has_reverse": False})
+  builders.build("ip2p", lambda: sources.ip2p_records(path), out, metadata={"has_reverse": False})
   batch = next(Loader(LoaderConfig(out, kind="ip2p", batch_size=3, resolution=32, num_workers=0,
                                    require_reverse=False, max_scale=1.5)))
   np.testing.assert_array_equal(batch["image"], batch["edited_image"])

@@ -60,27 +60,33 @@ def photo(seed: int, size: tuple[int, int]) -> PIL.Image.Image:
   return PIL.Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
+def tiny_torch_metric_models(image_size: int, patch_size: int, layer_norm_eps: float = 1e-12):
+  """(torch CLIPModel, torch DINO ViTModel), tiny and random (seed the caller's torch first);
+  CLIP has the real 49,408-token vocabulary so real captions tokenize."""
+  from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+  clip = CLIPModel(CLIPConfig(
+      text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, max_position_embeddings=77),
+      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, image_size=image_size, patch_size=patch_size),
+      projection_dim=16)).eval()
+  dino = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            intermediate_size=64, image_size=image_size, patch_size=patch_size,
+                            layer_norm_eps=layer_norm_eps), add_pooling_layer=False).eval()
+  return clip, dino
+
+
 def tiny_metric_models(folder):
   """(torch CLIPModel, torch DINO ViTModel, our MetricModels loaded from their saved weights).
 
   Both take the protocols' 224 x 224 input (patch 32 keeps them fast); CLIP has the real
   49,408-token vocabulary so real captions tokenize.
   """
-  from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
-
   from uip2p_jax import weights
   from uip2p_jax.eval.metrics import MetricModels
   from uip2p_jax.tokenizer import default_tokenizer
   seeded(11)
-  clip = CLIPModel(CLIPConfig(
-      text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=4, max_position_embeddings=77),
-      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, image_size=224, patch_size=32),
-      projection_dim=16)).eval()
-  dino = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                            intermediate_size=64, image_size=224, patch_size=32,
-                            layer_norm_eps=1e-6), add_pooling_layer=False).eval()
+  clip, dino = tiny_torch_metric_models(224, 32, layer_norm_eps=1e-6)
   clip.save_pretrained(os.path.join(folder, "clip"))
   dino.save_pretrained(os.path.join(folder, "dino"))
   ours = MetricModels(weights.load_clip(os.path.join(folder, "clip")),

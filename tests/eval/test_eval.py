@@ -19,17 +19,9 @@ from uip2p_jax.eval.metrics import (cosine_similarity, direction_similarity, l1_
 def metric_folders(tmp_path_factory):
   """A tiny CLIP (real 49,408-token vocabulary, so real token ids work) and a tiny DINO ViT."""
   import torch
-  from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+  from reference import tiny_torch_metric_models
   torch.manual_seed(0)
-  clip = CLIPModel(CLIPConfig(
-      text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=4, max_position_embeddings=77),
-      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, image_size=32, patch_size=16),
-      projection_dim=16)).eval()
-  dino = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                            intermediate_size=64, image_size=32, patch_size=16),
-                  add_pooling_layer=False).eval()
+  clip, dino = tiny_torch_metric_models(32, 16)
   root = tmp_path_factory.mktemp("metric_models")
   clip.save_pretrained(root / "clip")
   dino.save_pretrained(root / "dino")

@@ -38,7 +38,7 @@ def add_parser(commands) -> None:
 
 def _source(args: argparse.Namespace, metadata: dict):
   """The record source of a `kind` (a callable the builder iterates), filling `metadata`."""
-  from uip2p_jax.data import builders
+  from uip2p_jax.data import builders, sources
   kind = args.kind
   if kind == "captions":
     if bool(args.manifest) == bool(args.webdataset):
@@ -47,22 +47,22 @@ def _source(args: argparse.Namespace, metadata: dict):
       raise ValueError("captions --webdataset needs --instructions FILE.jsonl")
     if args.manifest:
       metadata["source"] = os.path.abspath(args.manifest)
-      return lambda: builders.manifest_records(args.manifest, args.max_side)
+      return lambda: sources.manifest_records(args.manifest, args.max_side)
     metadata["source"] = args.webdataset
-    return lambda: builders.webdataset_records(args.webdataset, args.instructions, args.max_side)
+    return lambda: sources.webdataset_records(args.webdataset, args.instructions, args.max_side)
   if not args.parquet:
     raise ValueError(f"{kind} needs --parquet 'DIR/*.parquet'")
   metadata["source"] = args.parquet
   if kind == "ip2p":
     metadata["has_reverse"] = bool(args.reverse_instructions)
-    return lambda: builders.ip2p_records(args.parquet, args.reverse_instructions, args.max_side)
+    return lambda: sources.ip2p_records(args.parquet, args.reverse_instructions, args.max_side)
   metadata["has_captions"] = bool(args.descriptions)
-  return lambda: builders.magicbrush_records(args.parquet, args.descriptions, args.max_side)
+  return lambda: sources.magicbrush_records(args.parquet, args.descriptions, args.max_side)
 
 
 def run(args: argparse.Namespace) -> int:
   """Builds the dataset; exit 3 when records were skipped, 2 when none could be written."""
-  from uip2p_jax.data import builders
+  from uip2p_jax.data import builders, sources
   if args.kind == "sample":
     report = builders.build_sample(args.out, overwrite=args.overwrite)
     kind = "captions"

@@ -72,7 +72,7 @@ def _raw_records(args: argparse.Namespace) -> list[tuple[str, dict | None, str]]
   if args.image or args.out or args.instruction is not None:
     raise ValueError("--batch takes its images, instructions and outputs from the file: drop "
                      "--image, --instruction and --out")
-  from uip2p_jax.data.builders import jsonl_error, read_jsonl
+  from uip2p_jax.data.sources import jsonl_error, read_jsonl
   base = os.path.dirname(os.path.abspath(args.batch))
   records = []
   for line_number, fields, raw in read_jsonl(args.batch):

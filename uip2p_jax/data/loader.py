@@ -24,12 +24,12 @@ import jax
 import numpy as np
 import PIL.Image
 
-from uip2p_jax.data import builders
+from uip2p_jax.data import builders, sources
 from uip2p_jax.tokenizer import MAX_LENGTH, load_tokenizer, tokenize
 
 _INVALID = "__invalid__"
 # Token-id fields of a training batch, from the record's text fields.
-TEXT_IDS = {name: f"{name}_ids" for name in builders.TEXT_FIELDS["captions"]}
+TEXT_IDS = {name: f"{name}_ids" for name in sources.TEXT_FIELDS["captions"]}
 
 
 class DataError(ValueError):
