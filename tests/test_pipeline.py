@@ -41,25 +41,40 @@ def ip2p_folder(tmp_path_factory):
   return pipe, str(folder)
 
 
-@pytest.mark.parametrize("sampler", ["euler", "ddim"])
-def test_edit_matches_diffusers_pipeline(ip2p_folder, sampler):
-  from diffusers import DDIMScheduler, EulerDiscreteScheduler
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "euler", "ddim"])
+def test_edit_matches_diffusers_pipeline(ip2p_folder, sampler, monkeypatch):
+  import jax
+  from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+  from diffusers.schedulers import scheduling_euler_ancestral_discrete as ancestral
+  from uip2p_jax.pipeline import _per_example_normal
   pipe, folder = ip2p_folder
   ours = EditPipeline.from_pretrained(folder)
   # The reference reads the same scheduler_config.json from disk that we do.
-  pipe.scheduler = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}[sampler] \
+  pipe.scheduler = {"euler_ancestral": EulerAncestralDiscreteScheduler,
+                    "euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}[sampler] \
       .from_pretrained(folder, subfolder="scheduler")
   rng = np.random.default_rng(0)
   yy, xx = np.meshgrid(np.linspace(0, 255, 64), np.linspace(0, 255, 64), indexing="ij")
   pil = Image.fromarray(np.stack([yy, xx, 255 - yy], -1).astype(np.uint8))
   noise = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  seeds = [11, 12]
+  # The default sampler is stochastic: diffusers draws each step's noise with torch; hand it
+  # the noise our pipeline draws for step i from each example's key (fold_in(key, i + 1)).
+  keys = jax.vmap(jax.random.key)(np.asarray(seeds, np.uint32))
+  step_noise = iter([np.asarray(_per_example_normal(
+      jax.vmap(lambda k: jax.random.fold_in(k, i + 1))(keys), (8, 8, 4))).transpose(0, 3, 1, 2)
+      for i in range(4)])
+  monkeypatch.setattr(ancestral, "randn_tensor",
+                      lambda shape, **_: torch.from_numpy(next(step_noise).copy()))
   instructions = ["make it snowy", "turn the sky red"]
   reference = pipe(instructions, image=[pil, pil], num_inference_steps=4, guidance_scale=7.5,
                    image_guidance_scale=1.5, output_type="np",
                    latents=torch.from_numpy(noise.transpose(0, 3, 1, 2).copy())).images
   image = prepare_image(pil, 64)
   edited = ours.edit(np.stack([image, image]), instructions, steps=4, sampler=sampler,
-                     initial_noise=noise)
+                     seeds=seeds, initial_noise=noise)
+  if sampler == "euler_ancestral":
+    assert next(step_noise, None) is None  # diffusers drew one noise per step, as we do
   edited01 = (edited + 1) / 2
   assert edited01.shape == reference.shape == (2, 64, 64, 3)
   assert np.abs(edited01 - reference).max() < 1e-3
