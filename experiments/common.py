@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.export = True                      # the EMA UNet in diffusers' format at the end
   c.final_edit = False                 # edit one sample image with it
+  c.profile_steps = ""                 # "START,COUNT": a jax.profiler trace in workdir/profile
 
   c.model = dict(preset="sd15", pretrained="", init_from_sd="", clip="", seed=0,
                  attention_backend="auto", compute_dtype="bfloat16", frozen_dtype="bfloat16",

@@ -1,7 +1,7 @@
 """AOT planning: FLOPs and memory of jitted functions on abstract shapes (no weights needed).
 
 Everything here lowers and compiles with `jax.ShapeDtypeStruct` inputs, so the full SD 1.5
-models can be costed on a laptop CPU in about a minute.
+models can be costed on a laptop CPU (times in BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -19,18 +19,16 @@ MIN_SHARDED_SIZE = 2 ** 16  # elements: below this an array is replicated
 
 
 def maybe_initialize_distributed() -> None:
-  """``jax.distributed.initialize()`` when launched as one process of several.
+  """``jax.distributed.initialize()`` when a launcher asks for it: UIP2P_DISTRIBUTED=1
+  (launch/tpu_pod.sh, launch/slurm_gpu.sbatch) or an explicit JAX_COORDINATOR_ADDRESS.
 
-  JAX finds the coordinator and process ids itself on Cloud TPU slices and under SLURM; this only
-  decides whether to ask (a plain single-host run must not wait for a coordinator). The
-  launchers set UIP2P_DISTRIBUTED=1; SLURM jobs of several tasks and explicit
-  JAX_COORDINATOR_ADDRESS settings count too.
+  JAX then finds the coordinator and process ids itself (Cloud TPU metadata, the SLURM
+  environment: one process per GPU, each driving GPU SLURM_LOCALID). Nothing else starts it: an
+  interactive `salloc` with several tasks must not leave a lone process waiting for peers.
   """
   if jax.distributed.is_initialized():
     return
-  slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
-  if (os.environ.get("UIP2P_DISTRIBUTED") == "1" or slurm_tasks > 1
-      or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+  if os.environ.get("UIP2P_DISTRIBUTED") == "1" or os.environ.get("JAX_COORDINATOR_ADDRESS"):
     jax.distributed.initialize()
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from sources import TRUNCATED, image_struct, jpeg, texts, write_jsonl, write_parquet, write_tar
+from raw_files import TRUNCATED, image_struct, jpeg, texts, write_jsonl, write_parquet, write_tar
 from uip2p_jax.data import builders, sources
 
 

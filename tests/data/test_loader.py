@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from sources import TRUNCATED, image_struct, jpeg, texts, write_parquet
+from raw_files import TRUNCATED, image_struct, jpeg, texts, write_parquet
 from uip2p_jax.data import builders, sources
 from uip2p_jax.data.loader import DataError, Loader, LoaderConfig
 from uip2p_jax.tokenizer import default_tokenizer, tokenize

@@ -1,5 +1,6 @@
 """Checkpoints: a damaged latest checkpoint (truncated array file, garbled metadata, garbled
-data-iterator state) is set aside and the previous one restored; strict_resume refuses."""
+data-iterator state or metrics) is set aside and the previous one restored; strict_resume
+refuses; a checkpoint of another train state is refused, never set aside."""
 
 import glob
 import os
@@ -10,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from uip2p_jax.train.checkpoint import CheckpointError, Checkpoints
+from uip2p_jax.train.checkpoint import Checkpoints, ResumeError
 
 
 class FakeLoader:
@@ -34,8 +35,12 @@ def _state(step):
   return {"step": jnp.asarray(step, jnp.int32), "w": jnp.full((64, 64), float(step))}
 
 
+def _abstract(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+
 def _saved_run(directory):
-  checkpoints = Checkpoints(directory, _config())
+  checkpoints = Checkpoints(directory, _config(), _abstract(_state(0)))
   for step in (1, 2):
     checkpoints.save(step, _state(step), FakeLoader(step * 10), loss=1.0 / step)
   checkpoints.close()
@@ -61,6 +66,7 @@ DAMAGE = {
     "garbled _METADATA": lambda d: _garble(os.path.join(d, "state", "_METADATA")),
     "garbled data-iterator state": lambda d: _garble(
         next(f for f in glob.glob(os.path.join(d, "data", "*")) if os.path.isfile(f))),
+    "garbled metrics": lambda d: _garble(os.path.join(d, "metrics", "metrics")),
 }
 
 
@@ -69,15 +75,15 @@ def test_damaged_latest_checkpoint_is_set_aside(tmp_path, damage, capsys):
   directory = str(tmp_path / "checkpoints")
   _saved_run(directory)
   DAMAGE[damage](os.path.join(directory, "2"))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _state(0))
+  abstract = _abstract(_state(0))
 
-  with pytest.raises(CheckpointError, match=r"checkpoints/2 cannot be restored .*strict_resume"):
-    Checkpoints(directory, _config(strict=True)).restore_latest(abstract, FakeLoader())
+  with pytest.raises(ResumeError, match=r"checkpoints/2 cannot be restored .*strict_resume"):
+    Checkpoints(directory, _config(strict=True), abstract).restore_latest(FakeLoader())
   assert os.path.isdir(os.path.join(directory, "2"))  # refused, not moved
 
-  checkpoints = Checkpoints(directory, _config())
+  checkpoints = Checkpoints(directory, _config(), abstract)
   loader = FakeLoader()
-  state, step = checkpoints.restore_latest(abstract, loader)
+  state, step = checkpoints.restore_latest(loader)
   assert step == 1 and loader.position == 10
   np.testing.assert_array_equal(np.asarray(state["w"]), np.ones((64, 64)))
   assert sorted(os.listdir(directory)) == ["1", "2.unreadable-0"]  # kept for inspection
@@ -87,3 +93,13 @@ def test_damaged_latest_checkpoint_is_set_aside(tmp_path, damage, capsys):
   checkpoints.save(2, _state(2), FakeLoader(20), loss=0.5)
   checkpoints.close()
   assert sorted(os.listdir(directory)) == ["1", "2", "2.unreadable-0"]
+
+
+def test_a_checkpoint_of_another_state_is_refused_not_set_aside(tmp_path):
+  directory = str(tmp_path / "checkpoints")
+  _saved_run(directory)
+  other = {"step": jax.ShapeDtypeStruct((), jnp.int32),
+           "w": jax.ShapeDtypeStruct((32, 64), jnp.float32)}
+  with pytest.raises(ResumeError, match=r"checkpoints/2 holds another train state .*new --workdir"):
+    Checkpoints(directory, _config(), other).restore_latest(FakeLoader())
+  assert sorted(os.listdir(directory)) == ["1", "2"]

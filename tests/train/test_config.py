@@ -24,6 +24,12 @@ def test_overrides_are_typed_and_nested():
 
 @pytest.mark.parametrize("argv, message", [
     (["--config.foo=1"], r"--config.foo: config has no key 'foo' \(keys: \["),
+    (["--config.cycle.start=nosie"], r"cycle.start"),
+    (["--config.optim.accumulate=0"], r"config.optim.accumulate=0; expected >= 1"),
+    (["--config.model.compute_dtype=fp16"], r"dtype 'fp16'"),
+    (["--config.model.remat=some"], r"config.model.remat='some'"),
+    (["--config.profile_steps=5"], r"expected 'START,COUNT'"),
+    (["--config.loss.recon_kind=l3"], r"recon_kind"),
     (["--config.cycle.bogus=1"], r"cycle has no key 'bogus'"),
     (["--config.total_steps=many"], r"--config.total_steps='many': expected a int"),
     (["--config.cycle.share_noise=maybe"], r"expected a bool"),
@@ -86,3 +92,44 @@ def test_supervised_objective_needs_pairs():
   config.data.kind = "captions"
   with pytest.raises(run_config.ConfigError, match="config.data.kind must be 'ip2p'"):
     run_config.check_objective_data(config)
+
+
+def test_main_maps_outcomes_to_exit_statuses(tmp_path, monkeypatch, capsys):
+  """0 finished, 75 preempted (checkpoint saved), 2 a refused resume or a bad dataset."""
+  from uip2p_jax.train import loop
+  from uip2p_jax.train.checkpoint import EXIT_PREEMPTED, ResumeError
+  argv = ["--config", SMOKE, "--workdir", str(tmp_path / "run")]
+  outcomes = {"finished": loop.TrainResult({}, preempted=False),
+              "preempted": loop.TrainResult({}, preempted=True)}
+  for name, status in (("finished", 0), ("preempted", EXIT_PREEMPTED)):
+    monkeypatch.setattr(loop, "train", lambda config, workdir, r=outcomes[name]: r)
+    assert main(argv) == status, name
+
+  def refuse(config, workdir):
+    raise ResumeError("checkpoint x holds another train state")
+  monkeypatch.setattr(loop, "train", refuse)
+  assert main(argv) == 2
+  assert capsys.readouterr().err.strip() == ("uip2p train: error: checkpoint x holds another "
+                                             "train state")
+
+
+def test_a_missing_dataset_fails_before_the_workdir_exists(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  assert main(["--config", SMOKE, "--workdir", workdir,
+               f"--config.data.dir={tmp_path / 'nothing'}"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "config.data.dir=" in err[0], err
+  assert not os.path.exists(workdir)
+
+
+def test_a_v_prediction_model_is_refused_for_training():
+  from uip2p_jax.schedules import NoiseSchedule
+  from uip2p_jax.train import step
+  config = run_config.load_config(SMOKE)
+  with pytest.raises(run_config.ConfigError, match="predicts 'v_prediction'.*epsilon"):
+    step.make_step_functions(config, {}, {}, {}, NoiseSchedule(prediction_type="v_prediction"),
+                             None, None)
+  config.cycle.timestep_max = 2000
+  with pytest.raises(run_config.ConfigError, match="timestep_max=2000 is beyond the model's "
+                                                   "1000-step"):
+    step.make_step_functions(config, {}, {}, {}, NoiseSchedule(), None, None)

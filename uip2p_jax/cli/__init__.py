@@ -23,13 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  if argv[:1] == ["train"]:  # absl/ml_collections flags: --config FILE.py:ARGS --config.key=v
+  if argv[:1] == ["train"]:  # its own parser: --config FILE.py:ARGS --config.key=value
     return train.run(argv[1:])
   args = build_parser().parse_args(argv)
   args.command_line = argv  # `uip2p plan` re-runs itself with XLA flags
   try:
     return args.run(args)
-  except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+  except (ValueError, OSError) as e:  # weights.CheckpointError is a ValueError
     print(f"uip2p {args.command}: error: {e}", file=sys.stderr)
     return common.USAGE_ERROR
 

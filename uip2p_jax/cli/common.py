@@ -65,7 +65,15 @@ def load_pipeline(model: str | None, dtype: str = "float32", seed: int = 0,
 
 
 def model_id(model: str | None, seed: int = 0) -> str:
-  """What made a set of edits: an absolute folder, a Hub repo id, or the embedded model."""
+  """What made a set of edits: an absolute folder with a fingerprint of its UNet weights (a
+  re-export into the same folder is another model), a Hub repo id, or the embedded model."""
   if model is None:
     return f"{EMBEDDED_MODEL} (seed {seed})"
-  return os.path.abspath(model) if os.path.isdir(model) else model
+  if not os.path.isdir(model):
+    return model
+  import glob
+  import hashlib
+  files = sorted(glob.glob(os.path.join(model, "unet", "*.safetensors")))
+  stamp = "|".join(f"{os.path.basename(f)}:{os.path.getsize(f)}:{os.stat(f).st_mtime_ns}"
+                   for f in files)
+  return f"{os.path.abspath(model)} (unet {hashlib.sha256(stamp.encode()).hexdigest()[:12]})"

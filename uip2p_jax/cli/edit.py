@@ -87,9 +87,20 @@ def _raw_records(args: argparse.Namespace) -> list[tuple[str, dict | None, str]]
   return records
 
 
+def _with_size(record: EditRecord) -> EditRecord:
+  """The record with its image's size (the image is read: an unreadable one is a BadRecord)."""
+  from uip2p_jax.image_io import load_image
+  try:
+    record.size = load_image(record.image).size
+  except (ValueError, FileNotFoundError) as e:
+    raise BadRecord(str(e)) from None
+  return record
+
+
 def _checked(index: int, where: str, fields: dict | None, why_not: str) -> EditRecord:
-  """The record, its output path checked writable and its image read (else BadRecord)."""
-  from uip2p_jax.image_io import check_output_path, load_image
+  """The record with its instruction and paths checked and its output path writable (else
+  BadRecord); the image is read later (`_with_size`)."""
+  from uip2p_jax.image_io import check_output_path
   if fields is None:
     raise BadRecord(why_not)
   instruction = fields.get("instruction")
@@ -101,8 +112,7 @@ def _checked(index: int, where: str, fields: dict | None, why_not: str) -> EditR
   record = EditRecord(index, where, fields["image"], instruction, fields["out"])
   try:
     check_output_path(record.out)
-    record.size = load_image(record.image).size
-  except (ValueError, FileNotFoundError) as e:
+  except ValueError as e:
     raise BadRecord(str(e)) from None
   return record
 
@@ -129,12 +139,14 @@ def run(args: argparse.Namespace) -> int:
     try:
       if out is not None and out in outputs:
         raise BadRecord(f"output {fields['out']} is also the output of {outputs[out]}")
-      if batch and out is not None and not args.overwrite and os.path.exists(out):
-        outputs[out] = where
-        kept += 1  # done by an earlier run
-        continue
-      ready.append(_checked(index, where, fields, why_not))
+      # A valid record whose output file exists was done by an earlier run (checked first, so
+      # a folder or an unusable path is reported, not counted as done).
+      record = _checked(index, where, fields, why_not)
       outputs[out] = where
+      if batch and not args.overwrite and os.path.isfile(record.out):
+        kept += 1
+        continue
+      ready.append(_with_size(record))
     except BadRecord as e:
       if not batch:
         raise ValueError(str(e)) from None

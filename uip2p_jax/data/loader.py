@@ -1,4 +1,5 @@
-"""The training input pipeline: array_record -> grain -> per-host batches -> global jax.Arrays.
+"""The training input pipeline: array_record -> grain -> per-host batches (numpy; the trainer
+makes global arrays with `sharding.global_batch`).
 
 Per JAX process: its slice of the records (``process_index::process_count``), a seeded global
 shuffle reshuffled every epoch, decode + IP2P augmentation (random resized crop, horizontal flip)

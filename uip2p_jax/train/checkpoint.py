@@ -10,17 +10,21 @@ run resumes from the checkpoint before it; `checkpoint.strict_resume=true` refus
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import sys
 
 import jax
+import numpy as np
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGINT; run again to resume
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be restored (with checkpoint.strict_resume)."""
+class ResumeError(RuntimeError):
+  """A checkpoint this run must not resume from: damaged (with checkpoint.strict_resume) or
+  saved by a run with another train state."""
 
 
 class _LoaderSnapshot:
@@ -62,12 +66,39 @@ def _quiet_closed_event_loops() -> None:
   sys.unraisablehook = hook
 
 
-class Checkpoints:
-  """The run's checkpoint folder: save, restore the latest readable step, retention."""
+def state_signature(abstract_state) -> str:
+  """A hash of the state's tree paths, shapes and dtypes: which model and optimizer it holds."""
+  leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+  text = ";".join(f"{jax.tree_util.keystr(path)}:{tuple(leaf.shape)}:{leaf.dtype}"
+                  for path, leaf in leaves)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-  def __init__(self, directory: str, config):
+
+def _all_processes(ok: bool) -> bool:
+  """True when `ok` holds on every process (a damaged per-process file fails on one only)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+class Checkpoints:
+  """The run's checkpoint folder: save, restore the latest readable step, retention.
+
+  Each save records the training loss (retention keeps the best) and the state's signature;
+  a checkpoint whose signature differs from this run's state (another model or optimizer) is
+  refused, never set aside: the config changed, the checkpoint is fine.
+  """
+
+  def __init__(self, directory: str, config, abstract_state):
     self.directory = os.path.abspath(directory)
     self._config = config.checkpoint
+    self._abstract_state = abstract_state
+    self.signature = state_signature(abstract_state)
+    # orbax reads every checkpoint's metrics when it opens the folder: a garbled one would
+    # stop the run before any restore is tried.
+    for step, _ in self._unreadable_metrics():
+      self._damaged(step, "its metrics file is not JSON", reopen=False)
     self._manager = self._open()
 
   def _open(self):
@@ -85,6 +116,24 @@ class Checkpoints:
         cleanup_tmp_directories=True)
     return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
+  def _metrics_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step), "metrics", "metrics")
+
+  def _unreadable_metrics(self):
+    """(step, path) of checkpoints whose metrics file exists but does not parse."""
+    if not os.path.isdir(self.directory):
+      return []
+    found = []
+    for name in sorted(os.listdir(self.directory)):
+      path = self._metrics_path(name)
+      if name.isdigit() and os.path.isfile(path):
+        try:
+          with open(path) as f:
+            json.load(f)
+        except (ValueError, OSError):
+          found.append((int(name), path))
+    return found
+
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
@@ -94,51 +143,65 @@ class Checkpoints:
     return self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(_LoaderSnapshot(loader.get_state()))),
-        metrics={"loss": float(loss)}, force=force)
+        metrics={"loss": float(loss), "state_signature": self.signature}, force=force)
 
   def reached_preemption(self, step: int) -> bool:
     return self._manager.reached_preemption(step)
 
-  def _restore(self, step: int, abstract_state, loader):
+  def _check_signature(self, step: int) -> None:
+    with open(self._metrics_path(step)) as f:
+      saved = json.load(f).get("state_signature")
+    if saved is not None and saved != self.signature:
+      raise ResumeError(
+          f"checkpoint {self.directory}/{step} holds another train state (signature {saved}, "
+          f"this run's is {self.signature}): the model, optimizer or their dtypes changed "
+          "since it was saved. Use a new --workdir, or the config that wrote it")
+
+  def _restore(self, step: int, loader):
     import grain
     import orbax.checkpoint as ocp
     snapshot = _LoaderSnapshot()
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
+        state=ocp.args.StandardRestore(self._abstract_state),
         data=grain.checkpoint.CheckpointRestore(snapshot)))
     loader.set_state(snapshot.state)
     return restored["state"]
 
-  def restore_latest(self, abstract_state, loader):
+  def restore_latest(self, loader):
     """(state, step) of the latest readable checkpoint, or (None, None) when there is none."""
     for step in reversed(self.steps()):
+      if os.path.isfile(self._metrics_path(step)):
+        self._check_signature(step)
+      state, reason = None, ""
       try:
-        return self._restore(step, abstract_state, loader), step
+        state = self._restore(step, loader)
       except Exception as e:  # orbax/tensorstore/json raise many kinds for a damaged file
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        where = os.path.join(self.directory, str(step))
-        if self._config.strict_resume:
-          raise CheckpointError(
-              f"checkpoint {where} cannot be restored ({reason}); checkpoint.strict_resume is "
-              "set, so the run stops (unset it to resume from the previous checkpoint)") from e
-        _quiet_closed_event_loops()
-        aside = self._set_aside(step)
-        print(f"train: warning: checkpoint {where} cannot be restored ({reason}); moved it to "
-              f"{aside} and trying the one before", file=sys.stderr, flush=True)
+      if _all_processes(state is not None):
+        return state, step
+      self._damaged(step, reason or "another process could not read its part")
     return None, None
 
-  def _set_aside(self, step: int) -> str:
-    source = os.path.join(self.directory, str(step))
+  def _damaged(self, step: int, reason: str, reopen: bool = True) -> None:
+    """Refuses (strict_resume) or sets the checkpoint aside as STEP.unreadable-N."""
+    where = os.path.join(self.directory, str(step))
+    if self._config.strict_resume:
+      raise ResumeError(
+          f"checkpoint {where} cannot be restored ({reason}); checkpoint.strict_resume is "
+          "set, so the run stops (unset it to resume from the previous checkpoint)")
+    _quiet_closed_event_loops()
     n = 0
-    while os.path.exists(f"{source}.unreadable-{n}"):
+    while os.path.exists(f"{where}.unreadable-{n}"):
       n += 1
-    target = f"{source}.unreadable-{n}"
+    target = f"{where}.unreadable-{n}"
     if jax.process_index() == 0:
-      os.rename(source, target)
+      os.rename(where, target)
     _sync(f"set aside checkpoint {step}")
-    self._manager.close()
-    self._manager = self._open()  # forget the step it had listed
-    return target
+    print(f"train: warning: checkpoint {where} cannot be restored ({reason}); moved it to "
+          f"{target} and trying the one before", file=sys.stderr, flush=True)
+    if reopen:
+      self._manager.close()
+      self._manager = self._open()  # forget the step it had listed
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -151,12 +214,18 @@ class Checkpoints:
 class Preemption:
   """SIGTERM (TPU maintenance or preemption, SLURM's time limit) and the first Ctrl-C (SIGINT)
   become a flag: the loop finishes its step, saves and exits with EXIT_PREEMPTED. A second
-  Ctrl-C interrupts at once."""
+  Ctrl-C interrupts at once.
+
+  With several processes SIGTERM is left to JAX: `jax.distributed` installs its own handler and
+  the preemption sync service agrees on one step for every host (`Checkpoints.
+  reached_preemption`); a per-process flag would let hosts that saw the signal at different
+  steps split between the collective save and the next step, and hang. Ctrl-C is single-process
+  only for the same reason."""
 
   def __init__(self):
     self.requested = False
-    self._previous = {sig: signal.signal(sig, self._handle)
-                      for sig in (signal.SIGTERM, signal.SIGINT)}
+    signals = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else ()
+    self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
   def _handle(self, signum, frame):
     self.requested = True

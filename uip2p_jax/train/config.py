@@ -134,7 +134,51 @@ def parse_command_line(argv: list[str]) -> Command:
   config = load_config(spec)
   for assignment in overrides:
     apply_override(config, assignment)
+  check(config)
   return Command(config, spec, workdir)
+
+
+def check(config) -> None:
+  """Every value the run will read, checked before the workdir, the data or the weights are
+  touched (what needs the devices or the model folder is checked as soon as they are known)."""
+  from uip2p_jax.model_set import dtype_of
+  from uip2p_jax.models.partitioning import REMAT_POLICIES
+  check_objective_data(config)
+  try:
+    cycle_config(config)
+    loss_config(config)
+    loader_config(config, data_dir=config.data.dir or "unset")
+    for name in ("compute_dtype", "frozen_dtype"):
+      dtype_of(config.model[name])
+  except (TypeError, ValueError) as e:
+    raise ConfigError(str(e)) from None
+  if config.model.remat not in REMAT_POLICIES:
+    raise ConfigError(f"config.model.remat={config.model.remat!r}; expected one of "
+                      f"{REMAT_POLICIES}")
+  if config.optim.schedule not in ("constant", "cosine"):
+    raise ConfigError(f"config.optim.schedule={config.optim.schedule!r}; expected 'constant' "
+                      "or 'cosine'")
+  for key, low in (("batch_size", 1), ("total_steps", 0), ("log_every", 1),
+                   ("optim.accumulate", 1), ("checkpoint.every", 1), ("checkpoint.keep", 1)):
+    section, _, leaf = key.rpartition(".")
+    value = (config[section] if section else config)[leaf]
+    if value < low:
+      raise ConfigError(f"config.{key}={value}; expected >= {low}")
+  profile_range(config.profile_steps)
+
+
+def profile_range(spec: str) -> tuple[int, int] | None:
+  """config.profile_steps "START,COUNT" -> (START, START + COUNT); "" -> None."""
+  if not spec:
+    return None
+  try:
+    start, count = (int(part) for part in spec.split(","))
+  except ValueError:
+    raise ConfigError(f"config.profile_steps={spec!r}: expected 'START,COUNT' (e.g. '10,5')"
+                      ) from None
+  if start < 0 or count < 1:
+    raise ConfigError(f"config.profile_steps={spec!r}: need START >= 0 and COUNT >= 1")
+  return start, start + count
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import numpy as np
 
 from uip2p_jax import sharding as shd
 from uip2p_jax.train import config as run_config
-from uip2p_jax.train.checkpoint import EXIT_PREEMPTED, CheckpointError, Checkpoints, Preemption
+from uip2p_jax.train.checkpoint import EXIT_PREEMPTED, Checkpoints, Preemption, ResumeError
 from uip2p_jax.train.metric_writer import MetricWriter
 from uip2p_jax.train.samples import RunContext, export, final_edit, write_samples
 from uip2p_jax.train.step import (StepFunctions, batch_fields, check_batch_size, lower_step,
@@ -42,7 +42,15 @@ class TrainResult:
   preempted: bool             # stopped by SIGTERM / Ctrl-C after saving a checkpoint
 
 
-_COMPILED: dict[tuple, tuple[StepFunctions, object]] = {}
+@dataclasses.dataclass
+class CompiledStep:
+  functions: StepFunctions
+  step: object                     # the compiled executable
+  hardware_flops: float            # per device per step, XLA's count of the optimised program
+  model_flops: float               # per device per step, what the method needs (no remat recompute)
+
+
+_COMPILED: dict[tuple, CompiledStep] = {}
 
 
 def _compiled_step(config, graphs, params, frozen, schedule, tokenizer, mesh):
@@ -57,8 +65,29 @@ def _compiled_step(config, graphs, params, frozen, schedule, tokenizer, mesh):
     _COMPILED.clear()  # keep one: compiled SD-size steps are large
     functions, lowered = lower_step(config, graphs, params, frozen, schedule, tokenizer, mesh,
                                     config.batch_size)
-    _COMPILED[key] = functions, lowered.compile()
+    compiled = lowered.compile()
+    _COMPILED[key] = CompiledStep(functions, compiled, _flops(compiled.cost_analysis()),
+                                  _model_flops(config, lowered, mesh))
   return _COMPILED[key]
+
+
+def _flops(cost) -> float:
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def _model_flops(config, lowered, mesh) -> float:
+  """Per-device FLOPs of one step without activation recomputation: the unoptimised program
+  (lowered, not compiled) of the same step with remat off, divided over the devices."""
+  if config.model.remat != "none":
+    from uip2p_jax.model_set import build_models
+    plain = config.copy_and_resolve_references()
+    plain.model.remat = "none"
+    models = build_models(**run_config.model_kwargs(plain, abstract=True))
+    graphs, params, frozen = split_models(models)
+    _, lowered = lower_step(plain, graphs, params, frozen, models.schedule, models.tokenizer,
+                            mesh, config.batch_size)
+  return _flops(lowered.cost_analysis()) / mesh.size
 
 
 def _resolve_data_dir(config, workdir: str) -> str:
@@ -79,39 +108,43 @@ def _resolve_data_dir(config, workdir: str) -> str:
   return out
 
 
-def _flops_per_device(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", 0.0)) if cost else 0.0
-
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Runs (or resumes) the experiment `config` in `workdir`."""
   from uip2p_jax.data.loader import Loader
   from uip2p_jax.model_set import build_models
-  run_config.check_objective_data(config)
+  from uip2p_jax.data.loader import DataError
+  run_config.check(config)
   shd.maybe_initialize_distributed()
-  mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp)
   global_batch = config.batch_size
-  check_batch_size(global_batch, mesh.shape["data"] * mesh.shape["fsdp"],
-                   config.optim.accumulate, jax.process_count())
+  try:
+    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp)
+    check_batch_size(global_batch, mesh.shape["data"] * mesh.shape["fsdp"],
+                     config.optim.accumulate, jax.process_count())
+  except ValueError as e:
+    raise run_config.ConfigError(f"config.mesh / config.batch_size: {e}") from None
+  profile = Profile(config.profile_steps, os.path.join(workdir, "profile"))
+  # The data first: a missing or wrong dataset fails in seconds, not after the compile (and
+  # before the workdir exists, unless the bundled sample is to be built into it).
+  try:
+    loader = Loader(run_config.loader_config(config, _resolve_data_dir(config, workdir),
+                                             jax.process_count()))
+  except (ValueError, FileNotFoundError) as e:
+    raise DataError(f"config.data.dir={config.data.dir!r}: {e}") from None
   os.makedirs(workdir, exist_ok=True)
-  # The data first: a missing or wrong dataset fails in seconds, not after the compile.
-  loader = Loader(run_config.loader_config(config, _resolve_data_dir(config, workdir),
-                                           jax.process_count()))
   checkpoints = preemption = writer = None
   try:
     models = build_models(**run_config.model_kwargs(config))
     graphs, params, frozen = split_models(models)
     tokenizer, schedule = models.tokenizer, models.schedule
     del models  # the arrays live on in params/frozen only
-    functions, compiled = _compiled_step(config, graphs, params, frozen, schedule,
-                                          tokenizer, mesh)
+    compiled = _compiled_step(config, graphs, params, frozen, schedule, tokenizer, mesh)
+    functions = compiled.functions
     frozen = shd.place(jax.tree.map(np.asarray, frozen), functions.frozen_shardings)
     run = RunContext(config, workdir, graphs, frozen, tokenizer, schedule, mesh)
 
-    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config)
-    state, restored = checkpoints.restore_latest(functions.abstract_state, loader)
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config,
+                              functions.abstract_state)
+    state, restored = checkpoints.restore_latest(loader)
     if state is None:
       state = functions.init_state(params, config.seed)
     else:
@@ -119,7 +152,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     del params
     step = int(jax.device_get(state.step))
 
-    flops_per_device = _flops_per_device(compiled)
     peak = peak_flops(jax.devices()[0])
     is_writer = jax.process_index() == 0
     writer = MetricWriter(workdir, step, enabled=is_writer)
@@ -128,7 +160,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         f.write(config.to_json_best_effort(indent=2))
     print(f"train: {config.objective} on {jax.device_count()} devices, mesh "
           f"{dict(mesh.shape)}, global batch {global_batch}, steps {step} -> "
-          f"{config.total_steps}; {flops_per_device / 1e9:.1f} GFLOP per device per step",
+          f"{config.total_steps}; per device and step {compiled.model_flops / 1e9:.1f} GFLOP "
+          f"(model), {compiled.hardware_flops / 1e9:.1f} GFLOP (compiled, with recomputation)",
           flush=True)
     preemption = Preemption()
     sample_batch = None
@@ -140,16 +173,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         sample_batch = _sample_batch(host_batch, config)
       batch = shd.global_batch(host_batch, functions.batch_sharding,
                                batch_fields(config.objective))
-      state, metrics = compiled(state, frozen, batch)
+      profile.before(step)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = compiled.step(state, frozen, batch)
       step += 1
+      profile.after(step, state)
       window_steps += 1
       if step % config.log_every == 0 or step == config.total_steps:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         step_time = (time.perf_counter() - window_start) / window_steps
         metrics.update(step_time=step_time, images_per_second=global_batch / step_time,
                        skipped_records=float(loader.skipped_records))
-        if peak and flops_per_device:
-          metrics["mfu"] = flops_per_device / step_time / peak
+        # MFU counts the FLOPs the method needs; recomputation is hardware work, logged apart.
+        metrics["hardware_flops_per_second"] = compiled.hardware_flops / step_time
+        if peak and compiled.model_flops:
+          metrics["mfu"] = compiled.model_flops / step_time / peak
         last_metrics = metrics
         writer.scalars(step, metrics)
         window_start, window_steps = time.perf_counter(), 0
@@ -172,6 +210,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       final_edit(run, state, sample_batch or _sample_batch(next(loader), config))
     return TrainResult(last_metrics, preempted=False)
   finally:
+    profile.stop()
     if preemption is not None:
       preemption.restore()
     if checkpoints is not None:
@@ -179,6 +218,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     loader.close()
     if writer is not None:
       writer.close()
+
+
+class Profile:
+  """`config.profile_steps = "START,COUNT"`: a jax.profiler trace of steps START..START+COUNT-1
+  in workdir/profile (TensorBoard's profile tab); "" traces nothing."""
+
+  def __init__(self, spec: str, directory: str):
+    self.start, self.stop_at = run_config.profile_range(spec) or (None, None)
+    self.directory = directory
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if self.start is not None and step == self.start and not self.active:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and step >= self.stop_at:
+      jax.block_until_ready(state)  # the traced steps' device work belongs in the trace
+      self.stop()
+
+  def stop(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      print(f"train: profile of steps {self.start}-{self.stop_at - 1} in {self.directory}",
+            flush=True)
 
 
 def _sample_batch(host_batch, config) -> dict:
@@ -201,6 +267,8 @@ def enable_compilation_cache() -> None:
 def main(argv: list[str] | None = None) -> int:
   """`uip2p train --config FILE.py[:ARGS] --workdir DIR [--config.key=value ...]`."""
   from absl import logging
+
+  from uip2p_jax import weights
   from uip2p_jax.data.loader import DataError
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] in (["-h"], ["--help"]):
@@ -211,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
     enable_compilation_cache()
     result = train(command.config, command.workdir)
-  except (run_config.ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
+  except (run_config.ConfigError, ResumeError, DataError, FileNotFoundError,
+          weights.CheckpointError) as e:
     print(f"uip2p train: error: {e}", file=sys.stderr)
     return 2
   return EXIT_PREEMPTED if result.preempted else 0

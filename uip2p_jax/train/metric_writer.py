@@ -47,7 +47,7 @@ class MetricWriter:
       truncate_jsonl(self.jsonl, start_step)
       # purge_step: TensorBoard discards events at or after it (written by an interrupted run).
       self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                        purge_step=start_step + 1 if start_step else None)
+                                        purge_step=start_step + 1)
 
   def scalars(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:

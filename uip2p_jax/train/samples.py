@@ -46,9 +46,10 @@ class RunContext:
     return shd.place(np.asarray(x), shd.replicated(self.mesh))
 
 
-def sample_edits(run: RunContext, params, images, forward_ids, reverse_ids):
+def sample_edits(run: RunContext, params, images, forward_ids, reverse_ids=None):
   """(forward edit, reconstruction) of `images` (B, H, W, 3) in [-1, 1] with UNet `params`:
-  the InstructPix2Pix sampler with guidance (config.sample), forward then reverse instruction."""
+  the InstructPix2Pix sampler with guidance (config.sample), forward then reverse instruction
+  (no reverse edit, and None for it, without `reverse_ids`)."""
   from uip2p_jax.pipeline import edit_latents
   from uip2p_jax.schedules import make_sampler
   from uip2p_jax.tokenizer import tokenize
@@ -63,7 +64,7 @@ def sample_edits(run: RunContext, params, images, forward_ids, reverse_ids):
                                      jnp.float32(config.sample.text_scale),
                                      jnp.float32(config.sample.image_scale), keys)
   edited = edit(images, forward_ids)
-  return edited, edit(edited, reverse_ids)
+  return edited, None if reverse_ids is None else edit(edited, reverse_ids)
 
 
 def write_samples(run: RunContext, state: TrainState, sample_batch, step: int, writer) -> None:
@@ -115,7 +116,7 @@ def final_edit(run: RunContext, state: TrainState, sample_batch) -> None:
   """Edits the first sample image with the trained (EMA) UNet: workdir/final_edit.png."""
   ids = sample_batch["instruction_ids"][:1]
   edited, _ = sample_edits(run, state.ema_params, run.replicated(sample_batch["image"][:1]),
-                           run.replicated(ids), run.replicated(ids))
+                           run.replicated(ids))
   edited = host_tree(edited)
   if jax.process_index() == 0:
     path = os.path.join(run.workdir, "final_edit.png")

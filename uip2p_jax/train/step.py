@@ -169,9 +169,14 @@ def make_step_functions(config, graphs, params, frozen, schedule: NoiseSchedule,
   and the run's schedule and tokenizer."""
   from uip2p_jax.tokenizer import tokenize
   if schedule.prediction_type != "epsilon":
-    raise ValueError(f"the noise schedule predicts {schedule.prediction_type!r}; training "
-                     "supports epsilon-prediction checkpoints only (InstructPix2Pix, SD 1.x)")
+    raise run_config.ConfigError(
+        f"the model's noise schedule predicts {schedule.prediction_type!r}; training supports "
+        "epsilon-prediction checkpoints only (InstructPix2Pix, SD 1.x)")
   alphas_cumprod = jnp.asarray(schedule.alphas_cumprod(), jnp.float32)
+  if config.objective == "cec" and config.cycle.timestep_max > alphas_cumprod.shape[0]:
+    raise run_config.ConfigError(
+        f"config.cycle.timestep_max={config.cycle.timestep_max} is beyond the model's "
+        f"{alphas_cumprod.shape[0]}-step noise schedule (expected <= {alphas_cumprod.shape[0]})")
   optimizer, lr_schedule = make_optimizer(config.optim)
   bound_step = functools.partial(
       train_step, compute_loss=loss_function(config, graphs, alphas_cumprod,
