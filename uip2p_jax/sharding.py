@@ -29,7 +29,11 @@ def maybe_initialize_distributed() -> None:
   if jax.distributed.is_initialized():
     return
   if os.environ.get("UIP2P_DISTRIBUTED") == "1" or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize()
+    # Explicit set-ups (no cluster to detect: a workstation, a test) also name the process.
+    explicit = {name: int(os.environ[var]) for name, var in
+                (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+                if var in os.environ}
+    jax.distributed.initialize(**explicit)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
