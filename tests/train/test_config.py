@@ -30,6 +30,7 @@ def test_overrides_are_typed_and_nested():
     (["--config.model.remat=some"], r"config.model.remat='some'"),
     (["--config.profile_steps=5"], r"expected 'START,COUNT'"),
     (["--config.loss.recon_kind=l3"], r"recon_kind"),
+    (["--config.data.dir=gs://bucket/data"], r"config.data.dir='gs://bucket/data': object-store"),
     (["--config.cycle.bogus=1"], r"cycle has no key 'bogus'"),
     (["--config.total_steps=many"], r"--config.total_steps='many': expected a int"),
     (["--config.cycle.share_noise=maybe"], r"expected a bool"),

@@ -131,6 +131,7 @@ def parse_command_line(argv: list[str]) -> Command:
     raise ConfigError(f"--config and --workdir are required; {USAGE}")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir!r} is a file; expected a folder (created if missing)")
+  _check_local(workdir, "--workdir")
   config = load_config(spec)
   for assignment in overrides:
     apply_override(config, assignment)
@@ -165,6 +166,15 @@ def check(config) -> None:
     if value < low:
       raise ConfigError(f"config.{key}={value}; expected >= {low}")
   profile_range(config.profile_steps)
+  _check_local(config.data.dir, "config.data.dir")
+
+
+def _check_local(path: str, what: str) -> None:
+  """URLs are refused by name: plain file I/O would write `gs://b/run` to ./gs:/b/run."""
+  if "://" in path:
+    raise ConfigError(f"{what}={path!r}: object-store URLs are not read or written directly "
+                      "yet; mount the bucket on every host (gcsfuse: gs://BUCKET at /gcs/BUCKET) "
+                      "and give that path")
 
 
 def profile_range(spec: str) -> tuple[int, int] | None:
