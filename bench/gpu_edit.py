@@ -1,6 +1,6 @@
 """GPU edit throughput: SD 1.5-size IP2P model (random weights), bf16, 20 steps, 512 px.
 
-Run by bench/gpu.sh on a lent GPU; also runs on CPU with `--preset tiny --resolution 64` as a
+Run by bench/device.sh on a lent GPU; also runs on CPU with `--preset tiny --resolution 64` as a
 smoke test. Reports seconds per edit after compile, images/s and achieved TFLOP/s against the
 card's peak (FLOPs from XLA's cost analysis of each model, x steps x 3 guidance branches).
 """

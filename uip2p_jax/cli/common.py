@@ -10,6 +10,7 @@ import sys
 OK = 0            # every record done
 USAGE_ERROR = 2   # a usage error, or nothing could be done
 SOME_SKIPPED = 3  # some records were skipped (each reported); the rest are done
+INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal with its work so far saved; run it again
 
 EXIT_STATUS_HELP = ("Exit status: 0 all records done; 3 some records skipped (each reported "
                     "with its line or id, the rest done); 2 nothing could be done, or a usage "
@@ -34,6 +35,25 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 # The working size's longest side: one multiple of 64 at least (SD's VAE x UNet factor).
 resolution = int_at_least(64, "a resolution in pixels")
+
+
+DTYPES = ("auto", "float32", "bfloat16")
+DTYPE_HELP = ("compute and weight dtype of the edit models; auto (default): bfloat16 on a GPU or "
+              "TPU, float32 on a CPU")
+
+
+def compute_dtype(text: str, platform: str | None = None) -> str:
+  """An argparse `type=` for `--dtype`: "float32", "bfloat16", or "auto", which is bfloat16 on a
+  GPU or TPU (their matrix units' native precision; softmax and norms stay float32) and float32
+  on a CPU (no fast bfloat16 there). `platform` defaults to JAX's default backend."""
+  if text not in DTYPES:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected one of {', '.join(DTYPES)}")
+  if text != "auto":
+    return text
+  if platform is None:
+    import jax
+    platform = jax.default_backend()
+  return "bfloat16" if platform in ("gpu", "tpu") else "float32"
 
 
 def mesh_shape(text: str) -> tuple[int, int]:

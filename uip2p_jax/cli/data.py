@@ -1,9 +1,11 @@
-"""`uip2p data build`: TFDS (array_record) datasets from the raw formats."""
+"""`uip2p data build`: TFDS (array_record) datasets from the raw formats; `uip2p data instruct`:
+the instructions of those records written by an LLM (uip2p_jax/data/instruct.py)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from uip2p_jax.cli import common
 
@@ -34,6 +36,7 @@ def add_parser(commands) -> None:
                  help="downscale images whose longest side exceeds this (0: keep)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing built dataset")
   p.set_defaults(run=run)
+  _add_instruct_parser(data)
 
 
 def _source(args: argparse.Namespace, metadata: dict):
@@ -76,3 +79,123 @@ def run(args: argparse.Namespace) -> int:
   print(f"  dataset: {builders.dataset_dir(args.out, kind)}")
   # (A build that writes nothing raises builders.NothingWritten: status 2.)
   return common.SOME_SKIPPED if report.num_skipped else common.OK
+
+
+INSTRUCT_DESCRIPTION = (
+    "Writes the texts of training records with an LLM. captions: caption -> instruction, edited "
+    "caption, reverse instruction (OUT/instructions.jsonl, joined by key by `data build captions "
+    "--webdataset --instructions`); reverse: an IP2P triple -> reverse instruction "
+    "(OUT/reverse_instructions.jsonl, for `data build ip2p --reverse-instructions`). Answers "
+    "that fail validation go to OUT/rejected.jsonl with the reason and the raw answer. A rerun "
+    "skips keys already kept or rejected. Exit status: 0 every input key kept or rejected; 3 "
+    "some keys not answered after the retries or input records skipped (each counted; run "
+    "again to retry); 2 a usage error, or the server refuses every request (key, model, URL); "
+    "75 interrupted by Ctrl-C (the lines written are whole: run again to continue).")
+
+
+def _add_instruct_parser(data) -> None:
+  p = data.add_parser("instruct", help="write instructions with an LLM",
+                      description=INSTRUCT_DESCRIPTION)
+  p.add_argument("mode", choices=["captions", "reverse"],
+                 help="captions: CC3M/CC12M-style captions; reverse: IP2P parquet triples")
+  p.add_argument("--out", required=True, metavar="OUT", help="folder of the output JSONL files")
+  p.add_argument("--input", metavar="PATTERN",
+                 help="captions: JSONL lines {\"key\", \"caption\"} or parquet files (with "
+                      "--caption-column); reverse: the IP2P parquet files, e.g. "
+                      "'ip2p/data/*.parquet'")
+  p.add_argument("--webdataset", metavar="PATTERN",
+                 help="captions: img2dataset shards, e.g. 'cc3m/{00000..00331}.tar' (their "
+                      ".txt captions; img2dataset's per-shard .parquet files with "
+                      "--input ... --caption-column caption --key-column key read faster)")
+  p.add_argument("--caption-column", help="captions, parquet input: the caption column")
+  p.add_argument("--key-column", help="captions, parquet input: the key column (default: "
+                                      "'<file stem>-<row, 6 digits>')")
+  p.add_argument("--backend", choices=["openai"], default="openai",
+                 help="openai: an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, "
+                      "TGI, Ollama, a hosted API)")
+  p.add_argument("--base-url", required=True,
+                 help="the endpoint's base, e.g. http://localhost:8000/v1")
+  p.add_argument("--model", required=True, help="the model name the endpoint serves")
+  p.add_argument("--api-key-env", metavar="VAR",
+                 help="environment variable holding the API key (default: OPENAI_API_KEY if "
+                      "set; none is sent otherwise)")
+  p.add_argument("--concurrency", type=common.positive_int, default=32,
+                 help="requests in flight (default 32)")
+  p.add_argument("--timeout", type=_positive_float, default=60.0,
+                 help="seconds per request before it is retried (default 60)")
+  p.add_argument("--max-retries", type=common.non_negative_int, default=5,
+                 help="retries of a request after 429 / 408 / 5xx / a timeout / a dropped "
+                      "connection, with exponential backoff and jitter (default 5)")
+  p.add_argument("--retry-delay", type=_positive_float, default=1.0,
+                 help="the first backoff in seconds, doubled per retry (default 1; a 429's "
+                      "Retry-After wins)")
+  p.add_argument("--temperature", type=float, default=0.7,
+                 help="sampling temperature (default 0.7: varied edits, mostly valid JSON)")
+  p.add_argument("--seed", type=int, default=0, help="sent with every request and recorded")
+  p.add_argument("--max-tokens", type=common.positive_int, default=256,
+                 help="answer length limit (default 256)")
+  p.add_argument("--prompt", metavar="FILE",
+                 help="a prompt file instead of the packaged one (captions_v1.txt / "
+                      "reverse_v1.txt); its sha256 is recorded")
+  p.add_argument("--retry-rejected", action="store_true",
+                 help="send keys rejected by an earlier run again")
+  p.add_argument("--num-shards", type=common.positive_int, default=1,
+                 help="split the input by a stable hash of the key (one process or host per "
+                      "shard; each writes *-SSSSS-of-NNNNN.jsonl in OUT)")
+  p.add_argument("--shard", type=common.non_negative_int, default=0,
+                 help="this process's shard, 0..num-shards-1")
+  p.add_argument("--limit", type=common.positive_int,
+                 help="send at most this many keys (to try a prompt or a server)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.set_defaults(run=run_instruct)
+
+
+def _positive_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not value > 0:
+    raise argparse.ArgumentTypeError(f"{value}: expected a number above 0")
+  return value
+
+
+def run_instruct(args: argparse.Namespace) -> int:
+  """Writes the instructions; exit 3 when keys were left unanswered or inputs skipped."""
+  from uip2p_jax.data import instruct, llm_client
+  if args.shard >= args.num_shards:
+    raise ValueError(f"--shard {args.shard} is not in 0..{args.num_shards - 1}")
+  if args.mode == "captions":
+    items, total = instruct.caption_items(args.input, args.webdataset, args.caption_column,
+                                          args.key_column)
+  else:
+    if not args.input or args.webdataset or args.caption_column or args.key_column:
+      raise ValueError("reverse reads --input 'DIR/*.parquet' (the IP2P parquet files) only")
+    items, total = instruct.reverse_items(args.input)
+  if args.api_key_env and args.api_key_env not in os.environ:
+    raise ValueError(f"--api-key-env {args.api_key_env}: no such environment variable")
+  config = llm_client.ClientConfig(
+      base_url=args.base_url, model=args.model,
+      api_key=os.environ.get(args.api_key_env or "OPENAI_API_KEY") or None,
+      concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries,
+      retry_delay=args.retry_delay, temperature=args.temperature, seed=args.seed,
+      max_tokens=args.max_tokens)
+  prompt = instruct.load_prompt(args.mode, args.prompt)
+  try:
+    summary = instruct.generate(args.mode, items, args.out, config, prompt=prompt, total=total,
+                                retry_rejected=args.retry_rejected, num_shards=args.num_shards,
+                                shard=args.shard, limit=args.limit,
+                                progress=not args.no_progress)
+  except llm_client.ServerError as e:
+    print(f"uip2p data instruct: error: {e}", file=sys.stderr)
+    return common.USAGE_ERROR
+  kept_path, rejected_path = instruct.output_paths(args.out, args.mode, args.num_shards,
+                                                   args.shard)
+  print(f"uip2p data instruct {args.mode}: {summary.text()}")
+  print(f"  kept: {kept_path}\n  rejected: {rejected_path}")
+  if summary.interrupted:
+    return common.INTERRUPTED
+  if summary.failed:
+    print(f"uip2p data instruct: keys not answered after {args.max_retries} retries: "
+          f"{len(summary.failed)} (run the same command again to retry them)", file=sys.stderr)
+  return common.SOME_SKIPPED if summary.failed or summary.bad_inputs else common.OK

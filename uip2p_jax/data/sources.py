@@ -194,8 +194,10 @@ def _key_of(member: str) -> tuple[str, str]:
   return os.path.join(directory, stem) if directory else stem, ext.lower()
 
 
-def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-  """Groups consecutive members of a webdataset shard by key."""
+def _tar_samples(path: str, extensions: tuple[str, ...] | None = None
+                 ) -> Iterator[tuple[str, dict[str, bytes]]]:
+  """Groups consecutive members of a webdataset shard by key; with ``extensions``, reads only
+  those members (the others are skipped over, not read: captions without the images)."""
   key, sample = None, {}
   with tarfile.open(path) as tar:
     for member in tar:
@@ -206,9 +208,21 @@ def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         if key is not None:
           yield key, sample
         key, sample = member_key, {}
-      sample[ext] = tar.extractfile(member).read()
+      if extensions is None or ext in extensions:
+        sample[ext] = tar.extractfile(member).read()
   if key is not None:
     yield key, sample
+
+
+def sample_caption(sample: dict[str, bytes]) -> str | None:
+  """A webdataset sample's caption: its ``txt`` member, else the ``caption`` of its ``json``."""
+  caption = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else None
+  if not caption and "json" in sample:
+    try:
+      caption = json.loads(sample["json"]).get("caption")
+    except (json.JSONDecodeError, AttributeError):
+      caption = None
+  return caption
 
 
 def webdataset_records(shards: str, instructions: str, max_side: int = 0) -> Iterator[Record]:
@@ -242,14 +256,7 @@ def webdataset_records(shards: str, instructions: str, max_side: int = 0) -> Ite
           image_ext = next((e for e in _IMAGE_EXTENSIONS if e in sample), None)
           if image_ext is None:
             raise BadRecord(f"no image in the sample (members: {sorted(sample)})")
-          caption = extra.get("input_caption")
-          if not caption and "txt" in sample:
-            caption = sample["txt"].decode("utf-8", errors="replace")
-          if not caption and "json" in sample:
-            try:
-              caption = json.loads(sample["json"]).get("caption")
-            except (json.JSONDecodeError, AttributeError):
-              caption = None
+          caption = extra.get("input_caption") or sample_caption(sample)
           fields = {**extra, "input_caption": caption}
           yield short_key, where, {"image": validated_image(sample[image_ext], max_side),
                                    **{k: _text(fields, k) for k in TEXT_FIELDS["captions"]}}
@@ -408,5 +415,5 @@ def sample_manifest() -> str:
 
 
 __all__ = ["TEXT_FIELDS", "BadRecord", "Record", "expand_pattern", "ip2p_records", "jsonl_error",
-           "magicbrush_records", "manifest_records", "read_jsonl", "sample_manifest",
-           "validated_image", "webdataset_records"]
+           "magicbrush_records", "manifest_records", "read_jsonl", "sample_caption",
+           "sample_manifest", "validated_image", "webdataset_records"]

@@ -22,8 +22,8 @@ from uip2p_jax.train import config as run_config
 from uip2p_jax.train.checkpoint import EXIT_PREEMPTED, Checkpoints, Preemption, ResumeError
 from uip2p_jax.train.metric_writer import MetricWriter
 from uip2p_jax.train.samples import RunContext, export, final_edit, write_samples
-from uip2p_jax.train.step import (StepFunctions, batch_fields, check_batch_size, lower_step,
-                                  split_models)
+from uip2p_jax.train.step import (StepFunctions, batch_fields, check_batch_size, flops_of,
+                                  lower_step, model_flops, split_models)
 
 # Dense bfloat16 peak FLOP/s per device, for the MFU estimate (None: unknown, MFU not shown).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
@@ -66,28 +66,10 @@ def _compiled_step(config, graphs, params, frozen, schedule, tokenizer, mesh):
     functions, lowered = lower_step(config, graphs, params, frozen, schedule, tokenizer, mesh,
                                     config.batch_size)
     compiled = lowered.compile()
-    _COMPILED[key] = CompiledStep(functions, compiled, _flops(compiled.cost_analysis()),
-                                  _model_flops(config, lowered, mesh))
+    _COMPILED[key] = CompiledStep(functions, compiled, flops_of(compiled.cost_analysis()),
+                                  model_flops(config, lowered, graphs, params, frozen, schedule,
+                                              tokenizer, mesh))
   return _COMPILED[key]
-
-
-def _flops(cost) -> float:
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", 0.0)) if cost else 0.0
-
-
-def _model_flops(config, lowered, mesh) -> float:
-  """Per-device FLOPs of one step without activation recomputation: the unoptimised program
-  (lowered, not compiled) of the same step with remat off, divided over the devices."""
-  if config.model.remat != "none":
-    from uip2p_jax.model_set import build_models
-    plain = config.copy_and_resolve_references()
-    plain.model.remat = "none"
-    models = build_models(**run_config.model_kwargs(plain, abstract=True))
-    graphs, params, frozen = split_models(models)
-    _, lowered = lower_step(plain, graphs, params, frozen, models.schedule, models.tokenizer,
-                            mesh, config.batch_size)
-  return _flops(lowered.cost_analysis()) / mesh.size
 
 
 def _resolve_data_dir(config, workdir: str) -> str:

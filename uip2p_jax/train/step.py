@@ -233,6 +233,30 @@ def lower_step(config, graphs, params, frozen, schedule: NoiseSchedule, tokenize
   return functions, functions.step.lower(functions.abstract_state, abstract_frozen, batch)
 
 
+def flops_of(cost) -> float:
+  """XLA's FLOP count from a cost analysis (one dict, or one per device in older jax)."""
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def model_flops(config, lowered, graphs, params, frozen, schedule, tokenizer, mesh) -> float:
+  """Per-device FLOPs of one step without activation recomputation: the unoptimised program
+  (lowered, not compiled) of the same step with remat off, divided over the devices.
+  `lowered` is the run's step; the other arguments are `lower_step`'s."""
+  if config.model.remat != "none":
+    from uip2p_jax.models.partitioning import set_remat
+    shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    plain_graphs = {}
+    for name, graph in graphs.items():
+      module = nnx.merge(graph, shapes(params if name == "unet" else frozen[name]))
+      if name != "text_encoder":  # the modules build_models set a remat policy on
+        set_remat(module, "none")
+      plain_graphs[name] = nnx.split(module)[0]
+    _, lowered = lower_step(config, plain_graphs, params, frozen, schedule, tokenizer, mesh,
+                            config.batch_size)
+  return flops_of(lowered.cost_analysis()) / mesh.size
+
+
 def check_batch_size(global_batch: int, devices: int, accumulate: int, processes: int = 1):
   """Every microbatch splits evenly over the devices, and the batch over the processes."""
   if global_batch % (devices * accumulate) or global_batch % processes:
