@@ -53,7 +53,8 @@ def add_parser(commands) -> None:
                  choices=["euler_ancestral", "euler", "ddim", "ddpm"])
   p.add_argument("--resolution", type=common.resolution, default=512,
                  help="longest side of the working size (at least 64)")
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--dtype", type=common.compute_dtype, default="auto",
+                 metavar="{" + ",".join(common.DTYPES) + "}", help=common.DTYPE_HELP)
   p.add_argument("--batch-size", type=common.positive_int, default=1)
   p.set_defaults(run=run)
 

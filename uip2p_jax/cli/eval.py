@@ -162,7 +162,8 @@ def add_parser(commands) -> None:
   common_args.add_argument("--resolution", type=common.resolution, default=512)
   common_args.add_argument("--batch-size", type=common.positive_int, default=4)
   common_args.add_argument("--limit", type=common.positive_int, default=None)
-  common_args.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  common_args.add_argument("--dtype", type=common.compute_dtype, default="auto",
+                           metavar="{" + ",".join(common.DTYPES) + "}", help=common.DTYPE_HELP)
 
   p = evaluation.add_parser(
       "magicbrush", parents=[common_args], help="the MagicBrush test protocol",

@@ -59,6 +59,46 @@ TINY = ModelPreset(
 PRESETS = {"sd15": SD15, "tiny": TINY}
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+  """One kind of attention call in a preset's models, as `attention.select_backend` sees it."""
+  layer: str  # "unet.<level>.attn1|attn2" (level 0 = full latent size, "mid"), "vae.mid", ...
+  q_len: int
+  kv_len: int
+  heads: int
+  head_dim: int
+  causal: bool = False
+
+
+def attention_shapes(p: ModelPreset, resolution: int) -> tuple[AttentionShape, ...]:
+  """Every distinct attention shape of a preset's UNet, VAE, text encoder and loss CLIP for
+  square `resolution`-pixel images (a UNet level's down and up blocks share their shapes)."""
+  unet, vae = p.unet, p.vae
+  latent = resolution // 2 ** (len(vae.block_out_channels) - 1)
+  text_len = p.text_encoder.max_position_embeddings
+  cross_levels = [i for i, t in enumerate(unet.down_block_types) if t == "CrossAttnDownBlock2D"]
+  cross_levels += [len(unet.up_block_types) - 1 - i for i, t in enumerate(unet.up_block_types)
+                   if t == "CrossAttnUpBlock2D"]
+  levels = [(str(i), i) for i in sorted(set(cross_levels))]
+  levels.append(("mid", len(unet.block_out_channels) - 1))
+  shapes = []
+  for name, level in levels:
+    tokens = (latent // 2 ** level) ** 2
+    heads = unet.heads[level]
+    head_dim = unet.block_out_channels[level] // heads
+    shapes += [AttentionShape(f"unet.{name}.attn1", tokens, tokens, heads, head_dim),
+               AttentionShape(f"unet.{name}.attn2", tokens, text_len, heads, head_dim)]
+  shapes.append(AttentionShape("vae.mid", latent ** 2, latent ** 2, 1, vae.block_out_channels[-1]))
+  for name, text in (("text_encoder", p.text_encoder), ("clip.text", p.clip.text)):
+    shapes.append(AttentionShape(name, text_len, text_len, text.num_attention_heads,
+                                 text.hidden_size // text.num_attention_heads, causal=True))
+  vision = p.clip.vision
+  patches = (vision.image_size // vision.patch_size) ** 2 + 1  # + the class token
+  shapes.append(AttentionShape("clip.vision", patches, patches, vision.num_attention_heads,
+                               vision.hidden_size // vision.num_attention_heads))
+  return tuple(dict.fromkeys(shapes))
+
+
 def preset(name: str) -> ModelPreset:
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")

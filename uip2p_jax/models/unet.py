@@ -247,7 +247,8 @@ class UNet2DConditionModel(nnx.Module):
   """Noise-prediction UNet. Build from a `UNetConfig`; load weights with `uip2p_jax.weights`.
 
   `backend` picks the attention implementation of uncaptured layers (see
-  `attention.multi_head_attention`): "auto", "blockwise", "xla" or "cudnn".
+  `attention.select_backend`): "auto" (per platform and shape), "blockwise", "xla", "cudnn" or
+  "splash"; an explicit one that cannot take a layer's shape raises when the UNet is traced.
   """
 
   def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
