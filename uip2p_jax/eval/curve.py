@@ -9,7 +9,6 @@ antialiasing), then CLIP-normalised. `torch_bicubic_matrix` reproduces that resa
 
 from __future__ import annotations
 
-import functools
 import io
 
 import numpy as np
@@ -46,16 +45,10 @@ def ip2p_clip_pixels(image: Image.Image, size: int) -> np.ndarray:
   return (resized - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
 
 
-@functools.cache
-def _jitted_image_features():
-  from flax import nnx
-  return nnx.jit(lambda model, pixels: model.get_image_features(pixels))
-
-
 def ip2p_image_features(clip: MetricModels, images: list[Image.Image]) -> np.ndarray:
   """(N, D) CLIP image features of InstructPix2Pix's metric (not normalised)."""
   pixels = np.stack([ip2p_clip_pixels(image, clip.clip_size) for image in images])
-  return np.asarray(_jitted_image_features()(clip.clip, pixels))
+  return clip.clip_pixel_features(pixels)
 
 
 def load_records(data_dir: str, kind: str = "ip2p", split: str | None = None,

@@ -105,7 +105,11 @@ class MetricModels:
     return self.clip.config.vision.image_size
 
   def clip_image_features(self, images: list[Image.Image]) -> np.ndarray:
-    pixels = np.stack([clip_pixels(im, self.clip_size) for im in images])
+    return self.clip_pixel_features(np.stack([clip_pixels(im, self.clip_size) for im in images]))
+
+  def clip_pixel_features(self, pixels: np.ndarray) -> np.ndarray:
+    """CLIP image features of already-normalised (N, size, size, 3) pixels (a protocol with
+    its own preprocessing, e.g. InstructPix2Pix's curve)."""
     return np.asarray(self._clip_images(self.clip, pixels))
 
   def clip_text_features(self, texts: list[str]) -> np.ndarray:
