@@ -192,7 +192,8 @@ def test_dead_server_stops_the_run_early(tmp_path, capsys):
   assert "stopped early: 20 keys in a row got no answer" in capsys.readouterr().out
 
 
-def test_chain_instruct_then_build_captions_from_shards(tmp_path):
+def test_chain_instruct_then_build_captions_from_shards(tmp_path, step_setup):
+  """instruct (loopback LLM) -> data build captions -> the grain loader -> one CEC step."""
   shards = tmp_path / "shards"
   shards.mkdir()
   captions = {f"{i:09d}": f"a red barn in a field number {i}" for i in range(6)}
@@ -218,6 +219,21 @@ def test_chain_instruct_then_build_captions_from_shards(tmp_path):
     assert records[key]["input_caption"].decode() == caption
     assert records[key]["edited_caption"].decode() == f"{caption} in the snow"
     assert records[key]["reverse_instruction"] == b"melt the snow"
+
+  # The loader yields them, and the session's compiled tiny CEC step (32 px, batch 8) trains.
+  import jax
+  import numpy as np
+  from uip2p_jax import sharding
+  from uip2p_jax.data.loader import Loader, LoaderConfig
+  from uip2p_jax.train.step import batch_fields
+  host = next(Loader(LoaderConfig(str(tmp_path / "data"), batch_size=8, resolution=32,
+                                  num_workers=0)))
+  assert {row.decode() for row in host["id"]} <= set(keys)
+  functions, params, frozen, _ = step_setup
+  batch = sharding.global_batch(host, functions.batch_sharding, batch_fields("cec"))
+  state, metrics = functions.step(functions.init_state(params, seed=0), frozen, batch)
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+  assert int(jax.device_get(state.step)) == 1
 
 
 def test_chain_reverse_then_build_ip2p(tmp_path):
