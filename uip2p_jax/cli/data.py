@@ -18,9 +18,11 @@ def add_parser(commands) -> None:
   data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command",
                                                                      required=True)
   p = data.add_parser("build", help="build a TFDS array_record dataset", description=DESCRIPTION)
-  p.add_argument("kind", choices=["captions", "ip2p", "magicbrush", "sample"],
+  p.add_argument("kind", choices=["captions", "ip2p", "magicbrush", "sample", "shapes"],
                  help="captions: cycle-edit records; ip2p: InstructPix2Pix pairs; magicbrush: "
-                      "its test turns; sample: the bundled CC0 photos as captions records")
+                      "its test turns; sample: the bundled CC0 photos as captions records; "
+                      "shapes: ShapesWorld, rendered (captions + ip2p train records and "
+                      "magicbrush test turns under one --out, scenes_{train,test}.jsonl beside)")
   p.add_argument("--out", required=True, metavar="DATA_DIR")
   p.add_argument("--manifest", help="captions: JSONL manifest (image paths relative to it)")
   p.add_argument("--webdataset",
@@ -34,6 +36,12 @@ def add_parser(commands) -> None:
   p.add_argument("--split", default=None, help="split name (default: train; magicbrush: test)")
   p.add_argument("--max-side", type=common.non_negative_int, default=0,
                  help="downscale images whose longest side exceeds this (0: keep)")
+  p.add_argument("--train", type=common.positive_int,
+                 help="shapes: number of train records (captions and ip2p)")
+  p.add_argument("--test", type=common.positive_int,
+                 help="shapes: number of test turns (magicbrush layout)")
+  p.add_argument("--seed", type=common.non_negative_int,
+                 help="shapes: the world's seed (default 0); the same seed gives the same records")
   p.add_argument("--overwrite", action="store_true", help="replace an existing built dataset")
   p.set_defaults(run=run)
   _add_instruct_parser(data)
@@ -63,9 +71,31 @@ def _source(args: argparse.Namespace, metadata: dict):
   return lambda: sources.magicbrush_records(args.parquet, args.descriptions, args.max_side)
 
 
+def _run_shapes(args: argparse.Namespace) -> int:
+  from uip2p_jax.data import builders, shapes
+  if args.train is None or args.test is None:
+    raise ValueError("shapes needs --train N --test M (numbers of records)")
+  if args.split:
+    raise ValueError("shapes writes fixed splits (captions, ip2p: train; magicbrush: test); "
+                     "drop --split")
+  seed = 0 if args.seed is None else args.seed
+  reports = shapes.build(args.out, args.train, args.test, seed, overwrite=args.overwrite)
+  for kind, report in reports.items():
+    print(f"uip2p data build shapes ({kind}): {report.summary()}")
+    print(f"  dataset: {builders.dataset_dir(args.out, kind)}")
+  print(f"  scene graphs: {shapes.scenes_path(args.out, 'train')}, "
+        f"{shapes.scenes_path(args.out, 'test')}")
+  skipped = any(report.num_skipped for report in reports.values())
+  return common.SOME_SKIPPED if skipped else common.OK
+
+
 def run(args: argparse.Namespace) -> int:
   """Builds the dataset; exit 3 when records were skipped, 2 when none could be written."""
   from uip2p_jax.data import builders, sources
+  if args.kind == "shapes":
+    return _run_shapes(args)
+  if args.train is not None or args.test is not None or args.seed is not None:
+    raise ValueError("--train, --test and --seed are for `data build shapes` only")
   if args.kind == "sample":
     report = builders.build_sample(args.out, overwrite=args.overwrite)
     kind = "captions"
