@@ -47,7 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective = "cec"                  # cec (UIP2P) | ip2p (supervised InstructPix2Pix)
   c.total_steps = 20_000
   c.batch_size = 64                    # global, per update
-  c.ema_decay = 0.9999
+  c.ema_decay = 0.9999                 # 0: no EMA kept (samples and export use the weights)
+  c.ema_dtype = "float32"              # bfloat16 halves the EMA's memory
   c.log_every = 50
   c.export = True                      # the EMA UNet in diffusers' format at the end
   c.final_edit = False                 # edit one sample image with it
@@ -68,9 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = dict(clip=1.0, sim=1.0, attn=1.0, recon=1.0, sim_kind="reconstruction",
                 recon_kind="l1")
   c.ip2p = dict(conditioning_dropout=0.05)
-  c.optim = dict(lr=5e-5, warmup_steps=500, schedule="constant", decay_steps=0,
-                 end_lr_factor=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
-                 grad_clip=1.0, accumulate=1)
+  # name: adamw | adafactor; mu_dtype: AdamW's first moment (bfloat16 halves it).
+  c.optim = dict(name="adamw", mu_dtype="float32", lr=5e-5, warmup_steps=500,
+                 schedule="constant", decay_steps=0, end_lr_factor=0.0, b1=0.9, b2=0.999,
+                 eps=1e-8, weight_decay=1e-2, grad_clip=1.0, accumulate=1)
   c.mesh = dict(data=1, fsdp=-1)       # -1: every remaining device
   # Keep the last `keep` checkpoints plus the best by training loss; `strict_resume`: refuse a
   # damaged latest checkpoint instead of setting it aside and resuming from the one before.

@@ -148,3 +148,41 @@ def test_accumulation_equals_one_step_of_the_whole_batch():
   np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), two.params, one.params)
   assert float(m1["grad_norm"]) > 0
+
+
+@pytest.mark.parametrize("variant", ["adamw_bf16_moments", "adafactor", "no_ema", "bf16_ema"])
+def test_lean_optimizer_and_ema_variants(variant):
+  """bf16 AdamW moments, Adafactor, no EMA and a bf16 EMA each take a finite step and hold
+  their state in the dtype they say (toy loss: no model compiles)."""
+  import jax.numpy as jnp
+  from uip2p_jax.train import step as train_step
+  config = tiny_config(**{
+      "adamw_bf16_moments": {"optim.mu_dtype": "bfloat16"},
+      "adafactor": {"optim.name": "adafactor"},
+      "no_ema": {"ema_decay": 0.0},
+      "bf16_ema": {"ema_dtype": "bfloat16"}}[variant])
+  optimizer, schedule = train_step.make_optimizer(config.optim)
+  params = {"w": jnp.ones((256, 128)), "b": jnp.zeros((128,))}
+  inputs = np.random.default_rng(0).normal(size=(8, 256)).astype(np.float32)
+
+  def compute_loss(params, frozen, batch, key):
+    loss = jnp.mean((batch["x"] @ params["w"] + params["b"]) ** 2)
+    return loss, {"loss": loss}
+  ema = None if config.ema_decay == 0 else jax.tree.map(
+      lambda p: p.astype(jnp.dtype(config.ema_dtype)), params)
+  state = train_step.TrainState(jnp.zeros((), jnp.int32), params, ema, optimizer.init(params),
+                                jax.random.PRNGKey(0), jnp.zeros((), jnp.int32))
+  state, metrics = train_step.train_step(state, {}, {"x": inputs}, compute_loss=compute_loss,
+                                         optimizer=optimizer, lr_schedule=schedule,
+                                         ema_decay=config.ema_decay)
+  assert np.isfinite(float(metrics["loss"])) and int(metrics["update_skipped"]) == 0
+  assert not np.array_equal(np.asarray(state.params["w"]), np.ones((256, 128)))
+  moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim == 2]
+  if variant == "adamw_bf16_moments":
+    assert {leaf.dtype for leaf in moments} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
+  if variant == "adafactor":  # factored: a row and a column vector, no (256, 128) moment
+    assert not moments
+  if variant == "no_ema":
+    assert state.ema_params is None
+  if variant == "bf16_ema":
+    assert state.ema_params["w"].dtype == jnp.bfloat16

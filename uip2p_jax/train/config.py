@@ -151,11 +151,18 @@ def check(config) -> None:
     loader_config(config, data_dir=config.data.dir or "unset")
     for name in ("compute_dtype", "frozen_dtype"):
       dtype_of(config.model[name])
+    dtype_of(config.optim.mu_dtype)
+    dtype_of(config.ema_dtype)
   except (TypeError, ValueError) as e:
     raise ConfigError(str(e)) from None
   if config.model.remat not in REMAT_POLICIES:
     raise ConfigError(f"config.model.remat={config.model.remat!r}; expected one of "
                       f"{REMAT_POLICIES}")
+  if config.optim.name not in ("adamw", "adafactor"):
+    raise ConfigError(f"config.optim.name={config.optim.name!r}; expected 'adamw' or "
+                      "'adafactor'")
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ConfigError(f"config.ema_decay={config.ema_decay}; expected 0 (no EMA) <= decay < 1")
   if config.optim.schedule not in ("constant", "cosine"):
     raise ConfigError(f"config.optim.schedule={config.optim.schedule!r}; expected 'constant' "
                       "or 'cosine'")

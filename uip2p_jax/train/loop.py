@@ -58,7 +58,8 @@ def _compiled_step(config, graphs, params, frozen, schedule, tokenizer, mesh):
   (a resumed run, a notebook) reuses them instead of compiling again."""
   # Only what the compiled step depends on (not checkpointing, logging, samples or export).
   step_config = {name: config[name] for name in ("objective", "batch_size", "ema_decay",
-                                                  "model", "cycle", "loss", "ip2p", "optim")}
+                                                  "ema_dtype", "model", "cycle", "loss", "ip2p",
+                                                  "optim")}
   key = (ml_collections.ConfigDict(step_config).to_json_best_effort(sort_keys=True),
          config.data.resolution, mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))
   if key not in _COMPILED:

@@ -20,6 +20,14 @@ from uip2p_jax.schedules import NoiseSchedule
 from uip2p_jax.train.step import TrainState
 
 
+def evaluated_params(state: TrainState):
+  """The UNet parameters samples, export and the final edit use: the EMA when the run keeps
+  one (float32 for the models), else the trained parameters."""
+  if state.ema_params is None:
+    return state.params
+  return jax.tree.map(lambda e: e.astype(jnp.float32), state.ema_params)
+
+
 def host_tree(tree):
   """Global (possibly sharded, multi-host) arrays -> numpy on every process."""
   from jax.experimental import multihost_utils
@@ -71,7 +79,7 @@ def write_samples(run: RunContext, state: TrainState, sample_batch, step: int, w
   """workdir/samples/step_N.png (and TensorBoard): input | forward edit | reconstruction."""
   images = sample_batch["image"]
   edited, reconstructed = host_tree(sample_edits(
-      run, state.ema_params, run.replicated(images),
+      run, evaluated_params(state), run.replicated(images),
       run.replicated(sample_batch["instruction_ids"]),
       run.replicated(sample_batch["reverse_instruction_ids"])))
   if jax.process_index() != 0:
@@ -90,7 +98,7 @@ def export(run: RunContext, state: TrainState) -> str:
   pipeline, the base pipeline's other parts are copied beside it, so workdir/export is a full
   InstructPix2Pix folder (`uip2p edit --model`, `uip2p eval`, diffusers' `from_pretrained`)."""
   from uip2p_jax import weights
-  ema = host_tree(state.ema_params)
+  ema = host_tree(evaluated_params(state))
   out = os.path.join(run.workdir, "export")
   if jax.process_index() == 0:
     pretrained = run.config.model.pretrained  # (an init_from_sd base is no IP2P pipeline)
@@ -107,7 +115,8 @@ def export(run: RunContext, state: TrainState) -> str:
           shutil.copyfile(source, os.path.join(out, name))
     weights.save_unet(nnx.merge(run.graphs["unet"], jax.tree.map(np.asarray, ema)),
                       os.path.join(out, "unet"))
-    print(f"train: exported the EMA UNet (diffusers format) to {out}/unet"
+    which = "EMA UNet" if state.ema_params is not None else "UNet (no EMA kept)"
+    print(f"train: exported the {which} (diffusers format) to {out}/unet"
           + (" with the base pipeline's other parts" if pretrained else ""), flush=True)
   return out
 
@@ -115,7 +124,7 @@ def export(run: RunContext, state: TrainState) -> str:
 def final_edit(run: RunContext, state: TrainState, sample_batch) -> None:
   """Edits the first sample image with the trained (EMA) UNet: workdir/final_edit.png."""
   ids = sample_batch["instruction_ids"][:1]
-  edited, _ = sample_edits(run, state.ema_params, run.replicated(sample_batch["image"][:1]),
+  edited, _ = sample_edits(run, evaluated_params(state), run.replicated(sample_batch["image"][:1]),
                            run.replicated(ids))
   edited = host_tree(edited)
   if jax.process_index() == 0:

@@ -30,7 +30,7 @@ from uip2p_jax.train import config as run_config
 class TrainState:
   step: jax.Array             # () int32: updates applied or skipped so far
   params: Any                 # UNet parameters, float32 (pure dict)
-  ema_params: Any             # their exponential moving average
+  ema_params: Any             # their exponential moving average (`ema_dtype`; None: no EMA)
   opt_state: Any
   rng: jax.Array              # (2,) uint32 base key; step keys are fold_in(rng, step)
   skipped_updates: jax.Array  # () int32: steps whose loss or gradient was not finite
@@ -48,12 +48,23 @@ def learning_rate_schedule(optim) -> optax.Schedule:
   return optax.join_schedules([warmup, after], [optim.warmup_steps])
 
 
+OPTIMIZERS = ("adamw", "adafactor")
+
+
 def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Gradient clipping, then AdamW (first moment in `optim.mu_dtype`: bfloat16 halves it) or
+  Adafactor (factored second moments: O(rows + columns) per matrix instead of O(rows x columns);
+  `weight_decay` is its decoupled decay rate)."""
+  from uip2p_jax.model_set import dtype_of
   schedule = learning_rate_schedule(optim)
-  return optax.chain(
-      optax.clip_by_global_norm(optim.grad_clip),
-      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                  weight_decay=optim.weight_decay)), schedule
+  if optim.name == "adamw":
+    update = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                         mu_dtype=dtype_of(optim.mu_dtype), weight_decay=optim.weight_decay)
+  elif optim.name == "adafactor":
+    update = optax.adafactor(schedule, weight_decay_rate=optim.weight_decay or None)
+  else:
+    raise ValueError(f"optim.name {optim.name!r}; expected one of {OPTIMIZERS}")
+  return optax.chain(optax.clip_by_global_norm(optim.grad_clip), update), schedule
 
 
 def split_models(models: ModelSet):
@@ -140,11 +151,13 @@ def train_step(state: TrainState, frozen_params, batch, *, compute_loss: Callabl
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_params = keep(new_params, state.params)
   new_opt_state = keep(new_opt_state, state.opt_state)
-  # diffusers' EMA warm-up: decay min(ema_decay, (1 + n) / (10 + n)) after n updates.
+  # diffusers' EMA warm-up: decay min(ema_decay, (1 + n) / (10 + n)) after n updates; the
+  # average is computed in float32 and stored in its own dtype (bfloat16 halves it).
   n = state.step.astype(jnp.float32)
   decay = jnp.minimum(ema_decay, (1 + n) / (10 + n))
-  new_ema = jax.tree.map(lambda e, p: jnp.where(finite, decay * e + (1 - decay) * p, e),
-                         state.ema_params, new_params)
+  new_ema = None if state.ema_params is None else jax.tree.map(
+      lambda e, p: jnp.where(finite, decay * e.astype(jnp.float32) + (1 - decay) * p,
+                             e).astype(e.dtype), state.ema_params, new_params)
   skipped = state.skipped_updates + (~finite).astype(jnp.int32)
   metrics = dict(metrics, grad_norm=grad_norm, learning_rate=lr_schedule(state.step),
                  skipped_updates=skipped, update_skipped=(~finite).astype(jnp.int32))
@@ -190,19 +203,23 @@ def make_step_functions(config, graphs, params, frozen, schedule: NoiseSchedule,
       return bound_step(state, frozen_params, batch)
   step_under_mesh.__name__ = "train_step"  # the HLO module name plan reads: jit_train_step
 
+  from uip2p_jax.model_set import dtype_of
+  ema_dtype = dtype_of(config.ema_dtype) if config.ema_decay else None  # None: no EMA kept
   param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
+  ema_shapes = None if ema_dtype is None else jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, ema_dtype), params)
   opt_shapes = jax.eval_shape(optimizer.init, param_shapes)
   replicated = shd.replicated(mesh)
   state_shardings = TrainState(
       step=replicated, params=shd.parameter_shardings(param_shapes, mesh),
-      ema_params=shd.parameter_shardings(param_shapes, mesh),
+      ema_params=None if ema_dtype is None else shd.parameter_shardings(ema_shapes, mesh),
       opt_state=shd.parameter_shardings(opt_shapes, mesh), rng=replicated,
       skipped_updates=replicated)
   frozen_shardings = shd.parameter_shardings(frozen, mesh)
   batch_sharding = shd.batch_sharding(mesh)
   abstract_state = jax.tree.map(
       lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-      TrainState(jax.ShapeDtypeStruct((), jnp.int32), param_shapes, param_shapes, opt_shapes,
+      TrainState(jax.ShapeDtypeStruct((), jnp.int32), param_shapes, ema_shapes, opt_shapes,
                  jax.ShapeDtypeStruct((2,), jnp.uint32), jax.ShapeDtypeStruct((), jnp.int32)),
       state_shardings)
   step = jax.jit(step_under_mesh,
@@ -211,8 +228,8 @@ def make_step_functions(config, graphs, params, frozen, schedule: NoiseSchedule,
 
   def _init(params, seed):
     params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
-    return TrainState(jnp.zeros((), jnp.int32), params,
-                      jax.tree.map(jnp.copy, params), optimizer.init(params),
+    ema = None if ema_dtype is None else jax.tree.map(lambda p: p.astype(ema_dtype), params)
+    return TrainState(jnp.zeros((), jnp.int32), params, ema, optimizer.init(params),
                       jax.random.PRNGKey(seed), jnp.zeros((), jnp.int32))
   init = jax.jit(_init, out_shardings=state_shardings)  # compiled once per step functions
 
