@@ -49,7 +49,7 @@ def add_parser(commands) -> None:
 
 def _source(args: argparse.Namespace, metadata: dict):
   """The record source of a `kind` (a callable the builder iterates), filling `metadata`."""
-  from uip2p_jax.data import builders, sources
+  from uip2p_jax.data import sources
   kind = args.kind
   if kind == "captions":
     if bool(args.manifest) == bool(args.webdataset):
