@@ -44,7 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   """Every key a run reads, with the project's defaults (docs/method.md gives the reasons)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.objective = "cec"                  # cec (UIP2P) | ip2p (supervised InstructPix2Pix)
+  # cec (UIP2P) | ip2p (supervised InstructPix2Pix); a world's own models (ShapesWorld):
+  # t2i (text-to-image UNet) | vae | clip | probe (uip2p_jax/pretraining.py)
+  c.objective = "cec"
   c.total_steps = 20_000
   c.batch_size = 64                    # global, per update
   c.ema_decay = 0.9999                 # 0: no EMA kept (samples and export use the weights)
@@ -54,7 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.final_edit = False                 # edit one sample image with it
   c.profile_steps = ""                 # "START,COUNT": a jax.profiler trace in workdir/profile
 
-  c.model = dict(preset="sd15", pretrained="", init_from_sd="", clip="", seed=0,
+  # vae / text_encoder: folders replacing the preset's random VAE / text encoder (a world's own).
+  c.model = dict(preset="sd15", pretrained="", init_from_sd="", clip="", vae="", text_encoder="",
+                 seed=0,
                  attention_backend="auto", compute_dtype="bfloat16", frozen_dtype="bfloat16",
                  remat="full")
   c.data = dict(dir="", kind="captions", resolution=256, num_workers=8, min_scale=1.0,
@@ -69,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = dict(clip=1.0, sim=1.0, attn=1.0, recon=1.0, sim_kind="reconstruction",
                 recon_kind="l1")
   c.ip2p = dict(conditioning_dropout=0.05)
+  c.pretrain = dict(vae_kl=1e-6, vae_l2=1.0, caption_dropout=0.1)  # objectives vae and t2i
   # name: adamw | adafactor; mu_dtype: AdamW's first moment (bfloat16 halves it).
   c.optim = dict(name="adamw", mu_dtype="float32", lr=5e-5, warmup_steps=500,
                  schedule="constant", decay_steps=0, end_lr_factor=0.0, b1=0.9, b2=0.999,

@@ -39,13 +39,21 @@ class ModelSet:
   clip: CLIPModel | None
   tokenizer: Any
   schedule: NoiseSchedule
+  probe: Any = None  # models.probe.AttributeProbe when asked for (ShapesWorld's evaluator)
+
+
+def _subfolder(path: str, name: str) -> str | None:
+  """A component given as its own folder (config.json inside) or as a pipeline's `name`/."""
+  import os
+  return None if os.path.isfile(os.path.join(path, "config.json")) else name
 
 
 def build_models(*, preset: str = "tiny", pretrained: str = "", init_from_sd: str = "",
                  clip: str = "", with_clip: bool = False, seed: int = 0,
                  compute_dtype="float32", unet_param_dtype="float32", frozen_dtype="float32",
                  frozen_param_dtype=None, attention_backend: str = "auto", remat: str = "none",
-                 abstract: bool = False) -> ModelSet:
+                 abstract: bool = False, vae: str = "", text_encoder: str = "",
+                 unet_in_channels: int | None = None, with_probe: bool = False) -> ModelSet:
   """Builds every model of a run.
 
   - `pretrained`: a diffusers InstructPix2Pix folder or Hub id (unet/, vae/, text_encoder/,
@@ -56,6 +64,11 @@ def build_models(*, preset: str = "tiny", pretrained: str = "", init_from_sd: st
     `abstract=True` shapes only (no weights: for planning; the preset replaces any checkpoint).
   - `with_clip`: also build the loss CLIP: the checkpoint `clip` (required for pretrained runs),
     else the preset's CLIP.
+  - `vae`, `text_encoder`: folders whose VAE / text encoder (a diffusers `vae/`, a transformers
+    CLIPTextModel or the text tower of a CLIPModel) replace the preset's random ones: how a world
+    trained from nothing assembles its Stable Diffusion (ShapesWorld: its VAE, its CLIP's text
+    tower). `unet_in_channels`: the preset UNet's input channels (4: a text-to-image UNet).
+  - `with_probe`: also build the preset's ShapesWorld attribute probe (random weights).
   Dtypes: the UNet computes in `compute_dtype` and stores `unet_param_dtype` (float32 master
   weights for training); the frozen models compute in `frozen_dtype` and store
   `frozen_param_dtype` (default: `frozen_dtype`).
@@ -77,18 +90,30 @@ def build_models(*, preset: str = "tiny", pretrained: str = "", init_from_sd: st
     shapes = preset_shapes(preset)
     rngs = lambda: nnx.Rngs(0)
     make = (lambda factory, _: nnx.eval_shape(factory)) if abstract else random_init
-    unet = make(lambda: UNet2DConditionModel(shapes.unet, rngs=rngs(), dtype=compute,
+    unet_config = shapes.unet if unet_in_channels is None else dataclasses.replace(
+        shapes.unet, in_channels=unet_in_channels)
+    unet = make(lambda: UNet2DConditionModel(unet_config, rngs=rngs(), dtype=compute,
                                              param_dtype=unet_param, backend=attention_backend),
                 seed)
-    vae = make(lambda: AutoencoderKL(shapes.vae, rngs=rngs(), **frozen_kwargs), seed + 1)
-    text_encoder = make(lambda: CLIPTextTransformer(shapes.text_encoder, rngs=rngs(),
-                                                    **frozen_kwargs), seed + 2)
+    vae_module = (weights.load_vae(vae, _subfolder(vae, "vae"), **frozen_kwargs)
+                  if vae and not abstract else
+                  make(lambda: AutoencoderKL(shapes.vae, rngs=rngs(), **frozen_kwargs), seed + 1))
+    text_module = (weights.load_text_encoder(text_encoder,
+                                             _subfolder(text_encoder, "text_encoder"),
+                                             **frozen_kwargs)
+                   if text_encoder and not abstract else
+                   make(lambda: CLIPTextTransformer(shapes.text_encoder, rngs=rngs(),
+                                                    **frozen_kwargs), seed + 2))
     loss_clip = None
     if with_clip:
       loss_clip = (weights.load_clip(clip, **frozen_kwargs) if clip and not abstract else
                    make(lambda: CLIPModel(shapes.clip, rngs=rngs(), **frozen_kwargs), seed + 3))
     tokenizer, schedule = default_tokenizer(), IP2P_SCHEDULE
+    vae, text_encoder = vae_module, text_module
   else:
+    if vae or text_encoder or unet_in_channels is not None:
+      raise ValueError("vae / text_encoder / unet_in_channels assemble a preset's models; a "
+                       f"pretrained pipeline ({source!r}) brings its own")
     unet = weights.load_unet(source, dtype=compute, param_dtype=unet_param,
                              backend=attention_backend)
     if init_from_sd:
@@ -103,8 +128,15 @@ def build_models(*, preset: str = "tiny", pretrained: str = "", init_from_sd: st
         raise ValueError("model.clip must name the CLIP checkpoint the CEC losses use (e.g. "
                          "openai/clip-vit-large-patch14)")
       loss_clip = weights.load_clip(clip, **frozen_kwargs)
+  probe = None
+  if with_probe:
+    from uip2p_jax.data.shapes import LABEL_CLASSES
+    from uip2p_jax.models.probe import AttributeProbe, ProbeConfig
+    probe_config = ProbeConfig(classes=LABEL_CLASSES)
+    make_probe = (lambda factory, _: nnx.eval_shape(factory)) if abstract else random_init
+    probe = make_probe(lambda: AttributeProbe(probe_config, rngs=nnx.Rngs(0)), seed + 4)
   if remat != "none":
     for module in (unet, vae, loss_clip):
       if module is not None:
         set_remat(module, remat)
-  return ModelSet(unet, vae, text_encoder, loss_clip, tokenizer, schedule)
+  return ModelSet(unet, vae, text_encoder, loss_clip, tokenizer, schedule, probe)

@@ -81,6 +81,47 @@ def edit_latents(unet, vae, text_encoder, images, instruction_ids, empty_ids, sa
   return jnp.clip(vae.decode(latents / vae.config.scaling_factor), -1.0, 1.0)
 
 
+def generate_latents(unet, vae, text_encoder, caption_ids, empty_ids, sampler, text_scale, keys,
+                     images=None, start_step=0):
+  """Text-to-image with classifier-free guidance (a 4-channel UNet), as one jitted function.
+
+  caption_ids: (B, 77) int32; keys: (B,) PRNG keys. With `images` (B, H, W, 3) in [-1, 1] this
+  is SDEdit: their latents are noised to the level of the sampler's step `start_step` and
+  denoised from there with the caption (0: from pure noise, the images ignored).
+  Returns (B, H, W, 3) float32 in [-1, 1] (H, W: `images`' or the VAE's sample size).
+  """
+  text = text_encoder(caption_ids)[0]
+  context = jnp.concatenate([text, jnp.broadcast_to(text_encoder(empty_ids)[0], text.shape)])
+  scaling = vae.config.scaling_factor
+  if images is not None:
+    x0 = vae.encode(images).mode() * scaling
+  else:
+    side = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    x0 = jnp.zeros((caption_ids.shape[0], side, side, vae.config.latent_channels))
+  shape = x0.shape[1:]
+  noise = _per_example_normal(jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys), shape)
+  if images is None:
+    latents = noise * sampler.init_noise_sigma
+  elif sampler.kind in ("euler", "euler_ancestral"):
+    latents = x0 + noise * sampler.sigmas[start_step]  # diffusers' Euler add_noise
+  else:
+    alpha = sampler.alpha[start_step]
+    latents = jnp.sqrt(alpha) * x0 + jnp.sqrt(1 - alpha) * noise
+
+  def denoise(i, latents):
+    model_input = jnp.concatenate([sampler.scale_model_input(latents, i)] * 2)
+    eps_text, eps_uncond = jnp.split(unet(model_input, sampler.timesteps[i], context), 2)
+    eps = eps_uncond + text_scale * (eps_text - eps_uncond)
+    step_noise = None
+    if sampler.stochastic:
+      step_noise = _per_example_normal(jax.vmap(lambda k: jax.random.fold_in(k, i + 1))(keys),
+                                       shape)
+    return sampler.step(i, latents, eps, step_noise)
+
+  latents = jax.lax.fori_loop(start_step, sampler.num_steps, denoise, latents)
+  return jnp.clip(vae.decode(latents / scaling), -1.0, 1.0)
+
+
 @dataclasses.dataclass
 class EditPipeline:
   unet: UNet2DConditionModel

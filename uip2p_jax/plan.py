@@ -194,7 +194,7 @@ def plan_train_step(config, data: int, fsdp: int, global_batch: int, resolution:
   check_batch_size(global_batch, data * fsdp, config.optim.accumulate)
   mesh = shd.make_mesh(data, fsdp)
   models = build_models(**run_config.model_kwargs(config, abstract=True))
-  graphs, params, frozen = split_models(models)
+  graphs, params, frozen = split_models(models, config.objective)
   _, lowered = lower_step(config, graphs, params, frozen, models.schedule,
                           models.tokenizer, mesh, global_batch)
   devices = data * fsdp

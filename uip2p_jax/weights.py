@@ -185,7 +185,9 @@ def module_tensors(module: nnx.Module) -> dict[str, np.ndarray]:
   for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
     value = np.asarray(jax.device_get(variable.get_value()))
     key, _, to_ckpt = _checkpoint_key(path, value.ndim)
-    tensors[key] = np.ascontiguousarray(to_ckpt(value))
+    value = to_ckpt(value)
+    # (ascontiguousarray makes a 0-d array 1-d: CLIP's logit_scale is a scalar)
+    tensors[key] = np.ascontiguousarray(value).reshape(value.shape)
   return tensors
 
 
@@ -275,20 +277,58 @@ def load_vit(path_or_repo: str | os.PathLike, subfolder: str | None = None, *,
                     tensors, source=folder, prefix=prefix, param_dtype=param_dtype)
 
 
-def save_unet(unet: UNet2DConditionModel, out_dir: str | os.PathLike) -> str:
-  """Write `config.json` + `diffusion_pytorch_model.safetensors` that diffusers loads."""
+def _save(module: nnx.Module, config: dict, out_dir: str | os.PathLike, weights_base: str) -> str:
+  """`config.json` + `{weights_base}.safetensors` in out_dir, each written to a temporary name and
+  renamed, so an interrupted save never looks complete."""
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  tensors = module_tensors(unet)
-  # Write to temporary names and rename, so an interrupted save never looks complete.
-  weights_path = os.path.join(out_dir, DIFFUSERS_WEIGHTS + ".safetensors")
+  tensors = module_tensors(module)
+  weights_path = os.path.join(out_dir, weights_base + ".safetensors")
   save_file(tensors, weights_path + ".tmp", metadata={"format": "pt"})
   config_path = os.path.join(out_dir, "config.json")
   with open(config_path + ".tmp", "w") as f:
-    json.dump(unet.config.to_diffusers(), f, indent=2)
+    json.dump(config, f, indent=2)
   os.replace(weights_path + ".tmp", weights_path)
   os.replace(config_path + ".tmp", config_path)
   return out_dir
+
+
+def save_unet(unet: UNet2DConditionModel, out_dir: str | os.PathLike) -> str:
+  """Write `config.json` + `diffusion_pytorch_model.safetensors` that diffusers loads."""
+  return _save(unet, unet.config.to_diffusers(), out_dir, DIFFUSERS_WEIGHTS)
+
+
+def save_vae(vae: AutoencoderKL, out_dir: str | os.PathLike, scaling_factor: float | None = None
+             ) -> str:
+  """A diffusers `AutoencoderKL` folder; `scaling_factor` replaces the config's (a VAE trained
+  here records 1 / the std of its latents, as SD's 0.18215 was measured)."""
+  config = vae.config if scaling_factor is None else dataclasses.replace(
+      vae.config, scaling_factor=float(scaling_factor))
+  return _save(vae, config.to_diffusers(), out_dir, DIFFUSERS_WEIGHTS)
+
+
+def save_text_encoder(text_encoder: CLIPTextTransformer, out_dir: str | os.PathLike) -> str:
+  """A transformers `CLIPTextModel` folder (SD's text_encoder/)."""
+  return _save(text_encoder, text_encoder.config.to_transformers(), out_dir, TRANSFORMERS_WEIGHTS)
+
+
+def save_clip(clip: CLIPModel, out_dir: str | os.PathLike) -> str:
+  """A transformers `CLIPModel` folder (both towers, projections, logit scale)."""
+  return _save(clip, clip.config.to_transformers(), out_dir, TRANSFORMERS_WEIGHTS)
+
+
+def save_probe(probe, out_dir: str | os.PathLike) -> str:
+  """The ShapesWorld attribute probe: its config + `model.safetensors`."""
+  return _save(probe, probe.config.to_json(), out_dir, TRANSFORMERS_WEIGHTS)
+
+
+def load_probe(path_or_repo: str | os.PathLike, subfolder: str | None = None):
+  from uip2p_jax.models.probe import AttributeProbe, ProbeConfig
+  folder = resolve_folder(path_or_repo, subfolder)
+  config = _parse(ProbeConfig.from_json, read_config(folder), folder)
+  tensors = read_tensors(weight_files(folder, TRANSFORMERS_WEIGHTS))
+  return load_state(lambda: AttributeProbe(config, rngs=nnx.Rngs(0)), tensors, source=folder,
+                    param_dtype=jnp.float32)
 
 
 def init_ip2p_from_sd(sd_unet: UNet2DConditionModel) -> UNet2DConditionModel:

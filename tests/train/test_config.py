@@ -91,7 +91,7 @@ def test_every_experiment_translates():
 def test_supervised_objective_needs_pairs():
   config = run_config.load_config(os.path.join(ROOT, "experiments", "ip2p_supervised.py"))
   config.data.kind = "captions"
-  with pytest.raises(run_config.ConfigError, match="config.data.kind must be 'ip2p'"):
+  with pytest.raises(run_config.ConfigError, match="trains on config.data.kind 'ip2p', got 'captions'"):
     run_config.check_objective_data(config)
 
 

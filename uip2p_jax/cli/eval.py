@@ -140,6 +140,108 @@ def eval_compare(args: argparse.Namespace) -> int:
   return common.OK
 
 
+# ShapesWorld: the baselines and shipped models addressable by name.
+SHAPES_NAMES = {"identity": None, "shapes-sdedit": "prior", "shapes-ip2p": "ip2p",
+                "shapes-cec": "cec"}
+
+
+def shapes_world(world: str | None) -> dict[str, str]:
+  """The world's model folders: from a `launch/shapes.sh` runs folder, or the shipped ones."""
+  if world:
+    return {"probe": f"{world}/probe/export/probe", "clip": f"{world}/clip/export/clip",
+            "prior": f"{world}/prior/export", "ip2p": f"{world}/ip2p/export",
+            "cec": f"{world}/cec/export"}
+  from uip2p_jax import shapes_models
+  return shapes_models.paths()
+
+
+def eval_shapes(args: argparse.Namespace) -> int:
+  """Edits the ShapesWorld test turns and scores edit accuracy and preservation (read by the
+  world's attribute probe), L1 / L2 to the true edit, CLIP-I / CLIP-T (the world's CLIP)."""
+  from uip2p_jax.eval import shapes as shapes_eval
+  world_paths = shapes_world(args.world)
+  for need in ("probe", "clip"):
+    if not os.path.isfile(os.path.join(world_paths[need], "config.json")):
+      raise FileNotFoundError(f"the world's {need} is not at {world_paths[need]} (train it: "
+                              "launch/shapes.sh, or give --world RUNS_DIR)")
+  turns = shapes_eval.load_test(args.data, args.limit)
+  if not turns:
+    raise ValueError(f"{args.data}: no ShapesWorld test turns")
+  world = shapes_eval.World(world_paths["probe"], world_paths["clip"])
+  model = args.model
+  folder = world_paths.get(SHAPES_NAMES[model]) if model in SHAPES_NAMES else model
+  if folder is not None and not os.path.isdir(folder):
+    raise FileNotFoundError(f"--model {model}: no model folder at {folder}")
+  settings = {"model": model if model in SHAPES_NAMES else common.model_id(model),
+              "steps": args.steps, "seed": args.seed}
+  if model == "identity":
+    edit = lambda images, chunk: images
+  elif model == "shapes-sdedit":
+    edit = _sdedit(folder, args)
+    settings.update(text_scale=args.text_scale, strength=args.sdedit_strength)
+  else:
+    pipe = common.load_pipeline(folder, "float32", command="uip2p eval shapes")
+    settings.update(text_scale=args.text_scale, image_scale=args.image_scale)
+    edit = lambda images, chunk: pipe.edit(
+        images, [t["instruction"] for t in chunk], steps=args.steps, text_scale=args.text_scale,
+        image_scale=args.image_scale, seeds=[args.seed + i for i in range(len(chunk))],
+        pad_to=args.batch_size)
+  os.makedirs(args.out, exist_ok=True)
+  summary = shapes_eval.evaluate(turns, edit, world, args.out, args.label or model, settings,
+                                 args.batch_size)
+  print(shapes_eval.markdown(summary), end="")
+  print(f"uip2p eval shapes: {len(turns)} test edits -> {args.out}/summary.json, scores.csv, "
+        "grid.png")
+  return common.OK
+
+
+def _sdedit(folder: str, args: argparse.Namespace):
+  """Caption-only editing with the world's text-to-image prior: the input noised to
+  `--sdedit-strength` of the schedule, denoised with the true edited caption."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from uip2p_jax.model_set import build_models
+  from uip2p_jax.pipeline import generate_latents
+  from uip2p_jax.schedules import make_sampler
+  from uip2p_jax.tokenizer import tokenize
+  models = build_models(pretrained=folder)
+  if models.unet.config.in_channels != models.vae.config.latent_channels:
+    raise ValueError(f"--model shapes-sdedit: {folder} holds a {models.unet.config.in_channels}-"
+                     "channel UNet; SDEdit needs the text-to-image prior (4 channels)")
+  sampler = make_sampler("euler_ancestral", models.schedule, args.steps)
+  start = int(round(args.steps * (1 - args.sdedit_strength)))
+  empty = tokenize(models.tokenizer, [""])
+  run = nnx.jit(lambda unet, vae, text, images, ids, keys: generate_latents(
+      unet, vae, text, ids, empty, sampler, jnp.float32(args.text_scale), keys, images=images,
+      start_step=start))
+
+  def edit(images, chunk):
+    count = len(chunk)
+    ids = tokenize(models.tokenizer, [t["edited_caption"] for t in chunk])
+    seeds = [args.seed + i for i in range(count)]
+    if count < args.batch_size:  # one compiled batch size
+      extra = args.batch_size - count
+      images = np.concatenate([images, np.repeat(images[:1], extra, 0)])
+      ids, seeds = np.concatenate([ids, np.repeat(ids[:1], extra, 0)]), seeds + seeds[:1] * extra
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    return np.asarray(run(models.unet, models.vae, models.text_encoder, images, ids, keys))[:count]
+  return edit
+
+
+def eval_shapes_compare(args: argparse.Namespace) -> int:
+  """Several `eval shapes` runs (their folders or summary.json files) in one Markdown table."""
+  from uip2p_jax.eval import shapes as shapes_eval
+  table = shapes_eval.compare(args.runs)
+  print(table, end="")
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(table)
+  return common.OK
+
+
 def scales(text: str) -> str:
   """An argparse `type=` for comma-separated guidance scales (kept as text)."""
   try:
@@ -192,6 +294,34 @@ def add_parser(commands) -> None:
   p.add_argument("--image-scales", type=scales, default="1.0,1.5,2.0")
   p.add_argument("--clip", default="openai/clip-vit-large-patch14")
   p.set_defaults(run=eval_curve)
+
+  p = evaluation.add_parser(
+      "shapes", description=eval_shapes.__doc__, help="ShapesWorld: edit accuracy, preservation")
+  p.add_argument("--data", required=True, metavar="DATA_DIR",
+                 help="a `uip2p data build shapes` folder (its scenes_test.jsonl)")
+  p.add_argument("--out", required=True, metavar="DIR")
+  p.add_argument("--model", default="shapes-cec",
+                 help="an IP2P folder, or identity | shapes-sdedit | shapes-ip2p | shapes-cec "
+                      "(the shipped models, or --world's)")
+  p.add_argument("--world", default=None, metavar="RUNS_DIR",
+                 help="the launch/shapes.sh runs folder whose probe, CLIP and models to use "
+                      "(default: the shipped ones)")
+  p.add_argument("--limit", type=common.positive_int, default=None)
+  p.add_argument("--steps", type=common.positive_int, default=20)
+  p.add_argument("--batch-size", type=common.positive_int, default=50)
+  p.add_argument("--text-scale", type=float, default=4.0)
+  p.add_argument("--image-scale", type=float, default=1.5)
+  p.add_argument("--sdedit-strength", type=float, default=0.6,
+                 help="shapes-sdedit: the fraction of the schedule the input is noised to")
+  p.add_argument("--seed", type=common.non_negative_int, default=0)
+  p.add_argument("--label", default=None, help="row name in the summary")
+  p.set_defaults(run=eval_shapes)
+
+  p = evaluation.add_parser("shapes-compare", description=eval_shapes_compare.__doc__,
+                            help="several ShapesWorld evaluations in one table")
+  p.add_argument("runs", nargs="+", metavar="RUN", help="`eval shapes` output folders")
+  p.add_argument("--out", default=None, help="also write the table to this file")
+  p.set_defaults(run=eval_shapes_compare)
 
   p = evaluation.add_parser("compare", description=eval_compare.__doc__,
                             help="two MagicBrush runs side by side")

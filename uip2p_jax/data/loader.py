@@ -40,7 +40,9 @@ class DataError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class LoaderConfig:
   data_dir: str
-  kind: str = "captions"            # "captions" (cycle-edit records) or "ip2p" (pairs)
+  # "captions" (cycle-edit records), "ip2p" (pairs), or "world": ShapesWorld scenes rendered on
+  # the fly (image, caption ids, attribute labels; no data_dir), for the world's own models.
+  kind: str = "captions"
   split: str | None = None          # default: the kind's split ("train")
   resolution: int = 256
   batch_size: int = 8               # per JAX process
@@ -59,8 +61,9 @@ class LoaderConfig:
   require_reverse: bool = True      # CEC needs reverse instructions; the supervised baseline not
 
   def __post_init__(self):
-    if self.kind not in ("captions", "ip2p"):
-      raise ValueError(f"training data kind must be 'captions' or 'ip2p', got {self.kind!r}")
+    if self.kind not in ("captions", "ip2p", "world"):
+      raise ValueError(f"training data kind must be 'captions', 'ip2p' or 'world', got "
+                       f"{self.kind!r}")
     if self.resolution % 8 or self.resolution <= 0:
       raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
     if not 1.0 <= self.min_scale <= self.max_scale:
@@ -116,7 +119,7 @@ class _DecodeAugmentTokenize:
 
   def __init__(self, config: LoaderConfig):
     self.config = config
-    self.image_fields = builders.IMAGE_FIELDS[config.kind]
+    self.image_fields = image_fields(config.kind)
 
   def __call__(self, record: dict, rng: np.random.Generator) -> dict:
     c = self.config
@@ -136,6 +139,29 @@ class _DecodeAugmentTokenize:
     ids = tokenize(_tokenizer(c.tokenizer), texts, MAX_LENGTH)
     example.update({key: row for key, row in zip(TEXT_IDS.values(), ids)})
     return example
+
+
+class _RenderWorldScene:
+  """World scene index -> training example: the rendered scene, its caption's ids, its labels."""
+
+  def __init__(self, config: LoaderConfig):
+    self.config = config
+
+  def __call__(self, index: int) -> dict:
+    from uip2p_jax.data import shapes
+    scene = shapes.world_scene(self.config.seed, int(index))
+    ids = tokenize(_tokenizer(self.config.tokenizer), [shapes.caption(scene)], MAX_LENGTH)[0]
+    return {"id": np.bytes_(f"world-{index}".encode()),
+            "image": shapes.render(scene, self.config.resolution),
+            "input_caption_ids": ids, "labels": shapes.scene_labels(scene)}
+
+
+# Scene indices of the rendered world: more than any run draws (an epoch is never finished).
+WORLD_SCENES = 2 ** 31 - 1
+
+
+def image_fields(kind: str) -> tuple[str, ...]:
+  return ("image",) if kind == "world" else builders.IMAGE_FIELDS[kind]
 
 
 class _ValidBatchIterator(grain.DatasetIterator):
@@ -180,6 +206,11 @@ def make_dataset(config: LoaderConfig, process_index: int | None = None,
   """The grain pipeline of one JAX process (defaults: this process of ``jax.process_count()``)."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
+  if config.kind == "world":  # each index is its own random scene: no shuffle needed
+    ds = grain.MapDataset.range(WORLD_SCENES)[process_index::process_count]
+    ds = _ValidBatchDataset(ds.map(_RenderWorldScene(config)).to_iter_dataset(),
+                            config.batch_size)
+    return _prefetch(ds, config)
   source, info = builders.open_split(config.data_dir, config.kind, config.split)
   if config.kind == "ip2p" and config.require_reverse and not info.metadata.get("has_reverse"):
     raise ValueError(f"{config.data_dir}: these IP2P pairs were built without reverse "
@@ -192,6 +223,10 @@ def make_dataset(config: LoaderConfig, process_index: int | None = None,
     ds = ds.shuffle()
   ds = ds.repeat(config.num_epochs).random_map(_DecodeAugmentTokenize(config))
   ds = _ValidBatchDataset(ds.to_iter_dataset(), config.batch_size)
+  return _prefetch(ds, config)
+
+
+def _prefetch(ds: grain.IterDataset, config: LoaderConfig) -> grain.IterDataset:
   if config.num_workers > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app
       flags.FLAGS.mark_as_parsed()   # (tests, notebooks) take their defaults
@@ -220,7 +255,7 @@ class Loader:
   def __next__(self) -> dict[str, np.ndarray]:
     batch = dict(next(self._iterator))
     self.skipped_records += int(batch.pop("skipped_records"))
-    for name in builders.IMAGE_FIELDS[self.config.kind]:
+    for name in image_fields(self.config.kind):
       batch[name] = batch[name].astype(np.float32) * (2 / 255) - 1
     return batch
 

@@ -51,7 +51,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
-RESOLUTION = 64      # VAE factor 8 -> 8x8 latents
+RESOLUTION = 64      # the world VAE (factor 4) -> 16x16 latents
 SUPERSAMPLE = 4      # drawn at 4x, box-filtered down
 GRID = 3
 
@@ -426,6 +426,37 @@ def examples(split: str, count: int, seed: int) -> Iterator[Example]:
     yield from _test_session(seed, session, min(turns, left))
     left -= min(turns, left)
     session += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The world at large (what its pretrained models see) and attribute labels (the probe's targets).
+
+def world_scene(seed: int, index: int) -> Scene:
+  """Scene ``index`` of the world the pretrained models (VAE, CLIP, text-to-image prior, probe)
+  learn from: 1..MAX_OBJECTS objects from every colour/shape combination, held-out ones included
+  (as SD and CLIP have seen the whole world; only the editing data holds combinations out)."""
+  rng = np.random.default_rng([seed, 3, index])
+  return sample_scene(rng, int(rng.integers(1, MAX_OBJECTS + 1)), held_out=True)
+
+
+# The label vector: the background, then for each grid cell in reading order its object's
+# colour, shape and size, each with class 0 = "no object in this cell".
+_CELL_ATTRIBUTES = (("colour", tuple(COLOURS)), ("shape", SHAPES), ("size", tuple(SIZES)))
+LABEL_NAMES = ("background",) + tuple(f"cell{r}{c}.{name}" for r in range(GRID)
+                                      for c in range(GRID) for name, _ in _CELL_ATTRIBUTES)
+LABEL_CLASSES = (len(BACKGROUNDS),) + tuple(1 + len(values) for r in range(GRID)
+                                            for c in range(GRID) for _, values in _CELL_ATTRIBUTES)
+
+
+def scene_labels(scene: Scene) -> np.ndarray:
+  """(len(LABEL_NAMES),) int32: what the probe reads off a rendered scene."""
+  labels = np.zeros(len(LABEL_NAMES), np.int32)
+  labels[0] = list(BACKGROUNDS).index(scene.background)
+  for o in scene.objects:
+    base = 1 + (o.row * GRID + o.col) * len(_CELL_ATTRIBUTES)
+    for offset, (name, values) in enumerate(_CELL_ATTRIBUTES):
+      labels[base + offset] = 1 + values.index(getattr(o, name))
+  return labels
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,11 @@ class CLIPTextConfig:
   def from_transformers(cls, config: dict[str, Any]) -> "CLIPTextConfig":
     return _from_known_fields(cls, config)
 
+  def to_transformers(self) -> dict[str, Any]:
+    """A `CLIPTextModel` config.json."""
+    return {"model_type": "clip_text_model", "architectures": ["CLIPTextModel"],
+            **dataclasses.asdict(self)}
+
 
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
@@ -78,6 +83,14 @@ class CLIPConfig:
     return cls(CLIPTextConfig.from_transformers(config["text_config"]),
                CLIPVisionConfig.from_transformers(config["vision_config"]),
                config.get("projection_dim", 512))
+
+  def to_transformers(self) -> dict[str, Any]:
+    """A `CLIPModel` config.json."""
+    return {"model_type": "clip", "architectures": ["CLIPModel"],
+            "projection_dim": self.projection_dim,
+            "text_config": {"model_type": "clip_text_model", **dataclasses.asdict(self.text)},
+            "vision_config": {"model_type": "clip_vision_model",
+                              **dataclasses.asdict(self.vision)}}
 
 
 class CLIPAttention(nnx.Module):

@@ -56,7 +56,29 @@ TINY = ModelPreset(
                                             image_size=32, patch_size=8),
                     projection_dim=32))
 
-PRESETS = {"sd15": SD15, "tiny": TINY}
+# ShapesWorld's own models (64 px scenes): a VAE of factor 4 (16x16x4 latents), a small CLIP on
+# 64 px images whose text tower is also the UNet's text encoder (SD shares it the same way), and
+# a UNet sized to train from scratch on a CPU (its image channels: 8 for editing, 4 for the
+# text-to-image prior, set per run).
+_SHAPES_TEXT = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                              num_attention_heads=4, projection_dim=64)
+SHAPES = ModelPreset(
+    unet=UNetConfig(in_channels=8, block_out_channels=(32, 64, 128), layers_per_block=1,
+                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                      "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                    attention_head_dim=4, cross_attention_dim=64, norm_num_groups=8,
+                    sample_size=16),
+    vae=VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
+                  sample_size=64),
+    text_encoder=_SHAPES_TEXT,
+    clip=CLIPConfig(text=_SHAPES_TEXT,
+                    vision=CLIPVisionConfig(hidden_size=128, intermediate_size=512,
+                                            num_hidden_layers=4, num_attention_heads=4,
+                                            image_size=64, patch_size=8),
+                    projection_dim=64))
+
+PRESETS = {"sd15": SD15, "tiny": TINY, "shapes": SHAPES}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -148,6 +148,7 @@ def check(config) -> None:
   try:
     cycle_config(config)
     loss_config(config)
+    pretrain_config(config)
     loader_config(config, data_dir=config.data.dir or "unset")
     for name in ("compute_dtype", "frozen_dtype"):
       dtype_of(config.model[name])
@@ -172,6 +173,9 @@ def check(config) -> None:
     value = (config[section] if section else config)[leaf]
     if value < low:
       raise ConfigError(f"config.{key}={value}; expected >= {low}")
+  if config.final_edit and config.objective not in ("cec", "ip2p"):
+    raise ConfigError(f"config.final_edit=True edits an image; objective {config.objective!r} "
+                      "trains no edit model (set it False)")
   profile_range(config.profile_steps)
   _check_local(config.data.dir, "config.data.dir")
 
@@ -219,14 +223,21 @@ def loss_config(config) -> LossConfig:
   return _dataclass_from(LossConfig, config.loss, "loss")
 
 
+def pretrain_config(config):
+  from uip2p_jax.pretraining import PretrainConfig
+  return _dataclass_from(PretrainConfig, config.pretrain, "pretrain")
+
+
 def model_kwargs(config, abstract: bool = False) -> dict:
   """`model_set.build_models` arguments of a run (float32 master weights for the UNet)."""
   m = config.model
   return dict(preset=m.preset, pretrained=m.pretrained, init_from_sd=m.init_from_sd,
-              clip=m.clip, with_clip=config.objective == "cec", seed=m.seed,
+              clip=m.clip, with_clip=config.objective in ("cec", "clip"), seed=m.seed,
               compute_dtype=m.compute_dtype, unet_param_dtype="float32",
               frozen_dtype=m.frozen_dtype, attention_backend=m.attention_backend,
-              remat=m.remat, abstract=abstract)
+              remat=m.remat, abstract=abstract, vae=m.vae, text_encoder=m.text_encoder,
+              unet_in_channels=4 if config.objective == "t2i" else None,
+              with_probe=config.objective == "probe")
 
 
 def loader_config(config, data_dir: str, processes: int = 1):
@@ -241,10 +252,18 @@ def loader_config(config, data_dir: str, processes: int = 1):
       require_reverse=config.objective == "cec")
 
 
+# The data each objective trains on: "world" is ShapesWorld rendered on the fly (no folder).
+OBJECTIVE_DATA = {"cec": ("captions", "ip2p"), "ip2p": ("ip2p",), "t2i": ("world", "captions"),
+                  "vae": ("world", "captions"), "clip": ("world", "captions"), "probe": ("world",)}
+
+
 def check_objective_data(config) -> None:
-  """The objective's data kind: supervised IP2P needs edited images (ip2p pairs)."""
-  if config.objective not in ("cec", "ip2p"):
-    raise ConfigError(f"config.objective={config.objective!r}; expected 'cec' or 'ip2p'")
-  if config.objective == "ip2p" and config.data.kind != "ip2p":
-    raise ConfigError(f"config.objective='ip2p' trains on edited images: config.data.kind must "
-                      f"be 'ip2p' (pairs), got {config.data.kind!r}")
+  """The objective's data kind: supervised IP2P needs edited images (ip2p pairs), the probe
+  attribute labels (the rendered world)."""
+  if config.objective not in OBJECTIVE_DATA:
+    raise ConfigError(f"config.objective={config.objective!r}; expected one of "
+                      f"{sorted(OBJECTIVE_DATA)}")
+  kinds = OBJECTIVE_DATA[config.objective]
+  if config.data.kind not in kinds:
+    raise ConfigError(f"config.objective={config.objective!r} trains on config.data.kind "
+                      f"{' or '.join(map(repr, kinds))}, got {config.data.kind!r}")

@@ -59,7 +59,7 @@ def _compiled_step(config, graphs, params, frozen, schedule, tokenizer, mesh):
   # Only what the compiled step depends on (not checkpointing, logging, samples or export).
   step_config = {name: config[name] for name in ("objective", "batch_size", "ema_decay",
                                                   "ema_dtype", "model", "cycle", "loss", "ip2p",
-                                                  "optim")}
+                                                  "pretrain", "optim")}
   key = (ml_collections.ConfigDict(step_config).to_json_best_effort(sort_keys=True),
          config.data.resolution, mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))
   if key not in _COMPILED:
@@ -76,6 +76,8 @@ def _compiled_step(config, graphs, params, frozen, schedule, tokenizer, mesh):
 def _resolve_data_dir(config, workdir: str) -> str:
   """config.data.dir, or for "sample" the bundled photos built into workdir/data."""
   from uip2p_jax.data import builders
+  if config.data.kind == "world":
+    return ""  # rendered on the fly
   if config.data.dir != "sample":
     if not config.data.dir:
       raise run_config.ConfigError("config.data.dir is empty: give a built dataset folder "
@@ -117,7 +119,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   checkpoints = preemption = writer = None
   try:
     models = build_models(**run_config.model_kwargs(config))
-    graphs, params, frozen = split_models(models)
+    graphs, params, frozen = split_models(models, config.objective)
     tokenizer, schedule = models.tokenizer, models.schedule
     del models  # the arrays live on in params/frozen only
     compiled = _compiled_step(config, graphs, params, frozen, schedule, tokenizer, mesh)
@@ -188,8 +190,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         return TrainResult(last_metrics, preempted=True)
     checkpoints.wait_until_finished()
     if config.export:
-      export(run, state)
-    if config.final_edit:
+      export(run, state, sample_batch or _sample_batch(next(loader), config))
+    if config.final_edit and config.objective in ("cec", "ip2p"):
       final_edit(run, state, sample_batch or _sample_batch(next(loader), config))
     return TrainResult(last_metrics, preempted=False)
   finally:

@@ -1,6 +1,8 @@
-"""What a run shows and leaves behind besides checkpoints: sample grids (input | forward edit |
-reconstruction, edited with the EMA UNet and the InstructPix2Pix sampler), the exported
-diffusers UNet (a full pipeline folder for runs from a pretrained one) and one final edit."""
+"""What a run shows and leaves behind besides checkpoints: sample grids (edit objectives: input |
+forward edit | reconstruction, edited with the EMA UNet and the InstructPix2Pix sampler; vae:
+input | reconstruction; t2i: generated from the caption | the real scene; clip and probe log
+accuracies instead), the export (the trained module, in a full pipeline folder for UNets) and
+one final edit."""
 
 from __future__ import annotations
 
@@ -75,50 +77,126 @@ def sample_edits(run: RunContext, params, images, forward_ids, reverse_ids=None)
   return edited, None if reverse_ids is None else edit(edited, reverse_ids)
 
 
+def _module(run: RunContext, name: str, params=None):
+  return nnx.merge(run.graphs[name], run.frozen[name] if params is None else params)
+
+
 def write_samples(run: RunContext, state: TrainState, sample_batch, step: int, writer) -> None:
-  """workdir/samples/step_N.png (and TensorBoard): input | forward edit | reconstruction."""
+  """workdir/samples/step_N.png (and TensorBoard), by objective (see the module's docstring)."""
+  from uip2p_jax.train.step import trained_module
+  objective = run.config.objective
+  if objective in ("clip", "probe"):
+    return
   images = sample_batch["image"]
-  edited, reconstructed = host_tree(sample_edits(
-      run, evaluated_params(state), run.replicated(images),
-      run.replicated(sample_batch["instruction_ids"]),
-      run.replicated(sample_batch["reverse_instruction_ids"])))
+  if objective in ("cec", "ip2p"):
+    edited, reconstructed = host_tree(sample_edits(
+        run, evaluated_params(state), run.replicated(images),
+        run.replicated(sample_batch["instruction_ids"]),
+        run.replicated(sample_batch["reverse_instruction_ids"])))
+    columns = list(zip(images, np.asarray(edited), np.asarray(reconstructed)))
+    captions = [f"fwd: {f}\nrev: {r}" for f, r in zip(
+        run.texts(sample_batch["instruction_ids"]),
+        run.texts(sample_batch["reverse_instruction_ids"]))]
+  elif objective == "vae":
+    vae = _module(run, trained_module(objective), evaluated_params(state))
+    out = jax.jit(lambda x: jnp.clip(vae.decode(vae.encode(x).mode()), -1, 1))(
+        run.replicated(images))
+    columns = list(zip(images, np.asarray(host_tree(out))))
+    captions = ["input | reconstruction"] * len(columns)
+  else:  # t2i
+    columns = list(zip(np.asarray(host_tree(generate(
+        run, evaluated_params(state), run.replicated(sample_batch["input_caption_ids"])))),
+        images))
+    captions = run.texts(sample_batch["input_caption_ids"])
   if jax.process_index() != 0:
     return
-  captions = [f"fwd: {f}\nrev: {r}" for f, r in zip(
-      run.texts(sample_batch["instruction_ids"]),
-      run.texts(sample_batch["reverse_instruction_ids"]))]
-  grid = sample_grid(list(zip(images, np.asarray(edited), np.asarray(reconstructed))), captions)
+  grid = sample_grid(columns, captions)
   os.makedirs(os.path.join(run.workdir, "samples"), exist_ok=True)
   grid.save(os.path.join(run.workdir, "samples", f"step_{step:07d}.png"))
   writer.image("samples", np.asarray(grid), step)
 
 
-def export(run: RunContext, state: TrainState) -> str:
-  """The EMA UNet in diffusers' format at workdir/export/unet; for runs from a pretrained
-  pipeline, the base pipeline's other parts are copied beside it, so workdir/export is a full
-  InstructPix2Pix folder (`uip2p edit --model`, `uip2p eval`, diffusers' `from_pretrained`)."""
+def generate(run: RunContext, params, caption_ids):
+  """Text-to-image samples of a t2i run's UNet `params` (config.sample: steps, text_scale)."""
+  from uip2p_jax.pipeline import generate_latents
+  from uip2p_jax.schedules import make_sampler
+  from uip2p_jax.tokenizer import tokenize
+  config = run.config
+  unet, vae = _module(run, "unet", params), _module(run, "vae")
+  text_encoder = _module(run, "text_encoder")
+  sampler = make_sampler("euler_ancestral", run.schedule, config.sample.steps)
+  keys = jax.vmap(jax.random.key)(jnp.arange(caption_ids.shape[0], dtype=jnp.uint32)
+                                  + config.seed)
+  fn = jax.jit(lambda ids: generate_latents(unet, vae, text_encoder, ids,
+                                            tokenize(run.tokenizer, [""]), sampler,
+                                            jnp.float32(config.sample.text_scale), keys))
+  return fn(caption_ids)
+
+
+def export(run: RunContext, state: TrainState, sample_batch=None) -> str:
+  """The trained module (EMA when kept) under workdir/export:
+  - a UNet: `unet/` in diffusers' format, in a full pipeline folder (`uip2p edit --model`,
+    `uip2p eval`, diffusers' `from_pretrained`): a pretrained run's other parts are copied
+    beside it, a run built from a preset (or a world's own parts) writes its VAE, text
+    encoder, tokenizer and scheduler;
+  - a VAE: `vae/`, its scaling factor measured as 1 / std of the sample batch's latents;
+  - a CLIP: `clip/` (transformers CLIPModel); the probe: `probe/`."""
   from uip2p_jax import weights
-  ema = host_tree(evaluated_params(state))
+  from uip2p_jax.train.step import trained_module
+  trained = trained_module(run.config.objective)
+  params = host_tree(evaluated_params(state))
   out = os.path.join(run.workdir, "export")
-  if jax.process_index() == 0:
-    pretrained = run.config.model.pretrained  # (an init_from_sd base is no IP2P pipeline)
-    if pretrained:
-      root = weights.resolve_folder(pretrained)
-      for name in os.listdir(root):
-        source = os.path.join(root, name)
-        if name == "unet" or name.startswith("."):
-          continue
-        if os.path.isdir(source):
-          shutil.copytree(source, os.path.join(out, name), dirs_exist_ok=True)
-        else:
-          os.makedirs(out, exist_ok=True)
-          shutil.copyfile(source, os.path.join(out, name))
-    weights.save_unet(nnx.merge(run.graphs["unet"], jax.tree.map(np.asarray, ema)),
-                      os.path.join(out, "unet"))
-    which = "EMA UNet" if state.ema_params is not None else "UNet (no EMA kept)"
-    print(f"train: exported the {which} (diffusers format) to {out}/unet"
-          + (" with the base pipeline's other parts" if pretrained else ""), flush=True)
+  if jax.process_index() != 0:
+    return out
+  module = nnx.merge(run.graphs[trained], jax.tree.map(np.asarray, params))
+  which = "EMA " if state.ema_params is not None else ""
+  if trained == "vae":
+    if sample_batch is None:
+      raise ValueError("exporting a VAE measures its latents' scale: pass the sample batch")
+    std = float(jnp.std(jax.jit(lambda x: module.encode(x).mean)(sample_batch["image"])))
+    weights.save_vae(module, os.path.join(out, "vae"), scaling_factor=1.0 / std)
+    print(f"train: exported the {which}VAE to {out}/vae (scaling factor 1/{std:.4f})",
+          flush=True)
+    return out
+  if trained in ("clip", "probe"):
+    save = weights.save_clip if trained == "clip" else weights.save_probe
+    save(module, os.path.join(out, trained))
+    print(f"train: exported the {which}{trained} to {out}/{trained}", flush=True)
+    return out
+  pretrained = run.config.model.pretrained  # (an init_from_sd base is no IP2P pipeline)
+  if pretrained:
+    root = weights.resolve_folder(pretrained)
+    for name in os.listdir(root):
+      source = os.path.join(root, name)
+      if name == "unet" or name.startswith("."):
+        continue
+      if os.path.isdir(source):
+        shutil.copytree(source, os.path.join(out, name), dirs_exist_ok=True)
+      else:
+        os.makedirs(out, exist_ok=True)
+        shutil.copyfile(source, os.path.join(out, name))
+  else:
+    write_pipeline_parts(out, _module(run, "vae"), _module(run, "text_encoder"), run.tokenizer,
+                         run.schedule)
+  weights.save_unet(module, os.path.join(out, "unet"))
+  print(f"train: exported the {which}UNet (diffusers format) to {out}/unet"
+        + (" with the base pipeline's other parts" if pretrained else
+           " with the run's VAE, text encoder, tokenizer and scheduler"), flush=True)
   return out
+
+
+def write_pipeline_parts(out: str, vae, text_encoder, tokenizer, schedule: NoiseSchedule) -> None:
+  """vae/, text_encoder/, tokenizer/ and scheduler/ of a diffusers pipeline folder (the UNet's
+  sampler: Euler ancestral, InstructPix2Pix's)."""
+  import json
+  from uip2p_jax import weights
+  weights.save_vae(vae, os.path.join(out, "vae"))
+  weights.save_text_encoder(text_encoder, os.path.join(out, "text_encoder"))
+  tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
+  os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
+  with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
+    json.dump({"_class_name": "EulerAncestralDiscreteScheduler", **schedule.to_diffusers()}, f,
+              indent=2)
 
 
 def final_edit(run: RunContext, state: TrainState, sample_batch) -> None:

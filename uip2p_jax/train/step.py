@@ -29,7 +29,7 @@ from uip2p_jax.train import config as run_config
 @struct.dataclass
 class TrainState:
   step: jax.Array             # () int32: updates applied or skipped so far
-  params: Any                 # UNet parameters, float32 (pure dict)
+  params: Any                 # the trained module's parameters, float32 (pure dict)
   ema_params: Any             # their exponential moving average (`ema_dtype`; None: no EMA)
   opt_state: Any
   rng: jax.Array              # (2,) uint32 base key; step keys are fold_in(rng, step)
@@ -67,16 +67,34 @@ def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]
   return optax.chain(optax.clip_by_global_norm(optim.grad_clip), update), schedule
 
 
-def split_models(models: ModelSet):
-  """(graphdefs, UNet parameters, frozen parameters) as pure dicts of arrays (or shapes)."""
+# Per objective: the module it trains and the frozen modules its loss reads. cec and ip2p train
+# the edit UNet; t2i a text-to-image UNet; vae, clip and probe train a world's own models.
+OBJECTIVES = {"cec": ("unet", ("vae", "text_encoder", "clip")),
+              "ip2p": ("unet", ("vae", "text_encoder")),
+              "t2i": ("unet", ("vae", "text_encoder")),
+              "vae": ("vae", ()), "clip": ("clip", ()), "probe": ("probe", ())}
+
+
+def trained_module(objective: str) -> str:
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective {objective!r}; expected one of {sorted(OBJECTIVES)}")
+  return OBJECTIVES[objective][0]
+
+
+def split_models(models: ModelSet, objective: str = "cec"):
+  """(graphdefs, trained parameters, frozen parameters) of `objective` as pure dicts of arrays
+  (or shapes): the trained module (`trained_module(objective)`) and the frozen ones its loss
+  and samples read."""
+  trained = trained_module(objective)
   graphs, frozen, params = {}, {}, None
-  for name in ("unet", "vae", "text_encoder", "clip"):
+  for name in (trained,) + OBJECTIVES[objective][1]:
     module = getattr(models, name)
     if module is None:
-      continue
+      raise ValueError(f"objective {objective!r} needs the model set's {name}, which was not "
+                       "built")
     graph, state = nnx.split(module)
     graphs[name] = graph
-    if name == "unet":
+    if name == trained:
       params = nnx.to_pure_dict(state)
     else:
       frozen[name] = nnx.to_pure_dict(state)
@@ -86,22 +104,27 @@ def split_models(models: ModelSet):
 def loss_function(config, graphs, alphas_cumprod, empty_ids) -> Callable:
   """(params, frozen, batch, key) -> (loss, metrics) for the run's objective. `empty_ids`:
   (1, 77) int32, the run's tokenizer's ids of "" (the unconditional text)."""
+  from uip2p_jax import pretraining
   objective = config.objective
+  trained = trained_module(objective)
   if objective == "cec":
     cycle, weights = run_config.cycle_config(config), run_config.loss_config(config)
-  elif objective != "ip2p":
-    raise ValueError(f"objective {objective!r}; expected 'cec' or 'ip2p'")
+  pretrain = run_config.pretrain_config(config)
 
   def compute(params, frozen, batch, key):
-    unet = nnx.merge(graphs["unet"], params)
-    vae = nnx.merge(graphs["vae"], frozen["vae"])
-    text_encoder = nnx.merge(graphs["text_encoder"], frozen["text_encoder"])
+    module = lambda name: nnx.merge(graphs[name], params if name == trained else frozen[name])
     if objective == "cec":
-      clip = nnx.merge(graphs["clip"], frozen["clip"])
-      return cycle_losses(unet, vae, text_encoder, clip, batch, key, alphas_cumprod, cycle,
-                          weights, empty_ids=empty_ids)
-    return ip2p_losses(unet, vae, text_encoder, batch, key, alphas_cumprod,
-                       config.ip2p.conditioning_dropout, empty_ids=empty_ids)
+      return cycle_losses(module("unet"), module("vae"), module("text_encoder"), module("clip"),
+                          batch, key, alphas_cumprod, cycle, weights, empty_ids=empty_ids)
+    if objective == "ip2p":
+      return ip2p_losses(module("unet"), module("vae"), module("text_encoder"), batch, key,
+                         alphas_cumprod, config.ip2p.conditioning_dropout, empty_ids=empty_ids)
+    if objective == "t2i":
+      return pretraining.t2i_losses(module("unet"), module("vae"), module("text_encoder"), batch,
+                                    key, alphas_cumprod, pretrain, empty_ids=empty_ids)
+    losses = {"vae": pretraining.vae_losses, "clip": pretraining.clip_losses,
+              "probe": pretraining.probe_losses}[objective]
+    return losses(module(trained), batch, key, pretrain)
   return compute
 
 
@@ -138,7 +161,7 @@ def _gradients(compute_loss, params, frozen_params, batch, key, accumulate: int,
 def train_step(state: TrainState, frozen_params, batch, *, compute_loss: Callable,
                optimizer: optax.GradientTransformation, lr_schedule: optax.Schedule,
                accumulate: int = 1, ema_decay: float = 0.9999, mesh=None):
-  """One update: gradients of `compute_loss` for the UNet only (frozen models are
+  """One update: gradients of `compute_loss` for the trained module only (frozen models are
   differentiated through, never updated), AdamW, EMA. A non-finite loss or gradient norm
   leaves parameters, EMA and optimizer state unchanged and is counted in skipped_updates."""
   key = jax.random.fold_in(state.rng, state.step)
@@ -281,17 +304,28 @@ def check_batch_size(global_batch: int, devices: int, accumulate: int, processes
                      f"({devices} x {accumulate}) and by the {processes} processes")
 
 
+_CAPTION_FIELDS = ("image", "input_caption_ids", "instruction_ids", "edited_caption_ids",
+                   "reverse_instruction_ids")
+BATCH_FIELDS = {"cec": _CAPTION_FIELDS, "ip2p": _CAPTION_FIELDS + ("edited_image",),
+                "t2i": ("image", "input_caption_ids"), "clip": ("image", "input_caption_ids"),
+                "vae": ("image",), "probe": ("image", "labels")}
+
+
 def batch_fields(objective: str) -> tuple[str, ...]:
   """The batch fields the step of `objective` reads."""
-  fields = ("image", "input_caption_ids", "instruction_ids", "edited_caption_ids",
-            "reverse_instruction_ids")
-  return fields + ("edited_image",) if objective == "ip2p" else fields
+  return BATCH_FIELDS[objective]
 
 
 def abstract_batch(config, global_batch: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
   """The shapes of one global batch of the run's objective."""
+  from uip2p_jax.data.shapes import LABEL_NAMES
   r = config.data.resolution
-  image = jax.ShapeDtypeStruct((global_batch, r, r, 3), jnp.float32, sharding=sharding)
-  ids = jax.ShapeDtypeStruct((global_batch, 77), jnp.int32, sharding=sharding)
-  return {name: image if name.endswith("image") else ids
+
+  def shape(name):
+    if name.endswith("image"):
+      return (global_batch, r, r, 3), jnp.float32
+    if name == "labels":
+      return (global_batch, len(LABEL_NAMES)), jnp.int32
+    return (global_batch, 77), jnp.int32
+  return {name: jax.ShapeDtypeStruct(*shape(name), sharding=sharding)
           for name in batch_fields(config.objective)}

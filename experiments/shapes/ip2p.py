@@ -1,0 +1,21 @@
+"""ShapesWorld's supervised baseline: InstructPix2Pix on the world's pairs (input, instruction,
+true edited scene), the 8-channel UNet initialised from the world's text-to-image prior (image
+channels zero), trained with the `ip2p` objective (conditioning dropout 5%).
+
+  uip2p data build shapes --out runs/shapes/data --train 20000 --test 500 --seed 0
+  uip2p train --config experiments/shapes/ip2p.py[:runs=runs/shapes] --workdir runs/shapes/ip2p
+
+Export: runs/shapes/ip2p/export, a full InstructPix2Pix folder (`uip2p edit --model`,
+`uip2p eval shapes --model`). Pairs cover only the training phrasings and combinations.
+"""
+
+import common
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, steps="3000", runs=common.RUNS)
+  paths = common.paths(args["runs"])
+  c = common.shapes_config("ip2p", steps=int(args["steps"]), batch=32, lr=2e-4)
+  c.model.init_from_sd = paths["prior"]
+  c.data.dir, c.data.kind = paths["data"], "ip2p"
+  return c

@@ -1,0 +1,17 @@
+"""ShapesWorld stage 1: the world's VAE (the project's AutoencoderKL, factor 4: 64 px scenes ->
+16x16x4 latents), trained from nothing to reconstruct rendered scenes (L1 + MSE + 1e-6 KL).
+
+  uip2p train --config experiments/shapes/vae.py --workdir runs/shapes/vae
+
+Export: runs/shapes/vae/export/vae (scaling factor measured as 1 / latent std).
+Time and numbers on the 2-core CPU: BENCHMARKS.md / RESULTS.md ("ShapesWorld").
+"""
+
+import common
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, steps="1500")
+  c = common.shapes_config("vae", steps=int(args["steps"]), batch=16, lr=5e-4)
+  c.sample.count = 64  # the export measures the latents' scale on this batch
+  return c

@@ -1,0 +1,123 @@
+"""A world's own models through the one trainer: objectives vae, clip, probe and t2i take steps
+on ShapesWorld scenes rendered on the fly, export folders that the loaders (and diffusers /
+transformers) read, and chain: the prior loads the VAE and the CLIP's text tower, the
+supervised IP2P starts from the prior, and `uip2p eval shapes` scores it with the probe."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from tests.trainer_setup import ROOT
+from uip2p_jax import weights
+from uip2p_jax.train import config as run_config
+from uip2p_jax.train.loop import train
+
+STEPS = 2
+
+
+def stage_config(name: str, runs: str, **overrides):
+  config = run_config.load_config(os.path.join(ROOT, "experiments", "shapes", f"{name}.py")
+                                  + f":steps={STEPS}" + (f",runs={runs}" if name in (
+                                      "prior", "ip2p") else ""))
+  config.batch_size = 4
+  config.data.num_workers = 0
+  config.log_every = 1
+  config.optim.warmup_steps = 1
+  config.sample.every = STEPS if name == "prior" else 0  # t2i sampling; edits are eval's
+  config.sample.count = 2
+  config.sample.steps = 2
+  for key, value in overrides.items():
+    run_config.apply_override(config, f"{key}={value}")
+  return config
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """A runs folder with every stage trained for two steps (and 16 + 6 built records)."""
+  from uip2p_jax.data import shapes
+  runs = str(tmp_path_factory.mktemp("shapes_runs"))
+  shapes.build(os.path.join(runs, "data"), train=16, test=6, seed=0)
+  results = {}
+  for name in ("vae", "clip", "probe", "prior", "ip2p"):
+    results[name] = train(stage_config(name, runs), os.path.join(runs, name))
+  return runs, results
+
+
+def test_each_objective_steps_and_logs_its_metrics(world):
+  _, results = world
+  expect = {"vae": ("loss_l1", "kl", "psnr"), "clip": ("accuracy_image_to_text", "logit_scale"),
+            "probe": ("accuracy_label", "accuracy_scene"), "prior": ("loss_t2i",),
+            "ip2p": ("loss_ip2p",)}
+  for name, keys in expect.items():
+    metrics = results[name].metrics
+    assert np.isfinite(metrics["loss"]) and metrics["skipped_updates"] == 0, (name, metrics)
+    assert set(keys) <= set(metrics), (name, sorted(metrics))
+
+
+def test_exports_load_here_and_in_the_reference_libraries(world):
+  import torch
+  from diffusers import AutoencoderKL
+  from transformers import CLIPModel
+  runs, _ = world
+  vae_dir, clip_dir = f"{runs}/vae/export/vae", f"{runs}/clip/export/clip"
+  # The VAE records its measured latent scale; ours and diffusers' decode alike.
+  config = json.load(open(os.path.join(vae_dir, "config.json")))
+  assert config["scaling_factor"] != 0.18215 and config["block_out_channels"] == [16, 32, 64]
+  ours = weights.load_vae(vae_dir, subfolder=None)
+  theirs = AutoencoderKL.from_pretrained(vae_dir).eval()
+  latents = np.random.default_rng(0).normal(size=(1, 16, 16, 4)).astype(np.float32)
+  with torch.no_grad():
+    reference = theirs.decode(torch.from_numpy(latents.transpose(0, 3, 1, 2))).sample
+  np.testing.assert_allclose(np.asarray(ours.decode(latents)),
+                             reference.numpy().transpose(0, 2, 3, 1), atol=2e-4)
+  # The CLIP is a transformers CLIPModel folder: text features agree.
+  clip = weights.load_clip(clip_dir)
+  reference_clip = CLIPModel.from_pretrained(clip_dir).eval()
+  ids = np.asarray([[49406, 320, 1449, 49407] + [49407] * 73], np.int32)
+  with torch.no_grad():
+    reference_text = reference_clip.get_text_features(input_ids=torch.from_numpy(ids).long())
+  reference_text = getattr(reference_text, "pooler_output", reference_text).numpy()
+  np.testing.assert_allclose(np.asarray(clip.get_text_features(ids)), reference_text, atol=2e-4)
+  # The prior is a full SD pipeline whose text encoder is the CLIP's text tower.
+  prior = f"{runs}/prior/export"
+  assert sorted(os.listdir(prior)) == ["scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+  text_encoder = weights.load_text_encoder(prior)
+  np.testing.assert_array_equal(
+      np.asarray(text_encoder.embeddings.token_embedding.embedding[...]),
+      np.asarray(clip.text_model.embeddings.token_embedding.embedding[...]))
+  assert weights.load_unet(prior).config.in_channels == 4
+  assert weights.load_unet(f"{runs}/ip2p/export").config.in_channels == 8
+  assert os.path.isfile(f"{runs}/prior/samples/step_{STEPS:07d}.png")
+  assert weights.load_probe(f"{runs}/probe/export/probe").config.classes
+
+
+def test_eval_shapes_scores_the_chain_and_the_baselines(world, tmp_path, capsys):
+  from uip2p_jax.cli import main
+  runs, _ = world
+  for model in ("identity", "shapes-ip2p", "shapes-sdedit"):
+    out = tmp_path / model
+    assert main(["eval", "shapes", "--data", f"{runs}/data", "--out", str(out), "--model", model,
+                 "--world", runs, "--steps", "2", "--batch-size", "6"]) == 0
+    summary = json.load(open(out / "summary.json"))
+    for key in ("edit_accuracy", "preservation", "l1", "l2", "clip_i", "clip_t"):
+      assert np.isfinite(summary[key]), (model, key)
+    assert summary["count"] == 6 and len(os.listdir(out / "edits")) == 6
+    assert (out / "grid.png").is_file() and (out / "scores.csv").is_file()
+  identity = json.load(open(tmp_path / "identity" / "summary.json"))
+  assert identity["l1"] > 0 and identity["clip_i"] <= 1.0 + 1e-5
+  assert main(["eval", "shapes-compare", str(tmp_path / "identity"),
+               str(tmp_path / "shapes-ip2p")]) == 0
+  assert "| identity |" in capsys.readouterr().out
+
+
+def test_objective_data_kinds_are_checked():
+  config = stage_config("probe", "unused")
+  config.data.kind = "captions"
+  with pytest.raises(run_config.ConfigError, match="probe.*'world'"):
+    run_config.check(config)
+  config = stage_config("vae", "unused", final_edit=True)
+  with pytest.raises(run_config.ConfigError, match="final_edit"):
+    run_config.check(config)

@@ -1,0 +1,223 @@
+"""ShapesWorld evaluation (`uip2p eval shapes`): every test edit has a known answer, so edit
+quality is a number.
+
+For each test turn (single-turn protocol: the input is the turn's own true input scene) the
+editor's output is read by the world's attribute probe into a label vector (background; per
+grid cell: colour, shape, size or empty) and compared with the true edited scene's labels:
+
+- **edit accuracy**: every label the edit changes (the attributes the instruction names: the
+  recoloured object's colour, the reshaped object's shape, the background, the added or
+  removed object's cell) reads as the true edited scene's;
+- **preservation**: every other label reads as the true edited scene's (= the input's).
+
+Both are per-example booleans, averaged; the identity editor scores 0 and 1 by construction, the
+true edited image 1 and 1 (up to the probe's own errors, reported as `probe_accuracy` on the
+true test images). Besides them: L1 / L2 to the true edited image, CLIP-I (output vs true
+image) and CLIP-T (output vs edited caption) with the world's CLIP, per edit kind and for the
+held-out phrasings and colour/shape combinations, a picture grid, CSV, summary JSON + Markdown.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from uip2p_jax.data import shapes
+
+METRICS = ("edit_accuracy", "preservation", "l1", "l2", "clip_i", "clip_t")
+GROUPS = ("all",) + tuple(f"kind:{k}" for k in shapes.EDIT_KINDS) + (
+    "held_out_phrasing", "seen_phrasing", "held_out_combination", "seen_combination")
+GRID_EXAMPLES = 12  # the first test turns, drawn as input | ours | ground truth
+
+
+def load_test(data_dir: str, limit: int | None = None) -> list[dict]:
+  """The test turns of a `uip2p data build shapes` folder (scenes_test.jsonl), first `limit`."""
+  path = shapes.scenes_path(data_dir, "test")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{data_dir}: no scenes_test.jsonl (expected a folder written by "
+                            "`uip2p data build shapes --out DIR ...`)")
+  rows = []
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      try:
+        row = json.loads(line)
+        row["scene"] = shapes.Scene.from_json(row["scene"])
+        row["edited_scene"] = shapes.Scene.from_json(row["edited_scene"])
+      except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}:{number}: not a ShapesWorld test turn ({e})") from None
+      rows.append(row)
+      if limit is not None and len(rows) >= limit:
+        break
+  return rows
+
+
+def score_labels(input_labels: np.ndarray, target_labels: np.ndarray,
+                 predicted_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(edit correct, preserved) per example from (N, L) label arrays: the labels the edit changes
+  must read as the target's, and all others too."""
+  changed = input_labels != target_labels
+  right = predicted_labels == target_labels
+  edit_ok = np.all(right | ~changed, axis=1)
+  preserved = np.all(right | changed, axis=1)
+  return edit_ok, preserved
+
+
+def group_masks(turns: list[dict]) -> dict[str, np.ndarray]:
+  kinds = np.asarray([t["edit"]["kind"] for t in turns])
+  phrasing = np.asarray([bool(t["held_out_phrasing"]) for t in turns])
+  combination = np.asarray([bool(t["held_out_combination"]) for t in turns])
+  masks = {"all": np.ones(len(turns), bool)}
+  masks.update({f"kind:{k}": kinds == k for k in shapes.EDIT_KINDS})
+  masks.update(held_out_phrasing=phrasing, seen_phrasing=~phrasing,
+               held_out_combination=combination, seen_combination=~combination)
+  return masks
+
+
+class World:
+  """The world's evaluation models: the probe (reads labels) and the CLIP (CLIP-I / CLIP-T)."""
+
+  def __init__(self, probe_dir: str, clip_dir: str):
+    from flax import nnx
+
+    from uip2p_jax import weights
+    from uip2p_jax.tokenizer import default_tokenizer
+    self.probe = weights.load_probe(probe_dir)
+    self.clip = weights.load_clip(clip_dir)
+    self.tokenizer = default_tokenizer()
+    self._labels = nnx.jit(lambda m, x: m.predict(x))
+    self._images = nnx.jit(lambda m, x: m.embed_images(x))
+    self._texts = nnx.jit(lambda m, ids: m.embed_texts(ids))
+
+  def labels(self, images: np.ndarray, batch: int = 100) -> np.ndarray:
+    return np.concatenate([np.asarray(self._labels(self.probe, images[i:i + batch]))
+                           for i in range(0, len(images), batch)])
+
+  def image_embeddings(self, images: np.ndarray, batch: int = 100) -> np.ndarray:
+    return np.concatenate([np.asarray(self._images(self.clip, images[i:i + batch]))
+                           for i in range(0, len(images), batch)])
+
+  def text_embeddings(self, texts: list[str], batch: int = 100) -> np.ndarray:
+    from uip2p_jax.tokenizer import tokenize
+    return np.concatenate([np.asarray(self._texts(self.clip, tokenize(self.tokenizer,
+                                                                      texts[i:i + batch])))
+                           for i in range(0, len(texts), batch)])
+
+
+def to_unit(images_uint8: np.ndarray) -> np.ndarray:
+  return images_uint8.astype(np.float32) * (2 / 255) - 1
+
+
+def evaluate(turns: list[dict], edit: Callable[[np.ndarray, list[dict]], np.ndarray],
+             world: World, out_dir: str, label: str, settings: dict, batch_size: int = 50
+             ) -> dict:
+  """Edits every turn (`edit(images in [-1, 1], turns) -> edited images in [-1, 1]`), scores
+  them, writes OUT/edits/*.png, scores.csv, summary.json, summary.md and grid.png."""
+  inputs = np.stack([shapes.render(t["scene"]) for t in turns])
+  targets = np.stack([shapes.render(t["edited_scene"]) for t in turns])
+  edited = []
+  for start in range(0, len(turns), batch_size):
+    chunk = turns[start:start + batch_size]
+    edited.append(np.asarray(edit(to_unit(inputs[start:start + batch_size]), chunk)))
+  edited = np.concatenate(edited)
+  edited_uint8 = np.round((np.clip(edited, -1, 1) + 1) * 127.5).astype(np.uint8)
+  os.makedirs(os.path.join(out_dir, "edits"), exist_ok=True)
+  for turn, image in zip(turns, edited_uint8):
+    Image.fromarray(image).save(os.path.join(out_dir, "edits", f"{turn['id']}.png"))
+  # Scored on the saved 8-bit pictures (what a user sees, and what a rerun reads back).
+  output = to_unit(edited_uint8)
+  input_labels = np.stack([shapes.scene_labels(t["scene"]) for t in turns])
+  target_labels = np.stack([shapes.scene_labels(t["edited_scene"]) for t in turns])
+  edit_ok, preserved = score_labels(input_labels, target_labels, world.labels(output))
+  truth = to_unit(targets)
+  truth_labels = world.labels(np.concatenate([to_unit(inputs), truth]))
+  probe_accuracy = float(np.mean(np.all(
+      truth_labels == np.concatenate([input_labels, target_labels]), axis=1)))
+  error = output - truth
+  output_embeddings = world.image_embeddings(output)
+  per_example = {
+      "edit_accuracy": edit_ok.astype(np.float64), "preservation": preserved.astype(np.float64),
+      "l1": np.mean(np.abs(error), axis=(1, 2, 3)) / 2,   # in [0, 1] pixel units
+      "l2": np.mean(error ** 2, axis=(1, 2, 3)) / 4,
+      "clip_i": np.sum(output_embeddings * world.image_embeddings(truth), -1),
+      "clip_t": np.sum(output_embeddings * world.text_embeddings(
+          [t["edited_caption"] for t in turns]), -1)}
+  groups = {}
+  for group, mask in group_masks(turns).items():
+    groups[group] = {"count": int(mask.sum()), **{
+        m: float(np.mean(v[mask])) if mask.any() else math.nan for m, v in per_example.items()}}
+  summary = {"model": label, **{m: groups["all"][m] for m in METRICS},
+             "count": len(turns), "probe_accuracy": probe_accuracy, "groups": groups,
+             "settings": settings}
+  with open(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["id", "kind", "instruction", "held_out_phrasing", "held_out_combination",
+                     *per_example])
+    for i, t in enumerate(turns):
+      writer.writerow([t["id"], t["edit"]["kind"], t["instruction"], t["held_out_phrasing"],
+                       t["held_out_combination"],
+                       *(f"{per_example[m][i]:.6g}" for m in per_example)])
+  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  with open(os.path.join(out_dir, "summary.md"), "w") as f:
+    f.write(f"# ShapesWorld test: {label}\n\n{markdown(summary)}")
+  grid(inputs, edited_uint8, targets, turns).save(os.path.join(out_dir, "grid.png"))
+  return summary
+
+
+def markdown(summary: dict) -> str:
+  """Per group: count and the metrics, as a Markdown table."""
+  lines = ["| group | n | " + " | ".join(METRICS) + " |", "|---|---" + "|---" * len(METRICS) + "|"]
+  for group in GROUPS:
+    g = summary["groups"].get(group)
+    if g and g["count"]:
+      lines.append(f"| {group} | {g['count']} | " + " | ".join(f"{g[m]:.3f}" for m in METRICS)
+                   + " |")
+  return "\n".join(lines) + f"\n\nprobe accuracy on the true test images: " \
+                            f"{summary['probe_accuracy']:.3f}\n"
+
+
+def grid(inputs, edited, targets, turns, count: int = GRID_EXAMPLES, scale: int = 2) -> Image.Image:
+  """input | ours | ground truth for the first `count` turns, the instruction above each row."""
+  from PIL import ImageDraw
+  count = min(count, len(turns))
+  side, band = inputs.shape[1] * scale, 14
+  sheet = Image.new("RGB", (3 * side, count * (side + band)), "white")
+  draw = ImageDraw.Draw(sheet)
+  for r in range(count):
+    top = r * (side + band)
+    draw.text((2, top + 1), turns[r]["instruction"][:60], fill="black")
+    for c, image in enumerate((inputs[r], edited[r], targets[r])):
+      sheet.paste(Image.fromarray(image).resize((side, side), Image.NEAREST),
+                  (c * side, top + band))
+  return sheet
+
+
+def compare(summary_paths: list[str]) -> str:
+  """Several `eval shapes` summaries as one Markdown table (overall and per edit kind)."""
+  rows = []
+  for path in summary_paths:
+    if os.path.isdir(path):
+      path = os.path.join(path, "summary.json")
+    with open(path) as f:
+      rows.append(json.load(f))
+  header = ["model", *METRICS, *(f"edit acc. {k}" for k in shapes.EDIT_KINDS),
+            "edit acc. held-out phrasing", "edit acc. held-out combination"]
+  lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+  for s in rows:
+    g = s["groups"]
+    cells = [s["model"], *(f"{s[m]:.3f}" for m in METRICS),
+             *(f"{g[f'kind:{k}']['edit_accuracy']:.3f}" for k in shapes.EDIT_KINDS),
+             f"{g['held_out_phrasing']['edit_accuracy']:.3f}",
+             f"{g['held_out_combination']['edit_accuracy']:.3f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+__all__ = ["GROUPS", "METRICS", "World", "compare", "evaluate", "grid", "group_masks",
+           "load_test", "markdown", "score_labels"]
