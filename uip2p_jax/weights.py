@@ -67,6 +67,8 @@ def resolve_folder(path_or_repo: str | os.PathLike, subfolder: str | None = None
   path_or_repo = os.fspath(path_or_repo)
   if os.path.isdir(path_or_repo):
     folder = os.path.join(path_or_repo, subfolder) if subfolder else path_or_repo
+    if subfolder and not os.path.isdir(folder):
+      folder = _shared_component(path_or_repo, subfolder) or folder
     if not os.path.isdir(folder):
       raise CheckpointError(f"{path_or_repo}: no subfolder {subfolder!r} (expected a diffusers "
                             f"pipeline folder with {subfolder}/config.json)")
@@ -86,6 +88,29 @@ def resolve_folder(path_or_repo: str | os.PathLike, subfolder: str | None = None
   folder = os.path.join(root, subfolder) if subfolder else root
   if not os.path.isdir(folder):
     raise CheckpointError(f"Hub repo {path_or_repo!r} has no subfolder {subfolder!r}")
+  return folder
+
+
+COMPONENTS_FILE = "components.json"
+
+
+def _shared_component(pipeline: str, name: str) -> str | None:
+  """A pipeline folder may name where a part it shares with others lives:
+  `components.json` = {"vae": "../vae", "text_encoder": "../clip", ...}, paths relative to the
+  pipeline folder (the shipped ShapesWorld models share one VAE, text encoder and tokenizer)."""
+  path = os.path.join(pipeline, COMPONENTS_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    try:
+      components = json.load(f)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{path}: not JSON ({e})") from None
+  if name not in components:
+    return None
+  folder = os.path.normpath(os.path.join(pipeline, components[name]))
+  if not os.path.isdir(folder):
+    raise CheckpointError(f"{path}: {name} -> {components[name]!r}, which is not a folder")
   return folder
 
 
@@ -322,13 +347,14 @@ def save_probe(probe, out_dir: str | os.PathLike) -> str:
   return _save(probe, probe.config.to_json(), out_dir, TRANSFORMERS_WEIGHTS)
 
 
-def load_probe(path_or_repo: str | os.PathLike, subfolder: str | None = None):
+def load_probe(path_or_repo: str | os.PathLike, subfolder: str | None = None, *,
+               param_dtype=jnp.float32):
   from uip2p_jax.models.probe import AttributeProbe, ProbeConfig
   folder = resolve_folder(path_or_repo, subfolder)
   config = _parse(ProbeConfig.from_json, read_config(folder), folder)
   tensors = read_tensors(weight_files(folder, TRANSFORMERS_WEIGHTS))
-  return load_state(lambda: AttributeProbe(config, rngs=nnx.Rngs(0)), tensors, source=folder,
-                    param_dtype=jnp.float32)
+  return load_state(lambda: AttributeProbe(config, rngs=nnx.Rngs(0), param_dtype=param_dtype),
+                    tensors, source=folder, param_dtype=param_dtype)
 
 
 def init_ip2p_from_sd(sd_unet: UNet2DConditionModel) -> UNet2DConditionModel:

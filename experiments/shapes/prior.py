@@ -12,7 +12,7 @@ import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, steps="4000", runs=common.RUNS)
+  args = common.parse_arg(arg, steps="3000", runs=common.RUNS)
   paths = common.paths(args["runs"])
   c = common.shapes_config("t2i", steps=int(args["steps"]), batch=32, lr=3e-4)
   c.model.vae, c.model.text_encoder = paths["vae"], paths["clip"]

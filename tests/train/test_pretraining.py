@@ -121,3 +121,36 @@ def test_objective_data_kinds_are_checked():
   config = stage_config("vae", "unused", final_edit=True)
   with pytest.raises(run_config.ConfigError, match="final_edit"):
     run_config.check(config)
+
+
+def test_ship_shares_parts_in_float16_and_loads_as_pipelines(world, tmp_path):
+  from uip2p_jax.pipeline import EditPipeline
+  from uip2p_jax.shapes_models import ship
+  runs, _ = world
+  out = str(tmp_path / "shipped")
+  ship.ship(runs, ["prior", "ip2p"], out=out)
+  assert sorted(os.listdir(out)) == ["MODELS.md", "clip", "ip2p", "prior", "probe", "scheduler",
+                                     "tokenizer", "vae"]
+  assert sorted(os.listdir(os.path.join(out, "ip2p"))) == ["components.json", "unet"]
+  pipe = EditPipeline.from_pretrained(os.path.join(out, "ip2p"))
+  original = weights.load_unet(f"{runs}/ip2p/export")
+  shipped, reference = weights.module_tensors(pipe.unet), weights.module_tensors(original)
+  for key, value in reference.items():
+    np.testing.assert_allclose(shipped[key], value.astype(np.float16).astype(np.float32))
+  assert "| ip2p | 2 |" in open(os.path.join(out, "MODELS.md")).read()
+  # A pipeline whose parts are not the world's is refused, nothing written.
+  other = str(tmp_path / "other")
+  import shutil
+  for stage in ("clip", "probe", "ip2p"):
+    shutil.copytree(f"{runs}/{stage}/export", f"{other}/{stage}/export")
+  shutil.copytree(f"{runs}/prior/export/vae", f"{other}/vae/export/vae")  # untrained: not shared
+  config = json.load(open(f"{other}/vae/export/vae/config.json"))
+  config["scaling_factor"] = 1.0
+  json.dump(config, open(f"{other}/vae/export/vae/config.json", "w"))
+  tensors = weights.read_tensors([f"{other}/vae/export/vae/diffusion_pytorch_model.safetensors"])
+  from safetensors.numpy import save_file
+  save_file({k: v + 1 for k, v in tensors.items()},
+            f"{other}/vae/export/vae/diffusion_pytorch_model.safetensors")
+  with pytest.raises(ValueError, match="cannot share"):
+    ship.ship(other, ["ip2p"], out=str(tmp_path / "refused"))
+  assert not os.path.exists(tmp_path / "refused")

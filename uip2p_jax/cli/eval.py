@@ -174,13 +174,15 @@ def eval_shapes(args: argparse.Namespace) -> int:
     raise FileNotFoundError(f"--model {model}: no model folder at {folder}")
   settings = {"model": model if model in SHAPES_NAMES else common.model_id(model),
               "steps": args.steps, "seed": args.seed}
+  roundtrip = None
   if model == "identity":
     edit = lambda images, chunk: images
   elif model == "shapes-sdedit":
-    edit = _sdedit(folder, args)
+    edit, roundtrip = _sdedit(folder, args)
     settings.update(text_scale=args.text_scale, strength=args.sdedit_strength)
   else:
     pipe = common.load_pipeline(folder, "float32", command="uip2p eval shapes")
+    roundtrip = _roundtrip(pipe.vae)
     settings.update(text_scale=args.text_scale, image_scale=args.image_scale)
     edit = lambda images, chunk: pipe.edit(
         images, [t["instruction"] for t in chunk], steps=args.steps, text_scale=args.text_scale,
@@ -188,7 +190,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
         pad_to=args.batch_size)
   os.makedirs(args.out, exist_ok=True)
   summary = shapes_eval.evaluate(turns, edit, world, args.out, args.label or model, settings,
-                                 args.batch_size)
+                                 args.batch_size, roundtrip)
   print(shapes_eval.markdown(summary), end="")
   print(f"uip2p eval shapes: {len(turns)} test edits -> {args.out}/summary.json, scores.csv, "
         "grid.png")
@@ -228,7 +230,14 @@ def _sdedit(folder: str, args: argparse.Namespace):
       ids, seeds = np.concatenate([ids, np.repeat(ids[:1], extra, 0)]), seeds + seeds[:1] * extra
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
     return np.asarray(run(models.unet, models.vae, models.text_encoder, images, ids, keys))[:count]
-  return edit
+  return edit, _roundtrip(models.vae)
+
+
+def _roundtrip(vae):
+  """images -> decode(encode(images)) with the VAE's posterior mode."""
+  from flax import nnx
+  run = nnx.jit(lambda m, x: m.decode(m.encode(x).mode()))  # compiled once per batch shape
+  return lambda images: run(vae, images)
 
 
 def eval_shapes_compare(args: argparse.Namespace) -> int:

@@ -114,10 +114,12 @@ def to_unit(images_uint8: np.ndarray) -> np.ndarray:
 
 
 def evaluate(turns: list[dict], edit: Callable[[np.ndarray, list[dict]], np.ndarray],
-             world: World, out_dir: str, label: str, settings: dict, batch_size: int = 50
-             ) -> dict:
+             world: World, out_dir: str, label: str, settings: dict, batch_size: int = 50,
+             roundtrip: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
   """Edits every turn (`edit(images in [-1, 1], turns) -> edited images in [-1, 1]`), scores
-  them, writes OUT/edits/*.png, scores.csv, summary.json, summary.md and grid.png."""
+  them, writes OUT/edits/*.png, scores.csv, summary.json, summary.md and grid.png.
+  `roundtrip` (images -> the model VAE's decode(encode(images))): also scores the true edited
+  images after the round trip, the ceiling of any editor working in that latent space."""
   inputs = np.stack([shapes.render(t["scene"]) for t in turns])
   targets = np.stack([shapes.render(t["edited_scene"]) for t in turns])
   edited = []
@@ -154,6 +156,12 @@ def evaluate(turns: list[dict], edit: Callable[[np.ndarray, list[dict]], np.ndar
   summary = {"model": label, **{m: groups["all"][m] for m in METRICS},
              "count": len(turns), "probe_accuracy": probe_accuracy, "groups": groups,
              "settings": settings}
+  if roundtrip is not None:
+    decoded = np.concatenate([np.asarray(roundtrip(truth[i:i + batch_size]))
+                              for i in range(0, len(truth), batch_size)])
+    decoded = to_unit(np.round((np.clip(decoded, -1, 1) + 1) * 127.5).astype(np.uint8))
+    ok, kept = score_labels(input_labels, target_labels, world.labels(decoded))
+    summary["vae_ceiling"] = {"edit_accuracy": float(ok.mean()), "preservation": float(kept.mean())}
   with open(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["id", "kind", "instruction", "held_out_phrasing", "held_out_combination",
@@ -178,8 +186,13 @@ def markdown(summary: dict) -> str:
     if g and g["count"]:
       lines.append(f"| {group} | {g['count']} | " + " | ".join(f"{g[m]:.3f}" for m in METRICS)
                    + " |")
-  return "\n".join(lines) + f"\n\nprobe accuracy on the true test images: " \
-                            f"{summary['probe_accuracy']:.3f}\n"
+  text = "\n".join(lines) + ("\n\nprobe accuracy on the true test images (every label of a "
+                             f"scene right): {summary['probe_accuracy']:.3f}\n")
+  if "vae_ceiling" in summary:
+    c = summary["vae_ceiling"]
+    text += (f"the true edits through the model's VAE (the latent editors' ceiling): edit "
+             f"accuracy {c['edit_accuracy']:.3f}, preservation {c['preservation']:.3f}\n")
+  return text
 
 
 def grid(inputs, edited, targets, turns, count: int = GRID_EXAMPLES, scale: int = 2) -> Image.Image:

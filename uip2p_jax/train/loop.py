@@ -143,6 +143,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     if is_writer:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
+      _record_provenance(workdir, step)
     print(f"train: {config.objective} on {jax.device_count()} devices, mesh "
           f"{dict(mesh.shape)}, global batch {global_batch}, steps {step} -> "
           f"{config.total_steps}; per device and step {compiled.model_flops / 1e9:.1f} GFLOP "
@@ -230,6 +231,26 @@ class Profile:
       self.active = False
       print(f"train: profile of steps {self.start}-{self.stop_at - 1} in {self.directory}",
             flush=True)
+
+
+def _record_provenance(workdir: str, step: int) -> None:
+  """Appends to workdir/provenance.jsonl what started (or resumed) the run: when, at which step,
+  the command line and the source commit (what shipped models record beside them)."""
+  import json
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                            text=True, timeout=10).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", root, "status", "--porcelain", "--",
+                                 "uip2p_jax", "experiments"], capture_output=True, text=True,
+                                timeout=10).stdout.strip())
+  except (OSError, subprocess.SubprocessError):
+    commit, dirty = "", False
+  with open(os.path.join(workdir, "provenance.jsonl"), "a") as f:
+    f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step,
+                        "argv": sys.argv, "commit": commit or None,
+                        "uncommitted_changes": dirty}) + "\n")
 
 
 def _sample_batch(host_batch, config) -> dict:

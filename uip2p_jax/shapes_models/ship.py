@@ -1,0 +1,127 @@
+"""Copies a ShapesWorld runs folder's exports into the package, in float16, sharing parts:
+
+  python -m uip2p_jax.shapes_models.ship RUNS_DIR [--models prior,ip2p,cec]
+
+writes uip2p_jax/shapes_models/{vae, clip, probe, tokenizer, scheduler} once and, per edit or
+text-to-image model, only its `unet/` plus a `components.json` pointing at the shared parts (the
+pipelines' VAE is the world VAE, their text encoder the CLIP's text tower: checked, not assumed).
+MODELS.md beside them records, per model, the training runs' commands and commits
+(provenance.jsonl) and the steps trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+
+from uip2p_jax import weights
+from uip2p_jax.shapes_models import ROOT
+
+SHARED = {"vae": "../vae", "text_encoder": "../clip", "tokenizer": "../tokenizer",
+          "scheduler": "../scheduler"}
+LIMIT_BYTES = 40 * 1024 * 1024
+
+
+def _same(a, b) -> bool:
+  ta, tb = weights.module_tensors(a), weights.module_tensors(b)
+  return ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
+
+
+def _provenance(run: str) -> list[dict]:
+  path = os.path.join(run, "provenance.jsonl")
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _steps(run: str) -> int | None:
+  path = os.path.join(run, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    lines = [json.loads(line) for line in f if line.strip()]
+  return lines[-1]["step"] if lines else None
+
+
+def ship(runs: str, models: list[str], out: str = ROOT) -> list[str]:
+  """Writes the shared parts and `models` (stage names with a pipeline export) into `out`."""
+  half = dict(param_dtype=jnp.float16, dtype=jnp.float32)
+  vae = weights.load_vae(f"{runs}/vae/export/vae", subfolder=None)
+  clip = weights.load_clip(f"{runs}/clip/export/clip")
+  for name in models:  # refuse before writing anything
+    pipeline = f"{runs}/{name}/export"
+    if not _same(weights.load_vae(pipeline), vae):
+      raise ValueError(f"{pipeline}/vae is not {runs}/vae's export: cannot share it")
+    if not _same(weights.load_text_encoder(pipeline), clip.text_model):
+      raise ValueError(f"{pipeline}/text_encoder is not the text tower of {runs}/clip's export")
+  weights.save_vae(weights.load_vae(f"{runs}/vae/export/vae", subfolder=None, **half),
+                   os.path.join(out, "vae"))
+  weights.save_clip(weights.load_clip(f"{runs}/clip/export/clip", **half),
+                    os.path.join(out, "clip"))
+  weights.save_probe(weights.load_probe(f"{runs}/probe/export/probe", param_dtype=jnp.float16),
+                     os.path.join(out, "probe"))
+  source = f"{runs}/{models[0]}/export" if models else f"{runs}/prior/export"
+  for part in ("tokenizer", "scheduler"):
+    shutil.rmtree(os.path.join(out, part), ignore_errors=True)
+    shutil.copytree(os.path.join(source, part), os.path.join(out, part))
+  for name in models:
+    unet = weights.load_unet(f"{runs}/{name}/export", param_dtype=jnp.float16)
+    shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    weights.save_unet(unet, os.path.join(out, name, "unet"))
+    with open(os.path.join(out, name, weights.COMPONENTS_FILE), "w") as f:
+      json.dump(SHARED, f, indent=2)
+  total = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(out) for f in files
+              if not f.endswith((".py", ".pyc", ".md")))
+  if total > LIMIT_BYTES:
+    raise ValueError(f"the shipped ShapesWorld models take {total / 2**20:.1f} MiB; the budget "
+                     f"is {LIMIT_BYTES / 2**20:.0f} MiB")
+  _write_record(runs, ["vae", "clip", "probe"] + models, out, total)
+  return models
+
+
+def _write_record(runs: str, stages: list[str], out: str, total: int) -> None:
+  lines = ["# The shipped ShapesWorld models", "",
+           "Written by `python -m uip2p_jax.shapes_models.ship` from the runs below (float16; "
+           "the pipelines share `vae/`, the CLIP's text tower as text encoder, `tokenizer/` and "
+           "`scheduler/` through `components.json`). Reproduce them with `bash launch/shapes.sh`; "
+           f"total {total / 2**20:.1f} MiB.", "",
+           "| model | steps | started / resumed by | commit |", "|---|---|---|---|"]
+  for stage in stages:
+    run = f"{runs}/{stage}"
+    starts = _provenance(run)
+    commands = "<br>".join(
+        f"{p['time']}: step {p['step']}: `{' '.join(['uip2p'] + p['argv'][1:])}`"
+        for p in starts) or "(not recorded: run started before provenance.jsonl existed)"
+    commits = "<br>".join(sorted({(p["commit"] or "?")[:12] + (" + uncommitted changes" if
+                                                             p["uncommitted_changes"] else "")
+                                  for p in starts})) or "?"
+    lines.append(f"| {stage} | {_steps(run)} | {commands} | {commits} |")
+  with open(os.path.join(out, "MODELS.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m uip2p_jax.shapes_models.ship",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("runs", help="a launch/shapes.sh runs folder")
+  parser.add_argument("--models", default="prior,ip2p",
+                      help="pipeline stages to ship (comma-separated)")
+  args = parser.parse_args(argv)
+  try:
+    shipped = ship(args.runs, [m for m in args.models.split(",") if m])
+  except (ValueError, FileNotFoundError, weights.CheckpointError) as e:
+    print(f"ship: error: {e}", file=sys.stderr)
+    return 2
+  print(f"ship: {', '.join(['vae', 'clip', 'probe'] + shipped)} -> {ROOT}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
