@@ -73,7 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = dict(clip=1.0, sim=1.0, attn=1.0, recon=1.0, sim_kind="reconstruction",
                 recon_kind="l1")
   c.ip2p = dict(conditioning_dropout=0.05)
-  c.pretrain = dict(vae_kl=1e-6, vae_l2=1.0, caption_dropout=0.1)  # objectives vae and t2i
+  c.pretrain = dict(vae_kl=1e-6, vae_l2=1.0, caption_dropout=0.1,  # objectives vae, t2i, probe
+                    probe_degrade=0.5)
   # name: adamw | adafactor; mu_dtype: AdamW's first moment (bfloat16 halves it).
   c.optim = dict(name="adamw", mu_dtype="float32", lr=5e-5, warmup_steps=500,
                  schedule="constant", decay_steps=0, end_lr_factor=0.0, b1=0.9, b2=0.999,

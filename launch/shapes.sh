@@ -5,12 +5,14 @@
 # skipped once its output exists, so rerunning the script after an interruption continues.
 #   bash launch/shapes.sh [RUNS_DIR]          # default runs/shapes
 #   STAGES="vae clip" bash launch/shapes.sh   # only these stages (in the order given)
+#   STAGES=ship bash launch/shapes.sh         # maintainers: the trained models into the package
 # Stage times on the 2-core CPU: BENCHMARKS.md ("ShapesWorld"); results: RESULTS.md.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 runs="${1:-runs/shapes}"
 bash "$root/launch/setup.sh"
-uip2p=("${UIP2P_VENV:-$root/.venv}/bin/python" -m uip2p_jax)
+python="${UIP2P_VENV:-$root/.venv}/bin/python"
+uip2p=("$python" -m uip2p_jax)
 cd "$root"
 log() { echo "[shapes $(date +%H:%M:%S)] $*"; }
 
@@ -35,13 +37,17 @@ stage_probe() { train probe experiments/shapes/probe.py          probe/config.js
 stage_prior() { train prior "experiments/shapes/prior.py:runs=$runs" unet/config.json; }
 stage_ip2p()  { train ip2p  "experiments/shapes/ip2p.py:runs=$runs"  unet/config.json; }
 stage_eval() {
-  for model in identity shapes-sdedit "$runs/ip2p/export"; do
-    name=$(basename "$model"); [[ $name == export ]] && name=ip2p
-    "${uip2p[@]}" eval shapes --data "$runs/data" --out "$runs/eval/$name" --model "$model" \
+  local models=(identity shapes-sdedit shapes-ip2p) name
+  for name in "${models[@]}"; do
+    if [[ -f "$runs/eval/$name/summary.json" ]]; then log "eval $name: done"; continue; fi
+    log "eval $name"
+    "${uip2p[@]}" eval shapes --data "$runs/data" --out "$runs/eval/$name" --model "$name" \
       --world "$runs"
   done
-  "${uip2p[@]}" eval compare "$runs"/eval/*/summary.json --out "$runs/eval/compare.md"
+  "${uip2p[@]}" eval shapes-compare "${models[@]/#/$runs/eval/}" --out "$runs/eval/compare.md"
 }
+# Maintainers: copy the trained models into the package (float16, shared parts; MODELS.md).
+stage_ship() { "$python" -m uip2p_jax.shapes_models.ship "$runs"; }
 
 for stage in ${STAGES:-data vae clip probe prior ip2p eval}; do
   "stage_$stage"

@@ -23,6 +23,7 @@ class PretrainConfig:
   vae_kl: float = 1e-6            # SD's VAE: reconstruction + a very small KL (no GAN here)
   vae_l2: float = 1.0             # L1 + vae_l2 * MSE: L1 keeps edges sharp, MSE flat colours exact
   caption_dropout: float = 0.1    # t2i: caption -> "" for classifier-free guidance
+  probe_degrade: float = 0.5      # probe: blur / noise strength of its training images
 
 
 def vae_losses(vae: AutoencoderKL, batch, key, config: PretrainConfig):
@@ -76,10 +77,25 @@ def t2i_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   return loss, {"loss": loss, "loss_t2i": loss}
 
 
+def degrade(images: jax.Array, key: jax.Array, strength: float) -> jax.Array:
+  """What an edit's decoding does to a scene, drawn per image: a blur (a mix with the image
+  resized to half and back, weight U(0, strength)) and pixel noise (std U(0, strength / 10)), so
+  the probe reads generated images as well as renders."""
+  if strength <= 0:
+    return images
+  b, h, w, c = images.shape
+  k1, k2, k3 = jax.random.split(key, 3)
+  blurred = jax.image.resize(jax.image.resize(images, (b, h // 2, w // 2, c), "linear"),
+                             images.shape, "linear")
+  mix = jax.random.uniform(k1, (b, 1, 1, 1), maxval=strength)
+  sigma = jax.random.uniform(k2, (b, 1, 1, 1), maxval=strength / 10)
+  return (1 - mix) * images + mix * blurred + sigma * jax.random.normal(k3, images.shape)
+
+
 def probe_losses(probe: AttributeProbe, batch, key, config: PretrainConfig):
-  """Sum over labels of the cross-entropy; accuracy per label and per whole scene."""
-  del key, config
-  per_label = probe.split(probe(batch["image"]))
+  """Sum over labels of the cross-entropy on (mildly degraded, `degrade`) scenes; accuracy per
+  label and per whole scene."""
+  per_label = probe.split(probe(degrade(batch["image"], key, config.probe_degrade)))
   labels = batch["labels"]
   loss = sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels[:, i]).mean()
              for i, logits in enumerate(per_label))

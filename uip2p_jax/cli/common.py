@@ -71,12 +71,31 @@ def mesh_shape(text: str) -> tuple[int, int]:
   return data, fsdp
 
 
+# The shipped ShapesWorld edit models, by name (uip2p_jax/shapes_models/).
+SHIPPED_EDIT_MODELS = {"shapes-ip2p": "ip2p", "shapes-cec": "cec"}
+
+
+def model_folder(model: str) -> str:
+  """A shipped model's name -> its folder (refused if not shipped); anything else unchanged."""
+  if model not in SHIPPED_EDIT_MODELS:
+    return model
+  from uip2p_jax import shapes_models
+  folder = shapes_models.paths()[SHIPPED_EDIT_MODELS[model]]
+  if not os.path.isfile(os.path.join(folder, "unet", "config.json")):
+    raise FileNotFoundError(f"--model {model}: this checkout ships no such model yet ({folder}); "
+                            "train it with launch/shapes.sh and give its export folder")
+  return folder
+
+
 def load_pipeline(model: str | None, dtype: str = "float32", seed: int = 0,
                   command: str = "uip2p"):
-  """An `EditPipeline` from a diffusers IP2P folder or Hub repo id; with no model, the embedded
-  tiny random model, said on stderr (its edits are noise)."""
+  """An `EditPipeline` from a diffusers IP2P folder, a Hub repo id or a shipped model's name
+  (shapes-ip2p, shapes-cec); with no model, the embedded tiny random model, said on stderr
+  (its edits are noise)."""
   from uip2p_jax.model_set import dtype_of
   from uip2p_jax.pipeline import EditPipeline
+  if model is not None:
+    model = model_folder(model)
   if model is None:
     print(f"{command}: no --model given: using the {EMBEDDED_MODEL} (no download; its edits "
           "are noise, it shows the path runs)", file=sys.stderr)
@@ -89,6 +108,7 @@ def model_id(model: str | None, seed: int = 0) -> str:
   re-export into the same folder is another model), a Hub repo id, or the embedded model."""
   if model is None:
     return f"{EMBEDDED_MODEL} (seed {seed})"
+  model = model_folder(model)
   if not os.path.isdir(model):
     return model
   import glob

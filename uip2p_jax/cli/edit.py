@@ -36,7 +36,8 @@ def add_parser(commands) -> None:
   p = commands.add_parser("edit", help="edit images by instruction (one, or a JSONL batch)",
                           description=DESCRIPTION)
   p.add_argument("--model", default=None,
-                 help="diffusers IP2P folder or Hub repo id (default: embedded tiny random model)")
+                 help="diffusers IP2P folder, Hub repo id, or a shipped ShapesWorld model "
+                      "(shapes-ip2p, shapes-cec) (default: embedded tiny random model)")
   p.add_argument("--image", help="input image file")
   p.add_argument("--instruction", help="the edit instruction")
   p.add_argument("--out", help="output image file (.png, .jpg, .webp, ...)")

@@ -1,0 +1,37 @@
+"""UIP2P on ShapesWorld: Cycle Edit Consistency with no edited image (issue 15).
+
+Arguments: init=prior|recolour (the 8-channel UNet from the world's text-to-image prior, image
+channels zero: strictly unsupervised; or from an IP2P model supervised on recolour edits only),
+losses=base|sim|full (the paper's chain), seed=N, steps=N, runs=DIR.
+
+  uip2p train --config experiments/shapes/cec.py:init=prior,losses=full \
+      --workdir runs/shapes/cec
+
+Trains on the `captions` records of `uip2p data build shapes` (image, caption, instruction,
+edited caption, reverse instruction; no edited image) with the world's CLIP in the losses.
+Numbers: RESULTS.md ("CEC on ShapesWorld").
+"""
+
+import common
+
+_LOSSES = {"base": dict(clip=1.0, sim=0.0, attn=0.0, recon=1.0),
+           "sim": dict(clip=1.0, sim=1.0, attn=0.0, recon=1.0),
+           "full": dict(clip=1.0, sim=1.0, attn=1.0, recon=1.0)}
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, init="prior", losses="full", seed="0", steps="2000",
+                          runs=common.RUNS)
+  losses = common.choice(args, "losses", _LOSSES)
+  init = common.choice(args, "init", ("prior", "recolour"))
+  paths = common.paths(args["runs"])
+  c = common.shapes_config("cec", steps=int(args["steps"]), batch=16, lr=1e-4)
+  c.seed = int(args["seed"])
+  c.loss = common.override(c.loss, _LOSSES[losses])
+  c.model.clip = paths["clip"]
+  if init == "prior":
+    c.model.init_from_sd = paths["prior"]
+  else:
+    c.model.pretrained = f"{args['runs']}/ip2p_recolour/export"
+  c.data.dir, c.data.kind = paths["data"], "captions"
+  return c
