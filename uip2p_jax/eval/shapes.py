@@ -154,8 +154,10 @@ def evaluate(turns: list[dict], edit: Callable[[np.ndarray, list[dict]], np.ndar
     groups[group] = {"count": int(mask.sum()), **{
         m: float(np.mean(v[mask])) if mask.any() else math.nan for m, v in per_example.items()}}
   summary = {"model": label, **{m: groups["all"][m] for m in METRICS},
-             "count": len(turns), "probe_accuracy": probe_accuracy, "groups": groups,
-             "settings": settings}
+             "count": len(turns), "probe_accuracy": probe_accuracy,
+             "clip_retrieval": clip_retrieval(world, to_unit(inputs),
+                                              [t["caption"] for t in turns]),
+             "groups": groups, "settings": settings}
   if roundtrip is not None:
     decoded = np.concatenate([np.asarray(roundtrip(truth[i:i + batch_size]))
                               for i in range(0, len(truth), batch_size)])
@@ -178,6 +180,15 @@ def evaluate(turns: list[dict], edit: Callable[[np.ndarray, list[dict]], np.ndar
   return summary
 
 
+def clip_retrieval(world: World, images: np.ndarray, captions: list[str]) -> float:
+  """The world CLIP's zero-shot caption retrieval: the fraction of images whose most similar
+  caption, among all distinct captions of the set, is their own."""
+  distinct = sorted(set(captions))
+  similarity = world.image_embeddings(images) @ world.text_embeddings(distinct).T
+  own = np.asarray([distinct.index(c) for c in captions])
+  return float(np.mean(np.argmax(similarity, axis=1) == own))
+
+
 def markdown(summary: dict) -> str:
   """Per group: count and the metrics, as a Markdown table."""
   lines = ["| group | n | " + " | ".join(METRICS) + " |", "|---|---" + "|---" * len(METRICS) + "|"]
@@ -187,7 +198,9 @@ def markdown(summary: dict) -> str:
       lines.append(f"| {group} | {g['count']} | " + " | ".join(f"{g[m]:.3f}" for m in METRICS)
                    + " |")
   text = "\n".join(lines) + ("\n\nprobe accuracy on the true test images (every label of a "
-                             f"scene right): {summary['probe_accuracy']:.3f}\n")
+                             f"scene right): {summary['probe_accuracy']:.3f}; the world CLIP's "
+                             f"caption retrieval (top-1 among the test captions): "
+                             f"{summary['clip_retrieval']:.3f}\n")
   if "vae_ceiling" in summary:
     c = summary["vae_ceiling"]
     text += (f"the true edits through the model's VAE (the latent editors' ceiling): edit "
