@@ -10,6 +10,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 runs="${1:-runs/shapes}"
+[[ $runs == /* ]] || runs="$PWD/$runs"   # relative to where the script is started
 bash "$root/launch/setup.sh"
 python="${UIP2P_VENV:-$root/.venv}/bin/python"
 uip2p=("$python" -m uip2p_jax)
@@ -18,7 +19,8 @@ log() { echo "[shapes $(date +%H:%M:%S)] $*"; }
 
 stage_data() {
   if [[ -f "$runs/data/scenes_test.jsonl" ]]; then log "data: built"; return; fi
-  "${uip2p[@]}" data build shapes --out "$runs/data" --train 20000 --test 500 --seed 0
+  # scenes_test.jsonl is written last: without it, rebuild whatever a killed build left.
+  "${uip2p[@]}" data build shapes --out "$runs/data" --train 20000 --test 500 --seed 0 --overwrite
 }
 
 # train NAME CONFIG EXPORTED_FILE: resumes from the run's checkpoints; skipped once exported.

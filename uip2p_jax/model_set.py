@@ -112,8 +112,9 @@ def build_models(*, preset: str = "tiny", pretrained: str = "", init_from_sd: st
     vae, text_encoder = vae_module, text_module
   else:
     if vae or text_encoder or unet_in_channels is not None:
-      raise ValueError("vae / text_encoder / unet_in_channels assemble a preset's models; a "
-                       f"pretrained pipeline ({source!r}) brings its own")
+      raise ValueError("model.vae / model.text_encoder (and the t2i objective's 4-channel UNet) "
+                       f"assemble a preset's models; a pretrained pipeline ({source!r}) brings "
+                       "its own")
     unet = weights.load_unet(source, dtype=compute, param_dtype=unet_param,
                              backend=attention_backend)
     if init_from_sd:

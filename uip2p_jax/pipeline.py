@@ -86,8 +86,8 @@ def generate_latents(unet, vae, text_encoder, caption_ids, empty_ids, sampler, t
   """Text-to-image with classifier-free guidance (a 4-channel UNet), as one jitted function.
 
   caption_ids: (B, 77) int32; keys: (B,) PRNG keys. With `images` (B, H, W, 3) in [-1, 1] this
-  is SDEdit: their latents are noised to the level of the sampler's step `start_step` and
-  denoised from there with the caption (0: from pure noise, the images ignored).
+  is SDEdit: their latents are noised to the level of the sampler's step `start_step` (0: the
+  first, noisiest step) and denoised from there with the caption.
   Returns (B, H, W, 3) float32 in [-1, 1] (H, W: `images`' or the VAE's sample size).
   """
   text = text_encoder(caption_ids)[0]

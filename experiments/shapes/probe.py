@@ -4,8 +4,9 @@ scene, trained on freshly rendered scenes of every colour/shape combination.
 
   uip2p train --config experiments/shapes/probe.py --workdir runs/shapes/probe
 
-Export: runs/shapes/probe/export/probe. Held-out accuracy: `uip2p eval shapes` reports it on the
-test scenes (target >= 98% of scenes read entirely right).
+Export: runs/shapes/probe/export/probe. `uip2p eval shapes` reports its accuracy on the test
+scenes (target >= 98% of scenes read entirely right); it trains on fresh draws of the whole world
+(blurred and noised a little, as decoded edits are), which can repeat a small test scene.
 """
 
 import common

@@ -12,6 +12,4 @@ import common
 
 def get_config(arg=None):
   args = common.parse_arg(arg, steps="4000")
-  c = common.shapes_config("vae", steps=int(args["steps"]), batch=16, lr=5e-4)
-  c.sample.count = 64  # the export measures the latents' scale on this batch
-  return c
+  return common.shapes_config("vae", steps=int(args["steps"]), batch=16, lr=5e-4)

@@ -154,3 +154,6 @@ def test_ship_shares_parts_in_float16_and_loads_as_pipelines(world, tmp_path):
   with pytest.raises(ValueError, match="cannot share"):
     ship.ship(other, ["ip2p"], out=str(tmp_path / "refused"))
   assert not os.path.exists(tmp_path / "refused")
+  # Shipping a subset would leave the others pointing at new shared parts: refused.
+  with pytest.raises(ValueError, match="holds prior"):
+    ship.ship(runs, ["ip2p"], out=out)

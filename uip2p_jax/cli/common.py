@@ -31,6 +31,17 @@ def int_at_least(minimum: int, what: str = "a whole number"):
   return parse
 
 
+def fraction(text: str) -> float:
+  """An argparse `type=`: a number in [0, 1]."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not 0.0 <= value <= 1.0:
+    raise argparse.ArgumentTypeError(f"{value}: expected a fraction in [0, 1]")
+  return value
+
+
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 # The working size's longest side: one multiple of 64 at least (SD's VAE x UNet factor).
@@ -71,19 +82,17 @@ def mesh_shape(text: str) -> tuple[int, int]:
   return data, fsdp
 
 
-# The shipped ShapesWorld edit models, by name (uip2p_jax/shapes_models/).
-SHIPPED_EDIT_MODELS = {"shapes-ip2p": "ip2p", "shapes-cec": "cec"}
-
-
-def model_folder(model: str) -> str:
-  """A shipped model's name -> its folder (refused if not shipped); anything else unchanged."""
-  if model not in SHIPPED_EDIT_MODELS:
-    return model
+def model_folder(model: str, world: str | None = None) -> str:
+  """A ShapesWorld model's name (shapes-ip2p, ...) -> its folder, shipped or in the runs folder
+  `world` (refused if absent); anything else is returned unchanged."""
   from uip2p_jax import shapes_models
-  folder = shapes_models.paths()[SHIPPED_EDIT_MODELS[model]]
+  if model not in shapes_models.NAMES:
+    return model
+  folder = shapes_models.paths(world)[shapes_models.NAMES[model]]
   if not os.path.isfile(os.path.join(folder, "unet", "config.json")):
-    raise FileNotFoundError(f"--model {model}: this checkout ships no such model yet ({folder}); "
-                            "train it with launch/shapes.sh and give its export folder")
+    where = f"the runs folder {world}" if world else "this checkout (shipped models)"
+    raise FileNotFoundError(f"--model {model}: no such model in {where}: expected {folder}/unet "
+                            "(launch/shapes.sh trains the world's models; give the export folder)")
   return folder
 
 

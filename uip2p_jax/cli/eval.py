@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import zlib
 
 from PIL import Image
 
@@ -140,26 +141,12 @@ def eval_compare(args: argparse.Namespace) -> int:
   return common.OK
 
 
-# ShapesWorld: the baselines and shipped models addressable by name.
-SHAPES_NAMES = {"identity": None, "shapes-sdedit": "prior", "shapes-ip2p": "ip2p",
-                "shapes-cec": "cec"}
-
-
-def shapes_world(world: str | None) -> dict[str, str]:
-  """The world's model folders: from a `launch/shapes.sh` runs folder, or the shipped ones."""
-  if world:
-    return {"probe": f"{world}/probe/export/probe", "clip": f"{world}/clip/export/clip",
-            "prior": f"{world}/prior/export", "ip2p": f"{world}/ip2p/export",
-            "cec": f"{world}/cec/export"}
-  from uip2p_jax import shapes_models
-  return shapes_models.paths()
-
-
 def eval_shapes(args: argparse.Namespace) -> int:
   """Edits the ShapesWorld test turns and scores edit accuracy and preservation (read by the
   world's attribute probe), L1 / L2 to the true edit, CLIP-I / CLIP-T (the world's CLIP)."""
+  from uip2p_jax import shapes_models
   from uip2p_jax.eval import shapes as shapes_eval
-  world_paths = shapes_world(args.world)
+  world_paths = shapes_models.paths(args.world)
   for need in ("probe", "clip"):
     if not os.path.isfile(os.path.join(world_paths[need], "config.json")):
       raise FileNotFoundError(f"the world's {need} is not at {world_paths[need]} (train it: "
@@ -169,16 +156,17 @@ def eval_shapes(args: argparse.Namespace) -> int:
     raise ValueError(f"{args.data}: no ShapesWorld test turns")
   world = shapes_eval.World(world_paths["probe"], world_paths["clip"])
   model = args.model
-  folder = world_paths.get(SHAPES_NAMES[model]) if model in SHAPES_NAMES else model
+  folder = None if model == "identity" else common.model_folder(model, args.world)
   if folder is not None and not os.path.isdir(folder):
     raise FileNotFoundError(f"--model {model}: no model folder at {folder}")
-  settings = {"model": model if model in SHAPES_NAMES else common.model_id(model),
+  settings = {"model": model if model == "identity" else common.model_id(folder),
               "steps": args.steps, "seed": args.seed}
+  seeds = lambda chunk: [(args.seed + zlib.crc32(t["id"].encode())) % 2 ** 31 for t in chunk]
   roundtrip = None
   if model == "identity":
     edit = lambda images, chunk: images
   elif model == "shapes-sdedit":
-    edit, roundtrip = _sdedit(folder, args)
+    edit, roundtrip = _sdedit(folder, args, seeds)
     settings.update(text_scale=args.text_scale, strength=args.sdedit_strength)
   else:
     pipe = common.load_pipeline(folder, "float32", command="uip2p eval shapes")
@@ -186,8 +174,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
     settings.update(text_scale=args.text_scale, image_scale=args.image_scale)
     edit = lambda images, chunk: pipe.edit(
         images, [t["instruction"] for t in chunk], steps=args.steps, text_scale=args.text_scale,
-        image_scale=args.image_scale, seeds=[args.seed + i for i in range(len(chunk))],
-        pad_to=args.batch_size)
+        image_scale=args.image_scale, seeds=seeds(chunk), pad_to=args.batch_size)
   os.makedirs(args.out, exist_ok=True)
   summary = shapes_eval.evaluate(turns, edit, world, args.out, args.label or model, settings,
                                  args.batch_size, roundtrip)
@@ -197,7 +184,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
   return common.OK
 
 
-def _sdedit(folder: str, args: argparse.Namespace):
+def _sdedit(folder: str, args: argparse.Namespace, seeds):
   """Caption-only editing with the world's text-to-image prior: the input noised to
   `--sdedit-strength` of the schedule, denoised with the true edited caption."""
   import jax
@@ -223,12 +210,13 @@ def _sdedit(folder: str, args: argparse.Namespace):
   def edit(images, chunk):
     count = len(chunk)
     ids = tokenize(models.tokenizer, [t["edited_caption"] for t in chunk])
-    seeds = [args.seed + i for i in range(count)]
+    chunk_seeds = seeds(chunk)
     if count < args.batch_size:  # one compiled batch size
       extra = args.batch_size - count
       images = np.concatenate([images, np.repeat(images[:1], extra, 0)])
-      ids, seeds = np.concatenate([ids, np.repeat(ids[:1], extra, 0)]), seeds + seeds[:1] * extra
-    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+      ids = np.concatenate([ids, np.repeat(ids[:1], extra, 0)])
+      chunk_seeds = chunk_seeds + chunk_seeds[:1] * extra
+    keys = jax.vmap(jax.random.key)(jnp.asarray(chunk_seeds, jnp.uint32))
     return np.asarray(run(models.unet, models.vae, models.text_encoder, images, ids, keys))[:count]
   return edit, _roundtrip(models.vae)
 
@@ -309,7 +297,7 @@ def add_parser(commands) -> None:
   p.add_argument("--data", required=True, metavar="DATA_DIR",
                  help="a `uip2p data build shapes` folder (its scenes_test.jsonl)")
   p.add_argument("--out", required=True, metavar="DIR")
-  p.add_argument("--model", default="shapes-cec",
+  p.add_argument("--model", default="shapes-ip2p",
                  help="an IP2P folder, or identity | shapes-sdedit | shapes-ip2p | shapes-cec "
                       "(the shipped models, or --world's)")
   p.add_argument("--world", default=None, metavar="RUNS_DIR",
@@ -320,7 +308,7 @@ def add_parser(commands) -> None:
   p.add_argument("--batch-size", type=common.positive_int, default=50)
   p.add_argument("--text-scale", type=float, default=4.0)
   p.add_argument("--image-scale", type=float, default=1.5)
-  p.add_argument("--sdedit-strength", type=float, default=0.6,
+  p.add_argument("--sdedit-strength", type=common.fraction, default=0.6,
                  help="shapes-sdedit: the fraction of the schedule the input is noised to")
   p.add_argument("--seed", type=common.non_negative_int, default=0)
   p.add_argument("--label", default=None, help="row name in the summary")

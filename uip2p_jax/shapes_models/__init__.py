@@ -1,11 +1,24 @@
 """The ShapesWorld models this repository trained and ships (float16 safetensors; how each was
-made: MODELS.md beside this file). `paths()` gives their folders; `uip2p eval shapes` and
-`uip2p edit` address them by name (shapes-ip2p, shapes-sdedit, shapes-cec)."""
+made: MODELS.md beside this file), and the one table of their names and folders.
+
+`uip2p edit --model shapes-ip2p|shapes-cec` and `uip2p eval shapes --model NAME` address them by
+name; `paths(world)` gives the same folders inside a `launch/shapes.sh` runs folder instead.
+"""
 
 import os
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# Model names -> the stage whose export they are (shapes-sdedit: the text-to-image prior, for
+# the caption-only SDEdit baseline; the others edit).
+NAMES = {"shapes-sdedit": "prior", "shapes-ip2p": "ip2p", "shapes-cec": "cec"}
+EDIT_MODELS = ("shapes-ip2p", "shapes-cec")
+STAGES = ("probe", "clip", "prior", "ip2p", "cec")
 
-def paths() -> dict[str, str]:
-  return {name: os.path.join(ROOT, name) for name in ("probe", "clip", "prior", "ip2p", "cec")}
+
+def paths(world: str | None = None) -> dict[str, str]:
+  """Stage -> folder: a runs folder's exports (`world`), or the shipped models."""
+  if world:
+    return {"probe": f"{world}/probe/export/probe", "clip": f"{world}/clip/export/clip",
+            **{stage: f"{world}/{stage}/export" for stage in ("prior", "ip2p", "cec")}}
+  return {stage: os.path.join(ROOT, stage) for stage in STAGES}

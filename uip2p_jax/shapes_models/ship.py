@@ -51,38 +51,57 @@ def _steps(run: str) -> int | None:
 
 
 def ship(runs: str, models: list[str], out: str = ROOT) -> list[str]:
-  """Writes the shared parts and `models` (stage names with a pipeline export) into `out`."""
+  """Writes the shared parts and `models` (stage names with a pipeline export) into `out`.
+  Everything is checked and written to a scratch folder first; `out` changes only if all of it
+  fits the budget."""
+  import tempfile
+  stale = sorted(name for name in (os.listdir(out) if os.path.isdir(out) else [])
+                 if os.path.isfile(os.path.join(out, name, weights.COMPONENTS_FILE))
+                 and name not in models)
+  if stale:
+    raise ValueError(f"{out} holds {', '.join(stale)}, which would be left pointing at the new "
+                     "shared parts: ship it too (--models) or delete it first")
   half = dict(param_dtype=jnp.float16, dtype=jnp.float32)
   vae = weights.load_vae(f"{runs}/vae/export/vae", subfolder=None)
   clip = weights.load_clip(f"{runs}/clip/export/clip")
-  for name in models:  # refuse before writing anything
+  for name in models:
     pipeline = f"{runs}/{name}/export"
     if not _same(weights.load_vae(pipeline), vae):
       raise ValueError(f"{pipeline}/vae is not {runs}/vae's export: cannot share it")
     if not _same(weights.load_text_encoder(pipeline), clip.text_model):
       raise ValueError(f"{pipeline}/text_encoder is not the text tower of {runs}/clip's export")
-  weights.save_vae(weights.load_vae(f"{runs}/vae/export/vae", subfolder=None, **half),
-                   os.path.join(out, "vae"))
-  weights.save_clip(weights.load_clip(f"{runs}/clip/export/clip", **half),
-                    os.path.join(out, "clip"))
-  weights.save_probe(weights.load_probe(f"{runs}/probe/export/probe", param_dtype=jnp.float16),
-                     os.path.join(out, "probe"))
-  source = f"{runs}/{models[0]}/export" if models else f"{runs}/prior/export"
-  for part in ("tokenizer", "scheduler"):
-    shutil.rmtree(os.path.join(out, part), ignore_errors=True)
-    shutil.copytree(os.path.join(source, part), os.path.join(out, part))
-  for name in models:
-    unet = weights.load_unet(f"{runs}/{name}/export", param_dtype=jnp.float16)
-    shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-    weights.save_unet(unet, os.path.join(out, name, "unet"))
-    with open(os.path.join(out, name, weights.COMPONENTS_FILE), "w") as f:
-      json.dump(SHARED, f, indent=2)
-  total = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(out) for f in files
-              if not f.endswith((".py", ".pyc", ".md")))
-  if total > LIMIT_BYTES:
-    raise ValueError(f"the shipped ShapesWorld models take {total / 2**20:.1f} MiB; the budget "
-                     f"is {LIMIT_BYTES / 2**20:.0f} MiB")
-  _write_record(runs, ["vae", "clip", "probe"] + models, out, total)
+  os.makedirs(out, exist_ok=True)
+  scratch = tempfile.mkdtemp(prefix=".ship-", dir=out)
+  try:
+    weights.save_vae(weights.load_vae(f"{runs}/vae/export/vae", subfolder=None, **half),
+                     os.path.join(scratch, "vae"))
+    weights.save_clip(weights.load_clip(f"{runs}/clip/export/clip", **half),
+                      os.path.join(scratch, "clip"))
+    weights.save_probe(weights.load_probe(f"{runs}/probe/export/probe",
+                                          param_dtype=jnp.float16), os.path.join(scratch, "probe"))
+    source = f"{runs}/{models[0]}/export" if models else f"{runs}/prior/export"
+    for part in ("tokenizer", "scheduler"):
+      shutil.copytree(os.path.join(source, part), os.path.join(scratch, part))
+    for name in models:
+      unet = weights.load_unet(f"{runs}/{name}/export", param_dtype=jnp.float16)
+      weights.save_unet(unet, os.path.join(scratch, name, "unet"))
+      with open(os.path.join(scratch, name, weights.COMPONENTS_FILE), "w") as f:
+        json.dump(SHARED, f, indent=2)
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(scratch)
+                for f in files)
+    if total > LIMIT_BYTES:
+      raise ValueError(f"the ShapesWorld models would take {total / 2**20:.1f} MiB; the budget "
+                       f"is {LIMIT_BYTES / 2**20:.0f} MiB")
+    _write_record(runs, ["vae", "clip", "probe"] + models, scratch, total)
+    for name in os.listdir(scratch):
+      target = os.path.join(out, name)
+      if os.path.isdir(target):
+        shutil.rmtree(target)
+      elif os.path.exists(target):
+        os.remove(target)
+      os.replace(os.path.join(scratch, name), target)
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
   return models
 
 

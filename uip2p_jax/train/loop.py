@@ -21,7 +21,8 @@ from uip2p_jax import sharding as shd
 from uip2p_jax.train import config as run_config
 from uip2p_jax.train.checkpoint import EXIT_PREEMPTED, Checkpoints, Preemption, ResumeError
 from uip2p_jax.train.metric_writer import MetricWriter
-from uip2p_jax.train.samples import RunContext, export, final_edit, write_samples
+from uip2p_jax.train.samples import (VAE_SCALE_IMAGES, RunContext, export, final_edit,
+                                     write_samples)
 from uip2p_jax.train.step import (StepFunctions, batch_fields, check_batch_size, flops_of,
                                   lower_step, model_flops, split_models)
 
@@ -191,7 +192,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         return TrainResult(last_metrics, preempted=True)
     checkpoints.wait_until_finished()
     if config.export:
-      export(run, state, sample_batch or _sample_batch(next(loader), config))
+      export(run, state, lambda: _first_images(config, workdir, VAE_SCALE_IMAGES))
     if config.final_edit and config.objective in ("cec", "ip2p"):
       final_edit(run, state, sample_batch or _sample_batch(next(loader), config))
     return TrainResult(last_metrics, preempted=False)
@@ -251,6 +252,21 @@ def _record_provenance(workdir: str, step: int) -> None:
     f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step,
                         "argv": sys.argv, "commit": commit or None,
                         "uncommitted_changes": dirty}) + "\n")
+
+
+def _first_images(config, workdir: str, count: int) -> list[np.ndarray]:
+  """The first `count` images (in batches) of a fresh loader of the run's data: a fixed set."""
+  from uip2p_jax.data.loader import Loader
+  loader = Loader(dataclasses.replace(
+      run_config.loader_config(config, _resolve_data_dir(config, workdir)), num_workers=0))
+  try:
+    batches, seen = [], 0
+    while seen < count:
+      batches.append(next(loader)["image"])
+      seen += len(batches[-1])
+    return batches
+  finally:
+    loader.close()
 
 
 def _sample_batch(host_batch, config) -> dict:

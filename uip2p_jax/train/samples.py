@@ -133,13 +133,17 @@ def generate(run: RunContext, params, caption_ids):
   return fn(caption_ids)
 
 
-def export(run: RunContext, state: TrainState, sample_batch=None) -> str:
+VAE_SCALE_IMAGES = 256  # images whose latents' std sets an exported VAE's scaling factor
+
+
+def export(run: RunContext, state: TrainState, scale_images=None) -> str:
   """The trained module (EMA when kept) under workdir/export:
   - a UNet: `unet/` in diffusers' format, in a full pipeline folder (`uip2p edit --model`,
-    `uip2p eval`, diffusers' `from_pretrained`): a pretrained run's other parts are copied
-    beside it, a run built from a preset (or a world's own parts) writes its VAE, text
-    encoder, tokenizer and scheduler;
-  - a VAE: `vae/`, its scaling factor measured as 1 / std of the sample batch's latents;
+    `uip2p eval`, diffusers' `from_pretrained`): the base pipeline's other parts are copied
+    beside it (`pretrained` or `init_from_sd`); a run built from a preset (or a world's own
+    parts) writes its VAE, text encoder, tokenizer and scheduler;
+  - a VAE: `vae/`, its scaling factor 1 / std of the latents of `scale_images()` (a fixed set:
+    the first VAE_SCALE_IMAGES of a fresh loader, so an interrupted export measures the same);
   - a CLIP: `clip/` (transformers CLIPModel); the probe: `probe/`."""
   from uip2p_jax import weights
   from uip2p_jax.train.step import trained_module
@@ -151,21 +155,23 @@ def export(run: RunContext, state: TrainState, sample_batch=None) -> str:
   module = nnx.merge(run.graphs[trained], jax.tree.map(np.asarray, params))
   which = "EMA " if state.ema_params is not None else ""
   if trained == "vae":
-    if sample_batch is None:
-      raise ValueError("exporting a VAE measures its latents' scale: pass the sample batch")
-    std = float(jnp.std(jax.jit(lambda x: module.encode(x).mean)(sample_batch["image"])))
+    if scale_images is None:
+      raise ValueError("exporting a VAE measures its latents' scale: pass scale_images")
+    encode = jax.jit(lambda x: module.encode(x).mean)
+    latents = np.concatenate([np.asarray(encode(batch)) for batch in scale_images()])
+    std = float(latents.std())
     weights.save_vae(module, os.path.join(out, "vae"), scaling_factor=1.0 / std)
-    print(f"train: exported the {which}VAE to {out}/vae (scaling factor 1/{std:.4f})",
-          flush=True)
+    print(f"train: exported the {which}VAE to {out}/vae (scaling factor 1/{std:.4f}, from "
+          f"{len(latents)} images)", flush=True)
     return out
   if trained in ("clip", "probe"):
     save = weights.save_clip if trained == "clip" else weights.save_probe
     save(module, os.path.join(out, trained))
     print(f"train: exported the {which}{trained} to {out}/{trained}", flush=True)
     return out
-  pretrained = run.config.model.pretrained  # (an init_from_sd base is no IP2P pipeline)
-  if pretrained:
-    root = weights.resolve_folder(pretrained)
+  base = run.config.model.pretrained or run.config.model.init_from_sd
+  if base:
+    root = weights.resolve_folder(base)
     for name in os.listdir(root):
       source = os.path.join(root, name)
       if name == "unet" or name.startswith("."):
@@ -180,7 +186,7 @@ def export(run: RunContext, state: TrainState, sample_batch=None) -> str:
                          run.schedule)
   weights.save_unet(module, os.path.join(out, "unet"))
   print(f"train: exported the {which}UNet (diffusers format) to {out}/unet"
-        + (" with the base pipeline's other parts" if pretrained else
+        + (" with the base pipeline's other parts" if base else
            " with the run's VAE, text encoder, tokenizer and scheduler"), flush=True)
   return out
 
