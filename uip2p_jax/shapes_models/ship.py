@@ -126,6 +126,36 @@ def _write_record(runs: str, stages: list[str], out: str, total: int) -> None:
     f.write("\n".join(lines) + "\n")
 
 
+EXPECTED_FILE = "expected.json"
+EXPECTED_TURNS = 40   # the first test turns of `data build shapes --seed 0` the record covers
+EXPECTED_METRICS = ("edit_accuracy", "preservation", "l1", "l2", "clip_i", "clip_t")
+
+
+def record_expected(data_dir: str, out: str = ROOT) -> dict:
+  """Evaluates the shipped models (`uip2p eval shapes`, defaults, first EXPECTED_TURNS turns of
+  `data_dir`) and writes their numbers to expected.json: what tests/eval/test_shipped_shapes.py
+  reproduces from the package alone."""
+  import tempfile
+
+  from uip2p_jax.cli import main as cli
+  from uip2p_jax.shapes_models import NAMES, paths
+  record = {"data": {"seed": 0, "turns": EXPECTED_TURNS}, "models": {}}
+  shipped = [name for name, stage in NAMES.items()
+             if os.path.isfile(os.path.join(paths()[stage], "unet", "config.json"))]
+  with tempfile.TemporaryDirectory() as scratch:
+    for name in shipped:
+      folder = os.path.join(scratch, name)
+      if cli(["eval", "shapes", "--data", data_dir, "--out", folder, "--model", name,
+              "--limit", str(EXPECTED_TURNS), "--batch-size", str(EXPECTED_TURNS)]) != 0:
+        raise ValueError(f"eval shapes --model {name} failed")
+      with open(os.path.join(folder, "summary.json")) as f:
+        summary = json.load(f)
+      record["models"][name] = {m: summary[m] for m in EXPECTED_METRICS}
+  with open(os.path.join(out, EXPECTED_FILE), "w") as f:
+    json.dump(record, f, indent=2)
+  return record
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m uip2p_jax.shapes_models.ship",
                                    description=__doc__.split("\n\n")[0])
@@ -135,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     shipped = ship(args.runs, [m for m in args.models.split(",") if m])
+    record = record_expected(os.path.join(args.runs, "data"))
+    print(f"ship: recorded {sorted(record['models'])} on the first {EXPECTED_TURNS} test turns "
+          f"in {EXPECTED_FILE}")
   except (ValueError, FileNotFoundError, weights.CheckpointError) as e:
     print(f"ship: error: {e}", file=sys.stderr)
     return 2
