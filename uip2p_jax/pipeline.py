@@ -81,6 +81,7 @@ def edit_latents(unet, vae, text_encoder, images, instruction_ids, empty_ids, sa
   return jnp.clip(vae.decode(latents / vae.config.scaling_factor), -1.0, 1.0)
 
 
+@nnx.jit(static_argnames=("start_step",))
 def generate_latents(unet, vae, text_encoder, caption_ids, empty_ids, sampler, text_scale, keys,
                      images=None, start_step=0):
   """Text-to-image with classifier-free guidance (a 4-channel UNet), as one jitted function.

@@ -190,7 +190,6 @@ def _sdedit(folder: str, args: argparse.Namespace, seeds):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from flax import nnx
 
   from uip2p_jax.model_set import build_models
   from uip2p_jax.pipeline import generate_latents
@@ -203,9 +202,6 @@ def _sdedit(folder: str, args: argparse.Namespace, seeds):
   sampler = make_sampler("euler_ancestral", models.schedule, args.steps)
   start = int(round(args.steps * (1 - args.sdedit_strength)))
   empty = tokenize(models.tokenizer, [""])
-  run = nnx.jit(lambda unet, vae, text, images, ids, keys: generate_latents(
-      unet, vae, text, ids, empty, sampler, jnp.float32(args.text_scale), keys, images=images,
-      start_step=start))
 
   def edit(images, chunk):
     count = len(chunk)
@@ -217,7 +213,9 @@ def _sdedit(folder: str, args: argparse.Namespace, seeds):
       ids = np.concatenate([ids, np.repeat(ids[:1], extra, 0)])
       chunk_seeds = chunk_seeds + chunk_seeds[:1] * extra
     keys = jax.vmap(jax.random.key)(jnp.asarray(chunk_seeds, jnp.uint32))
-    return np.asarray(run(models.unet, models.vae, models.text_encoder, images, ids, keys))[:count]
+    return np.asarray(generate_latents(models.unet, models.vae, models.text_encoder, ids, empty,
+                                       sampler, jnp.float32(args.text_scale), keys,
+                                       images=images, start_step=start))[:count]
   return edit, _roundtrip(models.vae)
 
 

@@ -98,9 +98,8 @@ def write_samples(run: RunContext, state: TrainState, sample_batch, step: int, w
         run.texts(sample_batch["instruction_ids"]),
         run.texts(sample_batch["reverse_instruction_ids"]))]
   elif objective == "vae":
-    vae = _module(run, trained_module(objective), evaluated_params(state))
-    out = jax.jit(lambda x: jnp.clip(vae.decode(vae.encode(x).mode()), -1, 1))(
-        run.replicated(images))
+    out = _reconstruct(_module(run, trained_module(objective), evaluated_params(state)),
+                       run.replicated(images))
     columns = list(zip(images, np.asarray(host_tree(out))))
     captions = ["input | reconstruction"] * len(columns)
   else:  # t2i
@@ -116,6 +115,11 @@ def write_samples(run: RunContext, state: TrainState, sample_batch, step: int, w
   writer.image("samples", np.asarray(grid), step)
 
 
+@nnx.jit
+def _reconstruct(vae, images):
+  return jnp.clip(vae.decode(vae.encode(images).mode()), -1, 1)
+
+
 def generate(run: RunContext, params, caption_ids):
   """Text-to-image samples of a t2i run's UNet `params` (config.sample: steps, text_scale)."""
   from uip2p_jax.pipeline import generate_latents
@@ -127,10 +131,8 @@ def generate(run: RunContext, params, caption_ids):
   sampler = make_sampler("euler_ancestral", run.schedule, config.sample.steps)
   keys = jax.vmap(jax.random.key)(jnp.arange(caption_ids.shape[0], dtype=jnp.uint32)
                                   + config.seed)
-  fn = jax.jit(lambda ids: generate_latents(unet, vae, text_encoder, ids,
-                                            tokenize(run.tokenizer, [""]), sampler,
-                                            jnp.float32(config.sample.text_scale), keys))
-  return fn(caption_ids)
+  return generate_latents(unet, vae, text_encoder, caption_ids, tokenize(run.tokenizer, [""]),
+                          sampler, jnp.float32(config.sample.text_scale), keys)
 
 
 VAE_SCALE_IMAGES = 256  # images whose latents' std sets an exported VAE's scaling factor
