@@ -80,6 +80,12 @@ class NoiseSchedule:
   def to_diffusers(self) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
+  def save(self, folder: str, sampler_class: str = "EulerAncestralDiscreteScheduler") -> None:
+    """folder/scheduler_config.json (diffusers'), naming the sampler class a pipeline uses."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "scheduler_config.json"), "w") as f:
+      json.dump({"_class_name": sampler_class, **self.to_diffusers()}, f, indent=2)
+
   def alphas_cumprod(self) -> np.ndarray:
     """(num_train_timesteps,) float32, computed in float32 as diffusers does."""
     n = self.num_train_timesteps

@@ -79,9 +79,15 @@ def ship(runs: str, models: list[str], out: str = ROOT) -> list[str]:
                       os.path.join(scratch, "clip"))
     weights.save_probe(weights.load_probe(f"{runs}/probe/export/probe",
                                           param_dtype=jnp.float16), os.path.join(scratch, "probe"))
-    source = f"{runs}/{models[0]}/export" if models else f"{runs}/prior/export"
-    for part in ("tokenizer", "scheduler"):
-      shutil.copytree(os.path.join(source, part), os.path.join(scratch, part))
+    if models:
+      for part in ("tokenizer", "scheduler"):
+        shutil.copytree(os.path.join(f"{runs}/{models[0]}/export", part),
+                        os.path.join(scratch, part))
+    else:  # what a run built from the shapes preset writes (train/samples.write_pipeline_parts)
+      from uip2p_jax.schedules import IP2P_SCHEDULE
+      from uip2p_jax.tokenizer import default_tokenizer
+      default_tokenizer().save_pretrained(os.path.join(scratch, "tokenizer"))
+      IP2P_SCHEDULE.save(os.path.join(scratch, "scheduler"))
     for name in models:
       unet = weights.load_unet(f"{runs}/{name}/export", param_dtype=jnp.float16)
       weights.save_unet(unet, os.path.join(scratch, name, "unet"))
@@ -117,6 +123,7 @@ def _write_record(runs: str, stages: list[str], out: str, total: int) -> None:
     starts = _provenance(run)
     commands = "<br>".join(
         f"{p['time']}: step {p['step']}: `{' '.join(['uip2p'] + p['argv'][1:])}`"
+        + (f" ({p['note']})" if p.get("note") else "")
         for p in starts) or "(not recorded: run started before provenance.jsonl existed)"
     commits = "<br>".join(sorted({(p["commit"] or "?")[:12] + (" + uncommitted changes" if
                                                              p["uncommitted_changes"] else "")
@@ -140,8 +147,9 @@ def record_expected(data_dir: str, out: str = ROOT) -> dict:
   from uip2p_jax.cli import main as cli
   from uip2p_jax.shapes_models import NAMES, paths
   record = {"data": {"seed": 0, "turns": EXPECTED_TURNS}, "models": {}}
-  shipped = [name for name, stage in NAMES.items()
-             if os.path.isfile(os.path.join(paths()[stage], "unet", "config.json"))]
+  # identity: the shipped probe and CLIP alone (edit accuracy 0 by construction).
+  shipped = ["identity"] + [name for name, stage in NAMES.items()
+                            if os.path.isfile(os.path.join(paths()[stage], "unet", "config.json"))]
   with tempfile.TemporaryDirectory() as scratch:
     for name in shipped:
       folder = os.path.join(scratch, name)
@@ -161,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("runs", help="a launch/shapes.sh runs folder")
   parser.add_argument("--models", default="prior,ip2p",
-                      help="pipeline stages to ship (comma-separated)")
+                      help="pipeline stages to ship (comma-separated; '' for the shared parts "
+                           "only)")
   args = parser.parse_args(argv)
   try:
     shipped = ship(args.runs, [m for m in args.models.split(",") if m])

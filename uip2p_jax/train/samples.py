@@ -196,15 +196,11 @@ def export(run: RunContext, state: TrainState, scale_images=None) -> str:
 def write_pipeline_parts(out: str, vae, text_encoder, tokenizer, schedule: NoiseSchedule) -> None:
   """vae/, text_encoder/, tokenizer/ and scheduler/ of a diffusers pipeline folder (the UNet's
   sampler: Euler ancestral, InstructPix2Pix's)."""
-  import json
   from uip2p_jax import weights
   weights.save_vae(vae, os.path.join(out, "vae"))
   weights.save_text_encoder(text_encoder, os.path.join(out, "text_encoder"))
   tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
-  os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
-  with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
-    json.dump({"_class_name": "EulerAncestralDiscreteScheduler", **schedule.to_diffusers()}, f,
-              indent=2)
+  schedule.save(os.path.join(out, "scheduler"))
 
 
 def final_edit(run: RunContext, state: TrainState, sample_batch) -> None:
