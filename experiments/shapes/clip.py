@@ -5,6 +5,8 @@ also the text encoder of the world's UNets (as SD shares CLIP's).
   uip2p train --config experiments/shapes/clip.py --workdir runs/shapes/clip
 
 Export: runs/shapes/clip/export/clip (a transformers CLIPModel folder).
+Time on the 2-core VM: 22 min (0.55 s/step). Expected: in-batch retrieval 100% at the end,
+zero-shot caption retrieval about 0.93 on the test scenes (RESULTS.md).
 """
 
 import common

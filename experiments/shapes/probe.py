@@ -5,8 +5,9 @@ scene, trained on freshly rendered scenes of every colour/shape combination.
   uip2p train --config experiments/shapes/probe.py --workdir runs/shapes/probe
 
 Export: runs/shapes/probe/export/probe. `uip2p eval shapes` reports its accuracy on the test
-scenes (target >= 98% of scenes read entirely right); it trains on fresh draws of the whole world
+scenes (target >= 98% of scenes read entirely right; measured 100%); it trains on fresh draws of the whole world
 (blurred and noised a little, as decoded edits are), which can repeat a small test scene.
+Time on the 2-core VM: 17 min (0.6 s/step, rendering on the fly included).
 """
 
 import common
