@@ -7,15 +7,24 @@ channels zero), trained with the `ip2p` objective (conditioning dropout 5%).
 
 Export: runs/shapes/ip2p/export, a full InstructPix2Pix folder (`uip2p edit --model`,
 `uip2p eval shapes --model`). Pairs cover only the training phrasings and combinations.
+
+`kinds=recolour`: supervised on recolour pairs only (the editor that CEC then extends to the
+other kinds, experiments/shapes/cec.py:init=recolour):
+
+  uip2p data build shapes --out runs/shapes/data_recolour --train 20000 --test 500 --seed 0 \
+      --edit-kinds recolour
+  uip2p train --config experiments/shapes/ip2p.py:kinds=recolour --workdir runs/shapes/ip2p_recolour
 """
 
 import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, steps="3000", runs=common.RUNS)
+  args = common.parse_arg(arg, steps="3000", runs=common.RUNS, kinds="all")
+  kinds = common.choice(args, "kinds", ("all", "recolour"))
   paths = common.paths(args["runs"])
   c = common.shapes_config("ip2p", steps=int(args["steps"]), batch=32, lr=2e-4)
   c.model.init_from_sd = paths["prior"]
-  c.data.dir, c.data.kind = paths["data"], "ip2p"
+  c.data.dir = paths["data"] if kinds == "all" else f"{args['runs']}/data_recolour"
+  c.data.kind = "ip2p"
   return c

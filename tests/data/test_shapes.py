@@ -210,3 +210,14 @@ def test_cli_builds_three_readable_datasets_in_one_folder(tmp_path, capsys):
   assert "already holds a built dataset" in capsys.readouterr().err
   assert cli.main(argv + ["--overwrite"]) == 0
   assert cli.main(["data", "build", "captions", "--out", out, "--train", "3"]) == 2
+
+
+def test_train_records_can_hold_one_edit_kind_and_the_default_is_unchanged():
+  every = [e.edit.kind for e in S.examples("train", 40, seed=1)]
+  assert every == [e.edit.kind for e in S.examples("train", 40, 1, S.EDIT_KINDS)]
+  assert set(every) == set(S.EDIT_KINDS)
+  only = list(S.examples("train", 30, seed=1, kinds=("recolour",)))
+  assert {e.edit.kind for e in only} == {"recolour"}
+  assert not any(e.held_out_phrasing or e.held_out_combination for e in only)
+  with pytest.raises(ValueError, match="subset"):
+    list(S.examples("train", 1, seed=1, kinds=("repaint",)))

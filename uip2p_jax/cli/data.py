@@ -42,6 +42,9 @@ def add_parser(commands) -> None:
                  help="shapes: number of test turns (magicbrush layout)")
   p.add_argument("--seed", type=common.non_negative_int,
                  help="shapes: the world's seed (default 0); the same seed gives the same records")
+  p.add_argument("--edit-kinds", default=None, metavar="KIND[,KIND...]",
+                 help="shapes: train records of these edit kinds only (of recolour, reshape, "
+                      "background, add, remove; default all); the test set keeps every kind")
   p.add_argument("--overwrite", action="store_true", help="replace an existing built dataset")
   p.set_defaults(run=run)
   _add_instruct_parser(data)
@@ -79,7 +82,10 @@ def _run_shapes(args: argparse.Namespace) -> int:
     raise ValueError("shapes writes fixed splits (captions, ip2p: train; magicbrush: test); "
                      "drop --split")
   seed = 0 if args.seed is None else args.seed
-  reports = shapes.build(args.out, args.train, args.test, seed, overwrite=args.overwrite)
+  kinds = shapes.EDIT_KINDS if args.edit_kinds is None else tuple(
+      k for k in args.edit_kinds.split(",") if k)
+  reports = shapes.build(args.out, args.train, args.test, seed, overwrite=args.overwrite,
+                         edit_kinds=kinds)
   for kind, report in reports.items():
     print(f"uip2p data build shapes ({kind}): {report.summary()}")
     print(f"  dataset: {builders.dataset_dir(args.out, kind)}")
@@ -94,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
   from uip2p_jax.data import builders, sources
   if args.kind == "shapes":
     return _run_shapes(args)
-  if args.train is not None or args.test is not None or args.seed is not None:
-    raise ValueError("--train, --test and --seed are for `data build shapes` only")
+  if (args.train is not None or args.test is not None or args.seed is not None
+      or args.edit_kinds is not None):
+    raise ValueError("--train, --test, --seed and --edit-kinds are for `data build shapes` only")
   if args.kind == "sample":
     report = builders.build_sample(args.out, overwrite=args.overwrite)
     kind = "captions"

@@ -372,9 +372,9 @@ def _example(rng: np.random.Generator, scene: Scene, edit: Edit, split: str, **i
                  reverse_template=_template(rng, inverse.kind, split), **ids)
 
 
-def _train_example(seed: int, index: int) -> Example:
+def _train_example(seed: int, index: int, kinds: tuple[str, ...] = EDIT_KINDS) -> Example:
   rng = np.random.default_rng([seed, 0, index])
-  kind = EDIT_KINDS[rng.integers(len(EDIT_KINDS))]
+  kind = kinds[rng.integers(len(kinds))]
   low, high = {"add": (1, MAX_OBJECTS - 1), "remove": (2, MAX_OBJECTS)}.get(kind, (1, MAX_OBJECTS))
   while True:  # reshape can be impossible (e.g. red circle, red square, red triangle): redraw
     scene = sample_scene(rng, int(rng.integers(low, high + 1)), held_out=False)
@@ -411,12 +411,24 @@ def _test_session(seed: int, session: int, turns: int) -> list[Example]:
   return out
 
 
-def examples(split: str, count: int, seed: int) -> Iterator[Example]:
-  """``count`` examples of ``split``. Train example i depends on (seed, i) only; test turns come
-  in sessions of 1..MAX_TURNS (the last session cut to make ``count``)."""
+def check_kinds(kinds) -> tuple[str, ...]:
+  kinds = tuple(kinds)
+  unknown = sorted(set(kinds) - set(EDIT_KINDS))
+  if not kinds or unknown:
+    raise ValueError(f"edit kinds {list(kinds)}: expected a non-empty subset of {EDIT_KINDS}")
+  return tuple(k for k in EDIT_KINDS if k in kinds)
+
+
+def examples(split: str, count: int, seed: int,
+             kinds: tuple[str, ...] = EDIT_KINDS) -> Iterator[Example]:
+  """``count`` examples of ``split``. Train example i depends on (seed, i, kinds) only, its edit
+  kind drawn among ``kinds`` (all by default; e.g. only "recolour" for a model supervised on one
+  kind); test turns (every kind) come in sessions of 1..MAX_TURNS (the last session cut to make
+  ``count``)."""
   if split == "train":
+    kinds = check_kinds(kinds)
     for index in range(count):
-      yield _train_example(seed, index)
+      yield _train_example(seed, index, kinds)
     return
   if split != "test":
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -465,10 +477,11 @@ def scene_labels(scene: Scene) -> np.ndarray:
 KIND_SPLITS = {"captions": "train", "ip2p": "train", "magicbrush": "test"}
 
 
-def records(kind: str, count: int, seed: int, resolution: int = RESOLUTION):
+def records(kind: str, count: int, seed: int, resolution: int = RESOLUTION,
+            edit_kinds: tuple[str, ...] = EDIT_KINDS):
   """The ``(id, where, fields)`` records of a dataset kind (``builders.build``'s source)."""
   split = KIND_SPLITS[kind]
-  for index, ex in enumerate(examples(split, count, seed)):
+  for index, ex in enumerate(examples(split, count, seed, edit_kinds)):
     where = f"shapes(seed={seed}):{split} {index}"
     fields = {"image": png_bytes(render(ex.scene, resolution)),
               "input_caption": caption(ex.scene), "instruction": ex.instruction,
@@ -488,13 +501,15 @@ def scenes_path(data_dir: str, split: str) -> str:
 
 
 def build(data_dir: str, train: int, test: int, seed: int = 0, overwrite: bool = False,
-          resolution: int = RESOLUTION) -> dict:
-  """Writes the captions + ip2p train records, the magicbrush test turns and
-  ``scenes_{train,test}.jsonl`` under ``data_dir``; returns {kind: builders.SkipReport}.
+          resolution: int = RESOLUTION, edit_kinds: tuple[str, ...] = EDIT_KINDS) -> dict:
+  """Writes the captions + ip2p train records (edits of ``edit_kinds`` only), the magicbrush
+  test turns (every kind) and ``scenes_{train,test}.jsonl`` under ``data_dir``; returns
+  {kind: builders.SkipReport}.
 
   Refuses (before writing anything) when one of the datasets exists, unless ``overwrite``.
   """
   from uip2p_jax.data import builders
+  edit_kinds = check_kinds(edit_kinds)
   if train < 1 or test < 1:
     raise ValueError(f"shapes needs at least one train and one test record, got --train {train} "
                      f"--test {test}")
@@ -508,18 +523,19 @@ def build(data_dir: str, train: int, test: int, seed: int = 0, overwrite: bool =
   metadata = {"source": "shapes", "seed": seed, "resolution": resolution,
               "train": train, "test": test,
               "held_out_combinations": sorted(" ".join(c) for c in HELD_OUT_COMBINATIONS),
-              "held_out_template": "last of each kind"}
+              "held_out_template": "last of each kind", "train_edit_kinds": list(edit_kinds)}
   reports = {}
   for kind, split in KIND_SPLITS.items():
     extra = {"has_reverse": True} if kind == "ip2p" else {}
     extra = {"has_captions": True} if kind == "magicbrush" else extra
     reports[kind] = builders.build(
-        kind, lambda kind=kind, split=split: records(kind, counts[split], seed, resolution),
+        kind, lambda kind=kind, split=split: records(kind, counts[split], seed, resolution,
+                                                     edit_kinds),
         data_dir, split=split, metadata={**metadata, **extra}, overwrite=overwrite)
   for split, count in counts.items():
     path = scenes_path(data_dir, split)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-      for ex in examples(split, count, seed):
+      for ex in examples(split, count, seed, edit_kinds):
         f.write(json.dumps(ex.to_json()) + "\n")
     os.replace(path + ".tmp", path)
   return reports
