@@ -79,15 +79,18 @@ def ship(runs: str, models: list[str], out: str = ROOT) -> list[str]:
                       os.path.join(scratch, "clip"))
     weights.save_probe(weights.load_probe(f"{runs}/probe/export/probe",
                                           param_dtype=jnp.float16), os.path.join(scratch, "probe"))
-    if models:
-      for part in ("tokenizer", "scheduler"):
-        shutil.copytree(os.path.join(f"{runs}/{models[0]}/export", part),
-                        os.path.join(scratch, part))
-    else:  # what a run built from the shapes preset writes (train/samples.write_pipeline_parts)
-      from uip2p_jax.schedules import IP2P_SCHEDULE
-      from uip2p_jax.tokenizer import default_tokenizer
-      default_tokenizer().save_pretrained(os.path.join(scratch, "tokenizer"))
-      IP2P_SCHEDULE.save(os.path.join(scratch, "scheduler"))
+    # The world's tokenizer is the offline CLIP default: shipped as vocab.json + merges.txt
+    # (1.5 MB; transformers' tokenizer.json of the same is 3.6 MB) and its config.
+    from uip2p_jax.schedules import IP2P_SCHEDULE
+    from uip2p_jax.tokenizer import default_tokenizer, derive_vocab_files
+    tokenizer_dir = os.path.join(scratch, "tokenizer")
+    default_tokenizer().save_pretrained(tokenizer_dir)
+    for name in os.listdir(tokenizer_dir):
+      if name != "tokenizer_config.json":
+        os.remove(os.path.join(tokenizer_dir, name))
+    derive_vocab_files(tokenizer_dir)
+    # (what runs built from the shapes preset write: train/samples.write_pipeline_parts)
+    IP2P_SCHEDULE.save(os.path.join(scratch, "scheduler"))
     for name in models:
       unet = weights.load_unet(f"{runs}/{name}/export", param_dtype=jnp.float16)
       weights.save_unet(unet, os.path.join(scratch, name, "unet"))
