@@ -477,3 +477,27 @@ def test_each_loss_term_alone_trains_the_unet_through_the_frozen_models(real_mod
   else:  # L_attn compares UNet attention maps only: no decode at all
     assert through_decoder == 0
   assert (through_clip > 0) == (term in ("clip", "sim"))
+
+
+def test_ip2p_noise_offset_adds_one_constant_per_example_and_channel():
+  batch = make_batch(batch_size=8)
+  batch["edited_image"] = -batch["image"]
+
+  def noise_of(noise_offset):
+    unet, vae = RecordingUNet(), StubVAE()
+    value, _ = ip2p_losses(unet, vae, StubTextEncoder(), batch, jax.random.key(0), ALPHAS,
+                           conditioning_dropout=0.0, empty_ids=EMPTY_IDS,
+                           noise_offset=noise_offset)
+    jax.effects_barrier()
+    (call,) = unet.calls
+    root_a, root_1ma = sqrt_alpha(call["t"])
+    noise = (call["noisy"] - root_a * np.asarray(vae.samples[0], np.float64) * SCALING) / root_1ma
+    eps = np.asarray(stub_eps(call["noisy"], call["condition"], call["text"]), np.float64)
+    np.testing.assert_allclose(float(value), np.mean((eps - noise) ** 2), rtol=1e-3)
+    return noise
+
+  plain, offset = noise_of(0.0), noise_of(5.0)
+  shift = offset - plain  # the same draws underneath: only the constant differs
+  assert np.std(shift.mean(axis=(1, 2))) > 1.0           # one constant per (example, channel)
+  constant = np.broadcast_to(shift.mean(axis=(1, 2), keepdims=True), shift.shape)
+  np.testing.assert_allclose(shift, constant, atol=1e-3)

@@ -392,14 +392,19 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
 def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
                 text_encoder: CLIPTextTransformer, batch: dict[str, jax.Array], key: jax.Array,
                 alphas_cumprod: jax.Array, conditioning_dropout: float = 0.05, *,
-                empty_ids: jax.Array):
+                empty_ids: jax.Array, noise_offset: float = 0.0):
   """The supervised InstructPix2Pix loss (the baseline): noise MSE on the noised *edited*
   latent, conditioned on the input image's latent and the instruction, with IP2P's dropout.
 
   batch: image, edited_image (B, H, W, 3) in [-1, 1]; instruction_ids (B, 77).
   empty_ids: (1, 77) or (77,) int32, the run's tokenizer's ids of "" (the dropped text).
+  noise_offset: std of a per-example, per-channel constant added to the noise (diffusers'
+  `--noise_offset`). The schedule's last timestep still holds sqrt(0.0047) of the latent, so with
+  plain noise a latent's channel means (an image's overall colour) are read off the noisy input
+  at every trained t, the model never learns them from the image condition, and sampling from
+  pure noise gets them wrong (docs/method.md, ShapesWorld); the offset hides them.
   """
-  keys = jax.random.split(key, 4)
+  keys = jax.random.split(key, 5)
   scaling = vae.config.scaling_factor
   empty_ids = _empty_ids(empty_ids, batch["instruction_ids"].shape[1])
   image_latent = jax.lax.stop_gradient(vae.encode(batch["image"]).mode())
@@ -411,6 +416,9 @@ def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
                                                    conditioning_dropout)
   timesteps = jax.random.randint(keys[2], (target_latent.shape[0],), 0, alphas_cumprod.shape[0])
   noise = jax.random.normal(keys[3], target_latent.shape)
+  if noise_offset:
+    b, _, _, c = target_latent.shape
+    noise = noise + noise_offset * jax.random.normal(keys[4], (b, 1, 1, c))
   noisy = schedules.add_noise(alphas_cumprod, target_latent, noise, timesteps)
   prediction = unet(jnp.concatenate([noisy, image_latent], axis=-1), timesteps, text)
   value = losses.ip2p_loss(prediction, noise)

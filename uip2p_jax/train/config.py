@@ -167,6 +167,13 @@ def check(config) -> None:
   if config.optim.schedule not in ("constant", "cosine"):
     raise ConfigError(f"config.optim.schedule={config.optim.schedule!r}; expected 'constant' "
                       "or 'cosine'")
+  if not 0.0 <= config.ip2p.conditioning_dropout <= 1.0 / 3.0:
+    raise ConfigError(f"config.ip2p.conditioning_dropout={config.ip2p.conditioning_dropout}; "
+                      "expected a probability in [0, 1/3] (text, both and image each dropped "
+                      "with it)")
+  if config.ip2p.noise_offset < 0:
+    raise ConfigError(f"config.ip2p.noise_offset={config.ip2p.noise_offset}; expected >= 0 (the "
+                      "std of the per-channel constant added to the noise)")
   for key, low in (("batch_size", 1), ("total_steps", 0), ("log_every", 1),
                    ("optim.accumulate", 1), ("checkpoint.every", 1), ("checkpoint.keep", 1)):
     section, _, leaf = key.rpartition(".")
