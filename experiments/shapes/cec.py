@@ -20,7 +20,7 @@ _LOSSES = {"base": dict(clip=1.0, sim=0.0, attn=0.0, recon=1.0),
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, init="prior", losses="full", seed="0", steps="2000",
+  args = common.parse_arg(arg, init="prior", losses="full", seed="0", steps="1000",
                           runs=common.RUNS)
   losses = common.choice(args, "losses", _LOSSES)
   init = common.choice(args, "init", ("prior", "recolour"))
