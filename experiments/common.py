@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.cycle = dict(start="noised_input", num_steps_min=1, num_steps_max=1, same_k=True,
                  timestep_min=0, timestep_max=1000, share_noise=True, reencode=False,
                  clamp_decoded=True, attention_select="level", attention_level=1,
-                 attention_resolution=16, conditioning_dropout=0.0)
+                 attention_resolution=16, conditioning_dropout=0.0, noise_offset=0.0)
   c.loss = dict(clip=1.0, sim=1.0, attn=1.0, recon=1.0, sim_kind="reconstruction",
                 recon_kind="l1")
   c.ip2p = dict(conditioning_dropout=0.05, noise_offset=0.0)

@@ -483,7 +483,7 @@ def test_ip2p_noise_offset_adds_one_constant_per_example_and_channel():
   batch = make_batch(batch_size=8)
   batch["edited_image"] = -batch["image"]
 
-  def noise_of(noise_offset):
+  def channel_means_of_noise(noise_offset):
     unet, vae = RecordingUNet(), StubVAE()
     value, _ = ip2p_losses(unet, vae, StubTextEncoder(), batch, jax.random.key(0), ALPHAS,
                            conditioning_dropout=0.0, empty_ids=EMPTY_IDS,
@@ -494,10 +494,16 @@ def test_ip2p_noise_offset_adds_one_constant_per_example_and_channel():
     noise = (call["noisy"] - root_a * np.asarray(vae.samples[0], np.float64) * SCALING) / root_1ma
     eps = np.asarray(stub_eps(call["noisy"], call["condition"], call["text"]), np.float64)
     np.testing.assert_allclose(float(value), np.mean((eps - noise) ** 2), rtol=1e-3)
-    return noise
+    means = noise.mean(axis=(1, 2), keepdims=True)
+    return means, np.std(noise - means)
 
-  plain, offset = noise_of(0.0), noise_of(5.0)
-  shift = offset - plain  # the same draws underneath: only the constant differs
-  assert np.std(shift.mean(axis=(1, 2))) > 1.0           # one constant per (example, channel)
-  constant = np.broadcast_to(shift.mean(axis=(1, 2), keepdims=True), shift.shape)
-  np.testing.assert_allclose(shift, constant, atol=1e-3)
+  plain_means, plain_spread = channel_means_of_noise(0.0)
+  offset_means, offset_spread = channel_means_of_noise(20.0)
+  # 4x4 latents: plain noise's channel means have std 1/4; the offset's constant has std 20.
+  assert np.std(plain_means) < 0.6 and np.std(offset_means) > 8.0
+  assert 0.7 < plain_spread < 1.3 and 0.7 < offset_spread < 1.3  # the rest is unit noise
+
+
+def test_cycle_noise_offset_is_refused_negative():
+  with pytest.raises(ValueError, match="cycle.noise_offset=-0.1"):
+    CycleConfig(noise_offset=-0.1)

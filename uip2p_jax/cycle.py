@@ -81,6 +81,8 @@ class CycleConfig:
   conditioning_dropout: IP2P's per-example dropout (text only, both, image only: each with
     this probability, so at most 1/3), drawn independently for each edit; 0 keeps every edit
     conditioned.
+  noise_offset: the std of a per-example, per-channel constant added to the edits' noise
+    (`offset_noise`; 0: plain noise).
   """
   start: str = "noised_input"
   num_steps_min: int = 1
@@ -95,6 +97,7 @@ class CycleConfig:
   attention_resolution: int = 16
   attention_level: int = 1
   conditioning_dropout: float = 0.0
+  noise_offset: float = 0.0
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
@@ -117,6 +120,9 @@ class CycleConfig:
     if self.attention_level < 0:
       raise ValueError(f"cycle.attention_level={self.attention_level}; expected a UNet level "
                        ">= 0 (0 = the latent's own size)")
+    if self.noise_offset < 0:
+      raise ValueError(f"cycle.noise_offset={self.noise_offset}; expected >= 0 (the std of the "
+                       "per-channel constant added to the noise)")
     if not 0.0 <= self.conditioning_dropout <= 1.0 / 3.0:
       raise ValueError(f"cycle.conditioning_dropout={self.conditioning_dropout}; expected a "
                        "probability in [0, 1/3] (text, both and image are each dropped with it)")
@@ -204,6 +210,20 @@ def edit_with_k_steps(unet, alphas_cumprod, latents, image_latents, context, tim
   return jax.lax.switch(index, branches, args)
 
 
+def offset_noise(key: jax.Array, shape: tuple[int, ...], offset: float) -> jax.Array:
+  """N(0, I) noise of `shape` (B, H, W, C) plus, when `offset` > 0, one N(0, offset^2)
+  constant per example and channel (diffusers' `--noise_offset`). The schedule's last timestep
+  still holds sqrt(0.0047) of the latent, so with plain noise a latent's channel means (an
+  image's overall colour) can be read off the noisy input at every trained t: the model never
+  learns them from the image condition, and sampling from pure noise gets them wrong
+  (docs/method.md, "Offset noise"). The offset hides them."""
+  if not offset:
+    return jax.random.normal(key, shape)
+  noise_key, offset_key = jax.random.split(key)
+  constant = jax.random.normal(offset_key, (shape[0],) + (1,) * (len(shape) - 2) + shape[-1:])
+  return jax.random.normal(noise_key, shape) + offset * constant
+
+
 def _clamp_straight_through(images: jax.Array) -> jax.Array:
   """Clamped to [-1, 1] in value, identity in gradient."""
   return images + jax.lax.stop_gradient(jnp.clip(images, -1.0, 1.0) - images)
@@ -276,8 +296,9 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   else:
     timesteps = jax.random.randint(keys["t"], (batch_size,), cycle.timestep_min,
                                    cycle.timestep_max)
-  noise = jax.random.normal(keys["noise"], input_latent.shape)
-  reverse_noise = noise if cycle.share_noise else jax.random.normal(keys["noise_r"], noise.shape)
+  noise = offset_noise(keys["noise"], input_latent.shape, cycle.noise_offset)
+  reverse_noise = (noise if cycle.share_noise
+                   else offset_noise(keys["noise_r"], noise.shape, cycle.noise_offset))
 
   def start_latent(clean, eps):
     if cycle.start == "noise":
@@ -398,13 +419,9 @@ def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
 
   batch: image, edited_image (B, H, W, 3) in [-1, 1]; instruction_ids (B, 77).
   empty_ids: (1, 77) or (77,) int32, the run's tokenizer's ids of "" (the dropped text).
-  noise_offset: std of a per-example, per-channel constant added to the noise (diffusers'
-  `--noise_offset`). The schedule's last timestep still holds sqrt(0.0047) of the latent, so with
-  plain noise a latent's channel means (an image's overall colour) are read off the noisy input
-  at every trained t, the model never learns them from the image condition, and sampling from
-  pure noise gets them wrong (docs/method.md, ShapesWorld); the offset hides them.
+  noise_offset: see `offset_noise`.
   """
-  keys = jax.random.split(key, 5)
+  keys = jax.random.split(key, 4)
   scaling = vae.config.scaling_factor
   empty_ids = _empty_ids(empty_ids, batch["instruction_ids"].shape[1])
   image_latent = jax.lax.stop_gradient(vae.encode(batch["image"]).mode())
@@ -415,10 +432,7 @@ def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   text, image_latent = losses.conditioning_dropout(keys[1], text, empty[0], image_latent,
                                                    conditioning_dropout)
   timesteps = jax.random.randint(keys[2], (target_latent.shape[0],), 0, alphas_cumprod.shape[0])
-  noise = jax.random.normal(keys[3], target_latent.shape)
-  if noise_offset:
-    b, _, _, c = target_latent.shape
-    noise = noise + noise_offset * jax.random.normal(keys[4], (b, 1, 1, c))
+  noise = offset_noise(keys[3], target_latent.shape, noise_offset)
   noisy = schedules.add_noise(alphas_cumprod, target_latent, noise, timesteps)
   prediction = unet(jnp.concatenate([noisy, image_latent], axis=-1), timesteps, text)
   value = losses.ip2p_loss(prediction, noise)
@@ -426,4 +440,4 @@ def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
 
 
 __all__ = ["CycleConfig", "LOSS_NAMES", "LossConfig", "attention_resolution", "cycle_losses",
-           "edit_with_k_steps", "ip2p_losses"]
+           "edit_with_k_steps", "ip2p_losses", "offset_noise"]

@@ -34,4 +34,7 @@ def get_config(arg=None):
   else:
     c.model.pretrained = f"{args['runs']}/ip2p_recolour/export"
   c.data.dir, c.data.kind = paths["data"], "captions"
+  # As the IP2P baseline (experiments/shapes/ip2p.py): the edits start from noised latents whose
+  # channel means would otherwise give the input's colours away at every t.
+  c.cycle.noise_offset = 0.1
   return c
