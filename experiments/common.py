@@ -72,7 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
                  attention_resolution=16, conditioning_dropout=0.0, noise_offset=0.0)
   c.loss = dict(clip=1.0, sim=1.0, attn=1.0, recon=1.0, sim_kind="reconstruction",
                 recon_kind="l1")
-  c.ip2p = dict(conditioning_dropout=0.05, noise_offset=0.0)
+  # loss_weighting: "epsilon" (IP2P's noise MSE) | "v" (the v-prediction loss; docs/method.md)
+  c.ip2p = dict(conditioning_dropout=0.05, noise_offset=0.0, loss_weighting="epsilon")
   c.pretrain = dict(vae_kl=1e-6, vae_l2=1.0, caption_dropout=0.1,  # objectives vae, t2i, probe
                     probe_degrade=0.5)
   # name: adamw | adafactor; mu_dtype: AdamW's first moment (bfloat16 halves it).

@@ -507,3 +507,24 @@ def test_ip2p_noise_offset_adds_one_constant_per_example_and_channel():
 def test_cycle_noise_offset_is_refused_negative():
   with pytest.raises(ValueError, match="cycle.noise_offset=-0.1"):
     CycleConfig(noise_offset=-0.1)
+
+
+def test_ip2p_v_weighting_divides_each_examples_noise_mse_by_alpha_bar():
+  batch = make_batch(batch_size=8)
+  batch["edited_image"] = -batch["image"]
+  unet, vae = RecordingUNet(), StubVAE()
+  value, metrics = ip2p_losses(unet, vae, StubTextEncoder(), batch, jax.random.key(0), ALPHAS,
+                               conditioning_dropout=0.0, empty_ids=EMPTY_IDS,
+                               loss_weighting="v")
+  jax.effects_barrier()
+  (call,) = unet.calls
+  root_a, root_1ma = sqrt_alpha(call["t"])
+  noise = (call["noisy"] - root_a * np.asarray(vae.samples[0], np.float64) * SCALING) / root_1ma
+  eps = np.asarray(stub_eps(call["noisy"], call["condition"], call["text"]), np.float64)
+  per_example = np.mean((eps - noise) ** 2, axis=(1, 2, 3))
+  alpha = np.asarray(root_a, np.float64).reshape(-1) ** 2
+  np.testing.assert_allclose(float(value), np.mean(per_example / alpha), rtol=1e-3)
+  np.testing.assert_allclose(float(metrics["noise_mse"]), np.mean(per_example), rtol=1e-3)
+  with pytest.raises(ValueError, match="ip2p.loss_weighting='x0'"):
+    ip2p_losses(unet, vae, StubTextEncoder(), batch, jax.random.key(0), ALPHAS,
+                empty_ids=EMPTY_IDS, loss_weighting="x0")

@@ -34,6 +34,7 @@ from uip2p_jax.models import AttentionCapture, AutoencoderKL, CLIPModel, CLIPTex
 from uip2p_jax.models import UNet2DConditionModel
 
 LOSS_NAMES = ("clip", "sim", "attn", "recon")
+IP2P_LOSS_WEIGHTINGS = ("epsilon", "v")
 
 
 def _check_type(section: str, name: str, value, kinds: tuple[type, ...]) -> None:
@@ -413,14 +414,24 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
 def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
                 text_encoder: CLIPTextTransformer, batch: dict[str, jax.Array], key: jax.Array,
                 alphas_cumprod: jax.Array, conditioning_dropout: float = 0.05, *,
-                empty_ids: jax.Array, noise_offset: float = 0.0):
+                empty_ids: jax.Array, noise_offset: float = 0.0,
+                loss_weighting: str = "epsilon"):
   """The supervised InstructPix2Pix loss (the baseline): noise MSE on the noised *edited*
   latent, conditioned on the input image's latent and the instruction, with IP2P's dropout.
 
   batch: image, edited_image (B, H, W, 3) in [-1, 1]; instruction_ids (B, 77).
   empty_ids: (1, 77) or (77,) int32, the run's tokenizer's ids of "" (the dropped text).
   noise_offset: see `offset_noise`.
+  loss_weighting: "epsilon", the plain noise MSE (IP2P's); "v", each example's noise MSE divided
+    by alpha_bar_t, which is exactly the loss of a v-prediction model written for an epsilon
+    model. It weights the high timesteps (1/alpha_bar = 213 at t = 999, 1.1 at t = 50), the only
+    ones where the image condition tells the model something the noisy latent does not: under
+    the plain MSE their gradients are the smallest in the batch (docs/method.md, "Loss
+    weighting").
   """
+  if loss_weighting not in IP2P_LOSS_WEIGHTINGS:
+    raise ValueError(f"ip2p.loss_weighting={loss_weighting!r}; expected one of "
+                     f"{IP2P_LOSS_WEIGHTINGS}")
   keys = jax.random.split(key, 4)
   scaling = vae.config.scaling_factor
   empty_ids = _empty_ids(empty_ids, batch["instruction_ids"].shape[1])
@@ -435,8 +446,14 @@ def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   noise = offset_noise(keys[3], target_latent.shape, noise_offset)
   noisy = schedules.add_noise(alphas_cumprod, target_latent, noise, timesteps)
   prediction = unet(jnp.concatenate([noisy, image_latent], axis=-1), timesteps, text)
-  value = losses.ip2p_loss(prediction, noise)
-  return value, {"loss": value, "loss_ip2p": value}
+  if loss_weighting == "epsilon":
+    value = losses.ip2p_loss(prediction, noise)
+    return value, {"loss": value, "loss_ip2p": value}
+  weights = 1.0 / schedules.alpha_at(alphas_cumprod, timesteps, ndim=1)
+  value = losses.ip2p_loss(prediction, noise, weights)
+  # The plain noise MSE too: comparable across weightings.
+  return value, {"loss": value, "loss_ip2p": value,
+                 "noise_mse": jax.lax.stop_gradient(losses.ip2p_loss(prediction, noise))}
 
 
 __all__ = ["CycleConfig", "LOSS_NAMES", "LossConfig", "attention_resolution", "cycle_losses",

@@ -105,9 +105,15 @@ def weighted_total(losses: dict[str, jax.Array], weights: dict[str, float]) -> j
   return sum(weights[k] * jnp.mean(v) for k, v in losses.items())
 
 
-def ip2p_loss(noise_prediction: jax.Array, noise: jax.Array) -> jax.Array:
-  """The supervised InstructPix2Pix loss: MSE between true and predicted noise (scalar)."""
-  return jnp.mean(jnp.square(noise_prediction.astype(jnp.float32) - noise.astype(jnp.float32)))
+def ip2p_loss(noise_prediction: jax.Array, noise: jax.Array,
+              example_weights: jax.Array | None = None) -> jax.Array:
+  """The supervised InstructPix2Pix loss: MSE between true and predicted noise (scalar); with
+  `example_weights` (B,), each example's MSE weighted before the batch mean."""
+  squared = jnp.square(noise_prediction.astype(jnp.float32) - noise.astype(jnp.float32))
+  if example_weights is None:
+    return jnp.mean(squared)
+  per_example = jnp.mean(squared, axis=tuple(range(1, squared.ndim)))
+  return jnp.mean(per_example * example_weights.astype(jnp.float32))
 
 
 def conditioning_dropout(key: jax.Array, text_embeddings: jax.Array, empty_embedding: jax.Array,

@@ -171,6 +171,10 @@ def check(config) -> None:
     raise ConfigError(f"config.ip2p.conditioning_dropout={config.ip2p.conditioning_dropout}; "
                       "expected a probability in [0, 1/3] (text, both and image each dropped "
                       "with it)")
+  from uip2p_jax.cycle import IP2P_LOSS_WEIGHTINGS
+  if config.ip2p.loss_weighting not in IP2P_LOSS_WEIGHTINGS:
+    raise ConfigError(f"config.ip2p.loss_weighting={config.ip2p.loss_weighting!r}; expected one "
+                      f"of {IP2P_LOSS_WEIGHTINGS}")
   if config.ip2p.noise_offset < 0:
     raise ConfigError(f"config.ip2p.noise_offset={config.ip2p.noise_offset}; expected >= 0 (the "
                       "std of the per-channel constant added to the noise)")

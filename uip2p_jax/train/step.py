@@ -119,7 +119,8 @@ def loss_function(config, graphs, alphas_cumprod, empty_ids) -> Callable:
     if objective == "ip2p":
       return ip2p_losses(module("unet"), module("vae"), module("text_encoder"), batch, key,
                          alphas_cumprod, config.ip2p.conditioning_dropout, empty_ids=empty_ids,
-                         noise_offset=config.ip2p.noise_offset)
+                         noise_offset=config.ip2p.noise_offset,
+                         loss_weighting=config.ip2p.loss_weighting)
     if objective == "t2i":
       return pretraining.t2i_losses(module("unet"), module("vae"), module("text_encoder"), batch,
                                     key, alphas_cumprod, pretrain, empty_ids=empty_ids)
