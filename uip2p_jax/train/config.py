@@ -173,6 +173,7 @@ def check(config) -> None:
     value = (config[section] if section else config)[leaf]
     if value < low:
       raise ConfigError(f"config.{key}={value}; expected >= {low}")
+  lora_config(config)
   if config.final_edit and config.objective not in ("cec", "ip2p"):
     raise ConfigError(f"config.final_edit=True edits an image; objective {config.objective!r} "
                       "trains no edit model (set it False)")
@@ -228,10 +229,45 @@ def pretrain_config(config):
   return _dataclass_from(PretrainConfig, config.pretrain, "pretrain")
 
 
+# The objectives whose trained module is a UNet, which LoRA can adapt.
+LORA_OBJECTIVES = ("cec", "ip2p", "t2i")
+
+
+def lora_config(config):
+  """config.lora -> a `models.lora.LoRAConfig`, or None when lora.rank is 0 (full
+  fine-tuning). Raises ConfigError naming the key for a value the run cannot use."""
+  from uip2p_jax.models.lora import LoRAConfig
+  lora = config.lora
+  if lora.rank == 0:
+    if lora.init_from:
+      raise ConfigError(f"config.lora.init_from={lora.init_from!r} needs config.lora.rank > 0")
+    return None
+  if config.objective not in LORA_OBJECTIVES:
+    raise ConfigError(f"config.lora.rank={lora.rank}: LoRA adapts the UNet; objective "
+                      f"{config.objective!r} trains no UNet (expected one of {LORA_OBJECTIVES})")
+  if config.model.init_from_sd:
+    raise ConfigError("config.lora.rank > 0 with config.model.init_from_sd: LoRA freezes the "
+                      "base UNet, and init_from_sd's image channels start at zero, so they would "
+                      "stay zero. Start LoRA from an edit UNet (config.model.pretrained)")
+  targets = tuple(t.strip() for t in lora.targets.split(",") if t.strip())
+  result = LoRAConfig(rank=lora.rank, alpha=float(lora.alpha), dropout=float(lora.dropout),
+                      targets=targets)
+  try:
+    result.validate()
+  except ValueError as e:
+    raise ConfigError(f"config.lora: {e}") from None
+  if lora.init_from:
+    _check_local(lora.init_from, "config.lora.init_from")
+    if not os.path.exists(lora.init_from):
+      raise ConfigError(f"config.lora.init_from={lora.init_from!r}: no such file (expected a "
+                        "pytorch_lora_weights.safetensors or the folder holding one)")
+  return result
+
+
 def model_kwargs(config, abstract: bool = False) -> dict:
   """`model_set.build_models` arguments of a run (float32 master weights for the UNet)."""
   m = config.model
-  return dict(preset=m.preset, pretrained=m.pretrained, init_from_sd=m.init_from_sd,
+  return dict(lora=lora_config(config), lora_init=config.lora.init_from,preset=m.preset, pretrained=m.pretrained, init_from_sd=m.init_from_sd,
               clip=m.clip, with_clip=config.objective in ("cec", "clip"), seed=m.seed,
               compute_dtype=m.compute_dtype, unet_param_dtype="float32",
               frozen_dtype=m.frozen_dtype, attention_backend=m.attention_backend,

@@ -60,7 +60,7 @@ def _compiled_step(config, graphs, params, frozen, schedule, tokenizer, mesh):
   # Only what the compiled step depends on (not checkpointing, logging, samples or export).
   step_config = {name: config[name] for name in ("objective", "batch_size", "ema_decay",
                                                   "ema_dtype", "model", "cycle", "loss", "ip2p",
-                                                  "pretrain", "optim")}
+                                                  "pretrain", "optim", "lora")}
   key = (ml_collections.ConfigDict(step_config).to_json_best_effort(sort_keys=True),
          config.data.resolution, mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))
   if key not in _COMPILED:
