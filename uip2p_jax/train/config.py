@@ -267,13 +267,14 @@ def lora_config(config):
 def model_kwargs(config, abstract: bool = False) -> dict:
   """`model_set.build_models` arguments of a run (float32 master weights for the UNet)."""
   m = config.model
-  return dict(lora=lora_config(config), lora_init=config.lora.init_from,preset=m.preset, pretrained=m.pretrained, init_from_sd=m.init_from_sd,
+  return dict(preset=m.preset, pretrained=m.pretrained, init_from_sd=m.init_from_sd,
               clip=m.clip, with_clip=config.objective in ("cec", "clip"), seed=m.seed,
               compute_dtype=m.compute_dtype, unet_param_dtype="float32",
               frozen_dtype=m.frozen_dtype, attention_backend=m.attention_backend,
               remat=m.remat, abstract=abstract, vae=m.vae, text_encoder=m.text_encoder,
               unet_in_channels=4 if config.objective == "t2i" else None,
-              with_probe=config.objective == "probe")
+              with_probe=config.objective == "probe",
+              lora=lora_config(config), lora_init=config.lora.init_from)
 
 
 def loader_config(config, data_dir: str, processes: int = 1):
