@@ -149,13 +149,19 @@ class EditPipeline:
 
   @classmethod
   def from_pretrained(cls, path_or_repo: str, *, dtype=jnp.float32, param_dtype=None,
-                      backend: str = "auto") -> "EditPipeline":
-    """Load unet/, vae/, text_encoder/, tokenizer/ and scheduler/ of a diffusers IP2P folder."""
+                      backend: str = "auto", lora: str | None = None) -> "EditPipeline":
+    """Load unet/, vae/, text_encoder/, tokenizer/ and scheduler/ of a diffusers IP2P folder.
+    `lora`: a LoRA file (or its folder: a LoRA run's export/lora) merged into the UNet."""
     from uip2p_jax.model_set import build_models
     param_dtype = param_dtype or dtype
-    return cls.from_models(build_models(
+    models = build_models(
         pretrained=path_or_repo, compute_dtype=dtype, unet_param_dtype=param_dtype,
-        frozen_dtype=dtype, frozen_param_dtype=param_dtype, attention_backend=backend))
+        frozen_dtype=dtype, frozen_param_dtype=param_dtype, attention_backend=backend)
+    if lora:
+      from uip2p_jax import weights
+      from uip2p_jax.models.lora import merge_lora
+      models.unet = merge_lora(weights.load_lora(models.unet, lora))
+    return cls.from_models(models)
 
   @classmethod
   def tiny_random(cls, seed: int = 0) -> "EditPipeline":

@@ -181,10 +181,10 @@ def test_diffusers_pipeline_with_our_lora_equals_our_merged_edit(ip2p_folder, tm
   every target group (linear and convolution factors) is covered."""
   import torch
   from diffusers import EulerDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+  from PIL import Image
 
   from uip2p_jax.image_io import prepare_image
   from uip2p_jax.pipeline import EditPipeline
-  from PIL import Image
   _, folder = ip2p_folder
   unet = randomise_b(lora.add_lora(weights.load_unet(folder), ALL, seed=2), std=0.1)
   weights.save_lora(unet, tmp_path / "lora", ALL)
@@ -205,9 +205,18 @@ def test_diffusers_pipeline_with_our_lora_equals_our_merged_edit(ip2p_folder, tm
   run = lambda: pipe(["make it snowy"], image=[pil], num_inference_steps=4, guidance_scale=7.5,
                      image_guidance_scale=1.5, output_type="np",
                      latents=torch.from_numpy(noise.transpose(0, 3, 1, 2).copy())).images
-  without = run()
-  pipe.load_lora_weights(str(tmp_path / "lora"))
-  reference = run()
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)  # a tiny model: more torch threads only contend with XLA's (3x slower)
+  try:
+    without = run()
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    reference = run()
+  finally:
+    torch.set_num_threads(threads)
   assert edited.shape == reference.shape == (1, 32, 32, 3)
   assert np.abs(edited - reference).max() < 1e-3
   assert np.abs(reference - without).max() > 1e-2  # the LoRA changes the edit
+  # Our pipeline applies the same file to the base (`from_pretrained(..., lora=...)`).
+  applied = EditPipeline.from_pretrained(folder, lora=str(tmp_path / "lora"))
+  np.testing.assert_allclose((applied.edit(image, ["make it snowy"], **args) + 1) / 2, edited,
+                             atol=1e-5)

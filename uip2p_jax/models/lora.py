@@ -278,7 +278,7 @@ def merge_lora(unet):
       node = node[int(part) if part.isdigit() else part]
     kernel = node["kernel"]
     node["kernel"] = (jnp.asarray(kernel, jnp.float32) + layer.delta()).astype(kernel.dtype)
-  param_dtype = unet.conv_in.kernel.get_value().dtype
+  param_dtype = unet.conv_in.param_dtype  # the attribute itself: graphdefs (jit caches) match
   graph, abstract = nnx.split(nnx.eval_shape(lambda: UNet2DConditionModel(
       unet.config, rngs=nnx.Rngs(0), dtype=unet.dtype, param_dtype=param_dtype,
       backend=unet.backend)))
