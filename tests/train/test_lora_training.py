@@ -52,7 +52,8 @@ def leaf_names(tree):
 
 
 def test_ip2p_step_trains_only_the_lora_factors():
-  config, models, graphs, params, frozen = lora_parts(**IP2P)
+  # Attention targets only: the smallest program (conv factors run in tests/models/test_lora.py).
+  config, models, graphs, params, frozen = lora_parts(**IP2P, **{"lora.targets": "attn"})
   assert leaf_names(params) == {"lora_a", "lora_b"}
   assert "unet" in frozen and not {"lora_a", "lora_b"} & leaf_names(frozen["unet"])
   functions = train_step.make_step_functions(config, graphs, params, frozen, models.schedule,
