@@ -214,8 +214,14 @@ def make_dataset(config: LoaderConfig, process_index: int | None = None,
   source, info = builders.open_split(config.data_dir, config.kind, config.split)
   if config.kind == "ip2p" and config.require_reverse and not info.metadata.get("has_reverse"):
     raise ValueError(f"{config.data_dir}: these IP2P pairs were built without reverse "
-                     "instructions (CEC needs them); rebuild with --reverse-instructions, or set "
+                     "instructions (CEC needs them); rebuild with --reverse-instructions (`data "
+                     "build pairs`: a reverse_instruction on every pair), or set "
                      "require_reverse=False for the supervised baseline")
+  if config.kind == "ip2p" and config.require_reverse and not info.metadata.get("has_captions",
+                                                                               True):
+    raise ValueError(f"{config.data_dir}: some of these pairs have no input or edited caption "
+                     "(CEC's CLIP losses need both): give input_caption and edited_caption on "
+                     "every pair, or train the supervised objective (ip2p)")
   if len(source) < process_count:
     raise ValueError(f"{len(source)} records cannot be split over {process_count} processes")
   ds = grain.MapDataset.source(source)[process_index::process_count].seed(config.seed)
