@@ -177,6 +177,9 @@ def check(config) -> None:
   if config.final_edit and config.objective not in ("cec", "ip2p"):
     raise ConfigError(f"config.final_edit=True edits an image; objective {config.objective!r} "
                       "trains no edit model (set it False)")
+  if config.sample.count < 0 or (config.final_edit and config.sample.count < 1):
+    raise ConfigError(f"config.sample.count={config.sample.count}: the records held out for "
+                      "samples; expected >= 0, and >= 1 with config.final_edit (it edits one)")
   profile_range(config.profile_steps)
   _check_local(config.data.dir, "config.data.dir")
 
@@ -277,8 +280,19 @@ def model_kwargs(config, abstract: bool = False) -> dict:
               lora=lora_config(config), lora_init=config.lora.init_from)
 
 
+# The objectives that draw sample grids (and, cec / ip2p, the final edit) from held-out records.
+SAMPLE_OBJECTIVES = ("cec", "ip2p", "t2i", "vae")
+
+
+def sample_holdout(config) -> int:
+  """The records held out of training for the sample grids: config.sample.count, whether or
+  not samples are drawn this time (so the training stream does not depend on sample.every)."""
+  return config.sample.count if config.objective in SAMPLE_OBJECTIVES else 0
+
+
 def loader_config(config, data_dir: str, processes: int = 1):
-  """The run's LoaderConfig: this process's share of the global batch."""
+  """The run's LoaderConfig: this process's share of the global batch, without the records
+  held out for samples."""
   from uip2p_jax.data.loader import LoaderConfig
   d = config.data
   return LoaderConfig(
@@ -286,7 +300,7 @@ def loader_config(config, data_dir: str, processes: int = 1):
       seed=config.seed, num_workers=d.num_workers, min_scale=d.min_scale,
       max_scale=d.max_scale, flip=d.flip, strict=d.strict,
       tokenizer=config.model.pretrained or config.model.init_from_sd or None,
-      require_reverse=config.objective == "cec")
+      require_reverse=config.objective == "cec", holdout=sample_holdout(config))
 
 
 # The data each objective trains on: "world" is ShapesWorld rendered on the fly (no folder).
