@@ -76,6 +76,9 @@ def test_sigterm_save_killed_save_and_exact_resume(tmp_path, monkeypatch):
   from uip2p_jax import weights
   exported = weights.load_unet(os.path.join(straight, "export", "unet"), subfolder=None)
   assert exported.config.in_channels == 8
+  with open(os.path.join(straight, "export", "README.md")) as f:  # its model card
+    card = f.read()
+  assert card.startswith("---\nlicense: other\nlibrary_name: diffusers\n") and "4 of 4" in card
 
   # Interrupted run: SIGTERM arrives while the 3rd batch is read; the step is finished, saved
   # (off the every-2 schedule) and the run exits.

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from uip2p_jax import sharding as shd
+from uip2p_jax import model_card, sharding as shd
 from uip2p_jax.image_io import sample_grid, to_pil
 from uip2p_jax.schedules import NoiseSchedule
 from uip2p_jax.train.step import TrainState
@@ -150,6 +150,7 @@ def export(run: RunContext, state: TrainState, scale_images=None) -> str:
   - a VAE: `vae/`, its scaling factor 1 / std of the latents of `scale_images()` (a fixed set:
     the first VAE_SCALE_IMAGES of a fresh loader, so an interrupted export measures the same);
   - a CLIP: `clip/` (transformers CLIPModel); the probe: `probe/`.
+  An edit model (cec, ip2p) also gets its model card, README.md (`uip2p_jax.model_card`).
   A LoRA run's `unet/` is the merged UNet (base + scale * A B) and `lora/` holds the factors as
   `pytorch_lora_weights.safetensors`, which diffusers' `load_lora_weights` applies to the run's
   base pipeline (`model.pretrained`)."""
@@ -157,6 +158,7 @@ def export(run: RunContext, state: TrainState, scale_images=None) -> str:
   from uip2p_jax.train.step import trained_module
   trained = trained_module(run.config.objective)
   params = host_tree(evaluated_params(state))
+  step = int(host_tree(state.step))
   out = os.path.join(run.workdir, "export")
   lora = run.config.lora.rank > 0
   base = host_tree(run.frozen[trained]) if lora else None  # a LoRA UNet's frozen base
@@ -208,6 +210,11 @@ def export(run: RunContext, state: TrainState, scale_images=None) -> str:
   print(f"train: exported the {which}{merged}UNet (diffusers format) to {out}/unet"
         + (" with the base pipeline's other parts" if base_pipeline else
            " with the run's VAE, text encoder, tokenizer and scheduler"), flush=True)
+  if run.config.objective in model_card.EDIT_OBJECTIVES:
+    model_card.write_training_record(out, run.config, step, run.workdir)
+    print(f"train: model card {model_card.write_card(out)} (after `uip2p eval`, `uip2p export "
+          f"card {out}` adds its table; --push-to-hub OWNER/NAME uploads the export)",
+          flush=True)
   return out
 
 
