@@ -163,6 +163,9 @@ def test_export_writes_the_merged_unet_and_the_lora_file(tmp_path):
   lora_file = os.path.join(out, "lora", weights.LORA_WEIGHTS)
   tensors = weights.read_lora(lora_file)[0]
   assert set(tensors) == set(lora.lora_layers(trained))
+  with open(os.path.join(out, "README.md")) as f:  # the model card names the LoRA settings
+    card = f.read()
+  assert "- lora\n" in card and f"rank {config.lora.rank}," in card
   config.lora.init_from = lora_file
   run_config.check(config)
   restarted = build_models(**run_config.model_kwargs(config)).unet
