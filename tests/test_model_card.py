@@ -65,6 +65,7 @@ def test_push_without_network_is_a_clear_error(export, monkeypatch, capsys):
   err = capsys.readouterr().err
   assert "cannot reach the Hugging Face Hub at http://127.0.0.1:9" in err
   # The card now names the repo; a bad repo id is refused before any request.
-  assert 'from_pretrained("someone/my-edit-model")' in open(os.path.join(export, "README.md")).read()
+  with open(os.path.join(export, "README.md")) as f:
+    assert 'from_pretrained("someone/my-edit-model")' in f.read()
   assert cli.main(argv[:-1] + ["not a repo"]) == 2
   assert "expected a Hub repo id OWNER/NAME" in capsys.readouterr().err

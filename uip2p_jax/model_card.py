@@ -147,8 +147,8 @@ def render_card(record: dict, export_dir: str, repo_id: str | None = None,
     rows.append(("source", f"uip2p_jax commit `{record['commit'][:12]}`"))
   lines = [_front_matter(fields), f"# {name}", "",
            f"An instruction-based image editing model ({title}) trained with uip2p_jax (JAX / "
-           "Flax NNX). The folder is a diffusers `StableDiffusionInstructPix2PixPipeline`.", "", "## Training", "",
-           "| | |", "|---|---|"]
+           "Flax NNX). The folder is a diffusers `StableDiffusionInstructPix2PixPipeline`.", "",
+           "## Training", "", "| | |", "|---|---|"]
   lines += [f"| {key} | {value} |" for key, value in rows]
   summaries = eval_summaries(export_dir)
   lines += ["", "## Evaluation", ""]

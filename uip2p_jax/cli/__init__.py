@@ -1,8 +1,8 @@
 """The `uip2p` command (also `python -m uip2p_jax`): edit, demo, train, plan, eval, data, export.
 
 One module per command group (`edit.py`, `demo.py`, `train.py`, `plan.py`, `eval.py`,
-`data.py`, `export.py`), each with `add_parser(commands)` and its run function; `common.py` holds what they
-share (argument types, exit statuses, loading the edit pipeline).
+`data.py`, `export.py`), each with `add_parser(commands)` and its run function; `common.py`
+holds what they share (argument types, exit statuses, loading the edit pipeline).
 """
 
 from __future__ import annotations
