@@ -46,7 +46,9 @@ def test_card_has_hub_metadata_training_evaluation_and_commands(export, capsys):
                    "1234 of 3000", "rank 16, alpha 16, targets attn", "`data/mine`",
                    "### MagicBrush test: mine", "| single-turn | 0.0712 |",
                    "commit `0123456789ab`", f"uip2p edit --model {os.path.abspath(export)}",
-                   'pipe.load_lora_weights("', 'subfolder="lora"'):
+                   'pipe.load_lora_weights("',
+                   'subfolder="lora",\n                        '
+                   'weight_name="pytorch_lora_weights.safetensors")'):
     assert expected in text, expected
 
 

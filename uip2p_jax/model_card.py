@@ -170,8 +170,9 @@ def render_card(record: dict, export_dir: str, repo_id: str | None = None,
             "from PIL import Image"]
   if use_lora and base:
     lines += [f"pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(\"{base}\")",
-              f"pipe.load_lora_weights(\"{ref}\", subfolder=\"lora\")  # or load {ref} whole "
-              "(merged)"]
+              f"pipe.load_lora_weights(\"{ref}\", subfolder=\"lora\",",
+              "                        weight_name=\"pytorch_lora_weights.safetensors\")"
+              f"  # or load {ref} whole (merged)"]
   else:
     lines.append(f"pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(\"{ref}\")")
   lines += ["edited = pipe(\"make it snowy\", image=Image.open(\"photo.jpg\"), "
