@@ -48,13 +48,15 @@ def training_record(config, step: int, workdir: str) -> dict:
       lines = [json.loads(line) for line in f if line.strip()]
     if lines:
       record["commit"] = lines[-1].get("commit")
-  try:  # the number of training records, when the dataset is readable here
+  if config.data.kind != "world":  # a rendered world has no records to count
     from uip2p_jax.data import builders
-    _, info = builders.open_split(config.data.dir, config.data.kind)
-    record["data"] = {"records": int(sum(s.num_examples for s in info.splits.values())),
-                      "source": (info.metadata or {}).get("source")}
-  except Exception:  # a rendered world, a moved folder: the card says what the config says
-    pass
+    from uip2p_jax.train.config import run_data_dir
+    try:  # the number of training records, when the dataset the run read is readable here
+      _, info = builders.open_split(run_data_dir(config, workdir), config.data.kind)
+      record["data"] = {"records": int(sum(s.num_examples for s in info.splits.values())),
+                        "source": (info.metadata or {}).get("source")}
+    except (FileNotFoundError, ValueError, KeyError):  # moved, another kind, no such split:
+      pass  # the card says what the config says
   return record
 
 

@@ -290,6 +290,19 @@ def sample_holdout(config) -> int:
   return config.sample.count if config.objective in SAMPLE_OBJECTIVES else 0
 
 
+def run_data_dir(config, workdir: str) -> str:
+  """Where a run reads its dataset from: config.data.dir, or for "sample" workdir/data (built
+  there by the training loop); "" for a rendered world. Builds nothing."""
+  if config.data.kind == "world":
+    return ""  # rendered on the fly
+  if config.data.dir != "sample":
+    if not config.data.dir:
+      raise ConfigError("config.data.dir is empty: give a built dataset folder "
+                        "(uip2p data build ... --out DIR) or 'sample'")
+    return config.data.dir
+  return os.path.join(workdir, "data")
+
+
 def loader_config(config, data_dir: str, processes: int = 1):
   """The run's LoaderConfig: this process's share of the global batch, without the records
   held out for samples."""

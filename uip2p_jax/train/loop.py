@@ -75,16 +75,12 @@ def _compiled_step(config, graphs, params, frozen, schedule, tokenizer, mesh):
 
 
 def _resolve_data_dir(config, workdir: str) -> str:
-  """config.data.dir, or for "sample" the bundled photos built into workdir/data."""
+  """run_config.run_data_dir(config, workdir), building the bundled sample photos there for
+  "sample"."""
   from uip2p_jax.data import builders
-  if config.data.kind == "world":
-    return ""  # rendered on the fly
-  if config.data.dir != "sample":
-    if not config.data.dir:
-      raise run_config.ConfigError("config.data.dir is empty: give a built dataset folder "
-                                   "(uip2p data build ... --out DIR) or 'sample'")
-    return config.data.dir
-  out = os.path.join(workdir, "data")
+  out = run_config.run_data_dir(config, workdir)
+  if config.data.kind == "world" or config.data.dir != "sample":
+    return out
   if not os.path.isfile(os.path.join(builders.dataset_dir(out, "captions"), "dataset_info.json")):
     if jax.process_index() == 0:
       builders.build_sample(out)
