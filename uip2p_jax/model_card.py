@@ -11,7 +11,9 @@ or in a folder next to it, e.g. runs/NAME/eval_magicbrush), and the commands to 
     uip2p export card runs/NAME/export --push-to-hub USER/NAME  # and upload the folder
 
 The upload uses huggingface_hub's own login (`hf auth login` or HF_TOKEN). Without network (or
-with HF_HUB_OFFLINE=1) it fails with a `PushError` saying so; the export is left as it was.
+with HF_HUB_OFFLINE=1) it fails with a `PushError` saying so; the weights are left as they were,
+but README.md has already been rewritten for the repo (its commands name OWNER/NAME): run
+`uip2p export card EXPORT` to write the local card again.
 """
 
 from __future__ import annotations
