@@ -301,8 +301,13 @@ def heldout_batch(config: LoaderConfig) -> dict[str, np.ndarray]:
     if not examples:
       raise DataError(f"{config.data_dir}: none of the {config.holdout} held-out records "
                       "decodes (see the warnings above)")
-  batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
-  for name in image_fields(config.kind):
+  return _images_to_signed({key: np.stack([e[key] for e in examples]) for key in examples[0]},
+                           config.kind)
+
+
+def _images_to_signed(batch: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
+  """The batch's uint8 images [0, 255] -> float32 [-1, 1], in place (what the trainer takes)."""
+  for name in image_fields(kind):
     batch[name] = batch[name].astype(np.float32) * (2 / 255) - 1
   return batch
 
@@ -336,9 +341,7 @@ class Loader:
   def __next__(self) -> dict[str, np.ndarray]:
     batch = dict(next(self._iterator))
     self.skipped_records += int(batch.pop("skipped_records"))
-    for name in image_fields(self.config.kind):
-      batch[name] = batch[name].astype(np.float32) * (2 / 255) - 1
-    return batch
+    return _images_to_signed(batch, self.config.kind)
 
   def get_state(self) -> str:
     return json.dumps({"grain": self._iterator.get_state(), "skipped": self.skipped_records})
