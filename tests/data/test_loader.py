@@ -141,3 +141,21 @@ def test_held_out_records_are_fixed_and_never_trained_on(sample_data):
     heldout_indices(12, 12)
   world = heldout_batch(LoaderConfig("", kind="world", resolution=32, holdout=2))
   assert list(world["id"]) == [f"world-{WORLD_SCENES + i}".encode() for i in range(2)]
+
+
+def test_resume_refuses_another_held_out_count_or_split(sample_data):
+  """The state names the held-out count and the split's size: a checkpoint of another
+  config.sample.count (or from before records were held out) or dataset is refused."""
+  import json
+  config = LoaderConfig(sample_data, batch_size=2, resolution=32, num_workers=0, holdout=2)
+  state = json.loads(Loader(config).get_state())
+  assert state["holdout"] == 2 and state["records"] == 12
+  Loader(config).set_state(json.dumps(state))
+  other = Loader(LoaderConfig(sample_data, batch_size=2, resolution=32, num_workers=0,
+                              holdout=3))
+  with pytest.raises(DataError, match=r"config.sample.count=2 records out .* this run 3"):
+    other.set_state(json.dumps(state))
+  with pytest.raises(DataError, match="saved before records were held out"):
+    Loader(config).set_state(json.dumps({k: state[k] for k in ("grain", "skipped")}))
+  with pytest.raises(DataError, match="read a split of 13 records"):
+    Loader(config).set_state(json.dumps({**state, "records": 13}))

@@ -38,7 +38,8 @@ TEXT_IDS = {name: f"{name}_ids" for name in sources.TEXT_FIELDS["captions"]}
 
 
 class DataError(ValueError):
-  """A record that cannot be read, in strict mode."""
+  """A record that cannot be read (strict mode), or a saved stream state that is not this
+  config's stream."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +262,12 @@ def _open_source(config: LoaderConfig):
 def make_dataset(config: LoaderConfig, process_index: int | None = None,
                  process_count: int | None = None) -> grain.IterDataset:
   """The grain pipeline of one JAX process (defaults: this process of ``jax.process_count()``)."""
+  return _make_dataset(config, process_index, process_count)[0]
+
+
+def _make_dataset(config: LoaderConfig, process_index: int | None,
+                  process_count: int | None) -> tuple[grain.IterDataset, int | None]:
+  """(make_dataset's pipeline, the number of records in the split; None for a world)."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if config.kind == "world":  # each index is its own random scene: no shuffle needed
@@ -268,8 +275,9 @@ def make_dataset(config: LoaderConfig, process_index: int | None = None,
     ds = grain.MapDataset.range(WORLD_SCENES)[process_index::process_count]
     ds = _ValidBatchDataset(ds.map(_RenderWorldScene(config)).to_iter_dataset(),
                             config.batch_size)
-    return _prefetch(ds, config)
+    return _prefetch(ds, config), None
   source, _ = _open_source(config)
+  records = len(source)
   if config.holdout:
     source = _Without(source, heldout_indices(len(source), config.holdout))
   if len(source) < process_count:
@@ -279,7 +287,7 @@ def make_dataset(config: LoaderConfig, process_index: int | None = None,
     ds = ds.shuffle()
   ds = ds.repeat(config.num_epochs).random_map(_DecodeAugmentTokenize(config))
   ds = _ValidBatchDataset(ds.to_iter_dataset(), config.batch_size)
-  return _prefetch(ds, config)
+  return _prefetch(ds, config), records
 
 
 def heldout_batch(config: LoaderConfig) -> dict[str, np.ndarray]:
@@ -326,13 +334,17 @@ class Loader:
   (B,) bytes (host only: ``sharding.global_batch`` leaves them out).
 
   ``get_state()`` is a JSON string (saved with the training checkpoint); ``set_state`` on a
-  loader built from the same config (same ``num_workers``) continues the exact stream.
+  loader built from the same config (same ``num_workers``) continues the exact stream. The state
+  records the held-out count and the split's size, the two things that change which record
+  each position of the stream is: ``set_state`` refuses a state whose stream was another
+  (a DataError saying what differs).
   """
 
   def __init__(self, config: LoaderConfig, process_index: int | None = None,
                process_count: int | None = None):
     self.config = config
-    self._iterator = iter(make_dataset(config, process_index, process_count))
+    dataset, self.records = _make_dataset(config, process_index, process_count)
+    self._iterator = iter(dataset)
     self.skipped_records = 0
 
   def __iter__(self):
@@ -344,12 +356,39 @@ class Loader:
     return _images_to_signed(batch, self.config.kind)
 
   def get_state(self) -> str:
-    return json.dumps({"grain": self._iterator.get_state(), "skipped": self.skipped_records})
+    return json.dumps({"grain": self._iterator.get_state(), "skipped": self.skipped_records,
+                       "holdout": self.config.holdout, "records": self.records})
 
   def set_state(self, state: str) -> None:
     state = json.loads(state)
+    self._check_same_stream(state)
     self._iterator.set_state(state["grain"])
     self.skipped_records = state["skipped"]
+
+  def _check_same_stream(self, state: dict) -> None:
+    """A DataError unless `state` was taken from this config's stream: the same held-out count
+    (config.sample.count) and split size. A world's stream does not depend on its held-out
+    scenes (they are drawn past its range)."""
+    holdout = self.config.holdout
+    if self.config.kind != "world" and "holdout" not in state and holdout:
+      raise DataError(
+          "the checkpoint's data stream was saved before records were held out for samples "
+          f"(it trained on every record); this run holds config.sample.count={holdout} out, "
+          "so the stream would not continue where it stopped. Resume with "
+          "--config.sample.count=0 --config.sample.every=0 --config.final_edit=False (no "
+          "sample grids), or start a new --workdir")
+    saved = state.get("holdout", 0)
+    if self.config.kind != "world" and saved != holdout:
+      raise DataError(
+          f"the checkpoint's data stream holds config.sample.count={saved} records out for "
+          f"samples, this run {holdout}: the stream would not continue where it stopped. Set "
+          f"--config.sample.count={saved} to resume, or start a new --workdir")
+    records = state.get("records")
+    if records is not None and self.records is not None and records != self.records:
+      raise DataError(
+          f"the checkpoint's data stream read a split of {records} records, "
+          f"{self.config.data_dir} now has {self.records}: the dataset changed since it was "
+          "saved. Resume with the dataset it trained on, or start a new --workdir")
 
   def close(self) -> None:
     close = getattr(self._iterator, "close", None)
