@@ -180,6 +180,11 @@ def check(config) -> None:
   if config.sample.count < 0 or (config.final_edit and config.sample.count < 1):
     raise ConfigError(f"config.sample.count={config.sample.count}: the records held out for "
                       "samples; expected >= 0, and >= 1 with config.final_edit (it edits one)")
+  if (config.sample.every > 0 and config.sample.count < 1
+      and config.objective in SAMPLE_OBJECTIVES):
+    raise ConfigError(f"config.sample.count={config.sample.count} with config.sample.every="
+                      f"{config.sample.every}: the sample grids are drawn from the held-out "
+                      "records; expected sample.count >= 1, or sample.every=0 (no grids)")
   profile_range(config.profile_steps)
   _check_local(config.data.dir, "config.data.dir")
 
