@@ -200,7 +200,8 @@ class EditPipeline:
     instructions: one per image (a str for a single image).
     seeds: one int per example (or one int for all, offset by the example's index).
     pad_to: run a batch of this size (the first example repeated), so that every batch of a
-    loop compiles once; the padding is dropped from the result.
+    loop compiles once; the padding is dropped from the result. PIL images or paths of one
+    working size are run in batches of at most `pad_to`.
     """
     if isinstance(instructions, str):
       instructions = [instructions]
@@ -227,7 +228,7 @@ class EditPipeline:
     if len(seeds) != len(images):
       raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
     out: list[Image.Image | None] = [None] * len(images)
-    for chunk in batches_by_size([p.shape for p in prepared], len(images)):
+    for chunk in batches_by_size([p.shape for p in prepared], options["pad_to"] or len(images)):
       noise = None if initial_noise is None else np.asarray(initial_noise)[chunk]
       edited = self._edit_arrays(np.stack([prepared[i] for i in chunk]),
                                  [instructions[i] for i in chunk],
