@@ -459,13 +459,21 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, tuple[np.ndarray, np.n
   path = os.fspath(path)
   if os.path.isdir(path):
     path = os.path.join(path, LORA_WEIGHTS)
-  tensors = read_tensors([path])
-  try:
-    with safe_open(path, "np") as f:
-      header = f.metadata() or {}
-  except Exception:  # read_tensors read it already; a header without metadata has none
-    header = {}
-  recorded = json.loads(header[LORA_METADATA_KEY]) if LORA_METADATA_KEY in header else None
+  tensors = read_tensors([path])  # a missing or corrupt file is refused here
+  with safe_open(path, "np") as f:
+    header = f.metadata() or {}
+  recorded = None
+  if LORA_METADATA_KEY in header:
+    try:
+      recorded = json.loads(header[LORA_METADATA_KEY])
+    except ValueError as e:
+      raise CheckpointError(f"{path}: the header's {LORA_METADATA_KEY!r} field (our LoRA rank "
+                            f"and alpha) is not JSON ({e}): {header[LORA_METADATA_KEY][:80]!r}"
+                            ) from None
+    if not isinstance(recorded, dict):
+      raise CheckpointError(f"{path}: the header's {LORA_METADATA_KEY!r} field is "
+                            f"{type(recorded).__name__} {recorded!r}; expected an object "
+                            '{"rank": ..., "alpha": ..., "targets": [...]}')
   pairs: dict[str, dict[str, np.ndarray]] = {}
   for key in sorted(tensors):
     match = _LORA_KEY.match(key)

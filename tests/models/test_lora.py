@@ -173,6 +173,12 @@ def test_lora_files_that_do_not_fit_are_refused_naming_the_key(tmp_path):
   partial = {k: v for k, v in tensors.items() if not k.startswith(q + ".")}
   _refusal(tmp_path, partial, lora.add_lora(abstract_unet(), attn),
            re.escape(f"1 missing keys: {q}.lora_A.weight"))
+  # A corrupt header of ours (its rank and alpha) is named, not read as scale 1.
+  path = str(tmp_path / "bad_header.safetensors")
+  save_file(tensors, path, metadata={"format": "pt", "uip2p_lora": '{"rank": 4, "alpha"'})
+  with pytest.raises(weights.CheckpointError,
+                     match=r"bad_header.safetensors: the header's 'uip2p_lora' field .* not JSON"):
+    weights.load_lora(abstract_unet(), path)
 
 
 def test_diffusers_pipeline_with_our_lora_equals_our_merged_edit(ip2p_folder, tmp_path):
