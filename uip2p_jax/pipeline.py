@@ -153,7 +153,9 @@ class EditPipeline:
   def from_pretrained(cls, path_or_repo: str, *, dtype=jnp.float32, param_dtype=None,
                       backend: str = "auto", lora: str | None = None) -> "EditPipeline":
     """Load unet/, vae/, text_encoder/, tokenizer/ and scheduler/ of a diffusers IP2P folder.
-    `lora`: a LoRA file (or its folder: a LoRA run's export/lora) merged into the UNet."""
+    `lora`: a LoRA file (or its folder: a LoRA run's export/lora) merged into the UNet: the
+    file's float32 factors are added to the kernels in float32, the sum cast to the UNet's
+    parameter dtype."""
     from uip2p_jax.model_set import build_models
     param_dtype = param_dtype or dtype
     models = build_models(
@@ -162,7 +164,7 @@ class EditPipeline:
     if lora:
       from uip2p_jax import weights
       from uip2p_jax.models.lora import merge_lora
-      models.unet = merge_lora(weights.load_lora(models.unet, lora))
+      models.unet = merge_lora(weights.load_lora(models.unet, lora, factor_dtype=jnp.float32))
     return cls.from_models(models)
 
   @classmethod

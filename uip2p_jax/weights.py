@@ -498,11 +498,14 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, tuple[np.ndarray, np.n
   return factors, recorded
 
 
-def load_lora(unet: UNet2DConditionModel, path: str | os.PathLike) -> UNet2DConditionModel:
+def load_lora(unet: UNet2DConditionModel, path: str | os.PathLike,
+              factor_dtype=None) -> UNet2DConditionModel:
   """Applies the LoRA file `path` to `unet` (in place, and returned).
 
   A UNet without LoRA layers gets one on every module the file names, with the file's ranks
-  (alpha: the one our files record, else the rank: scale 1, as diffusers applies peft files).
+  (alpha: the one our files record, else the rank: scale 1, as diffusers applies peft files),
+  its factors in `factor_dtype` (default: each layer's kernel dtype; float32 keeps the file's
+  values, for `merge_lora` into a lower-precision UNet).
   A UNet that has LoRA layers (a run's, from `config.lora`) takes the file's factors into them:
   the file must name exactly those layers. Either way a key for a module the UNet lacks or that
   is not a linear / convolution layer, a missing key and a shape that does not fit the layer
@@ -553,6 +556,6 @@ def load_lora(unet: UNet2DConditionModel, path: str | os.PathLike) -> UNet2DCond
     rank = a.shape[-1]
     alpha = (recorded or {}).get("alpha") or rank
     scales[module] = alpha / rank if recorded and recorded.get("rank") == rank else 1.0
-  dtype = lambda m: layers[m].kernel.get_value().dtype
+  dtype = lambda m: factor_dtype or layers[m].kernel.get_value().dtype
   return wrap_layers(unet, {m: (jnp.asarray(a, dtype(m)), jnp.asarray(b / scales[m], dtype(m)))
                             for m, (a, b) in factors.items()}, scales=scales)

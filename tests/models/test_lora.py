@@ -226,3 +226,11 @@ def test_diffusers_pipeline_with_our_lora_equals_our_merged_edit(ip2p_folder, tm
   applied = EditPipeline.from_pretrained(folder, lora=str(tmp_path / "lora"))
   np.testing.assert_allclose((applied.edit(image, ["make it snowy"], **args) + 1) / 2, edited,
                              atol=1e-5)
+  # In bfloat16, the file's float32 factors are merged in float32, then cast (not cast first).
+  low = EditPipeline.from_pretrained(folder, dtype=jnp.bfloat16, lora=str(tmp_path / "lora"))
+  name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+  base = lora.adaptable_layers(weights.load_unet(folder))[name].kernel.get_value()
+  exact = weights.load_lora(weights.load_unet(folder), tmp_path / "lora", jnp.float32)
+  want = (jnp.asarray(base, jnp.bfloat16).astype(jnp.float32)
+          + lora.lora_layers(exact)[name].delta()).astype(jnp.bfloat16)
+  np.testing.assert_array_equal(lora.adaptable_layers(low.unet)[name].kernel.get_value(), want)
