@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from uip2p_jax import sharding as shd  # noqa: E402
 from uip2p_jax.model_set import build_models  # noqa: E402
+from uip2p_jax.plan import tree_bytes  # noqa: E402
 from uip2p_jax.train import config as run_config  # noqa: E402
 from uip2p_jax.train import step as train_step  # noqa: E402
 
@@ -38,21 +39,9 @@ def compiled_step(config):
   compile_s = time.perf_counter() - start
   frozen = shd.place(jax.tree.map(np.asarray, frozen), functions.frozen_shardings)
   state = functions.init_state(params, config.seed)
-  rng = np.random.default_rng(0)
-  r, b = config.data.resolution, config.batch_size
-  host = {}
-  for name in train_step.batch_fields(config.objective):
-    if name.endswith("image"):
-      host[name] = rng.uniform(-1, 1, (b, r, r, 3)).astype(np.float32)
-    else:  # BOS, five tokens, EOS padding
-      ids = np.full((b, 77), 49407, np.int32)
-      ids[:, 0], ids[:, 1:6] = 49406, rng.integers(1000, 40000, (b, 5))
-      host[name] = ids
-  batch = shd.global_batch(host, functions.batch_sharding, train_step.batch_fields(
-      config.objective))
+  batch = train_step.synthetic_batch(config, config.batch_size, functions.batch_sharding)
   trained = sum(x.size for x in jax.tree.leaves(state.params))
-  carried = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
-      (state.params, state.opt_state, state.ema_params)))
+  carried = tree_bytes((state.params, state.opt_state, state.ema_params))
   return dict(step=step, state=state, frozen=frozen, batch=batch, compile_s=compile_s,
               trained=trained, carried=carried, times=[])
 

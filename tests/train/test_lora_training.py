@@ -34,19 +34,6 @@ def lora_parts(**overrides):
   return config, models, graphs, params, frozen
 
 
-def synthetic_batch(objective, sharding, size=8, resolution=32):
-  rng = np.random.default_rng(0)
-  host = {}
-  for name in train_step.batch_fields(objective):
-    if name.endswith("image"):
-      host[name] = rng.uniform(-1, 1, (size, resolution, resolution, 3)).astype(np.float32)
-    else:  # BOS, three tokens, EOS padding
-      ids = np.full((size, 77), 49407, np.int32)
-      ids[:, 0], ids[:, 1:4] = 49406, rng.integers(1000, 40000, (size, 3))
-      host[name] = ids
-  return shd.global_batch(host, sharding, train_step.batch_fields(objective))
-
-
 def leaf_names(tree):
   return {str(path[-1].key) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -59,7 +46,7 @@ def test_ip2p_step_trains_only_the_lora_factors():
   functions = train_step.make_step_functions(config, graphs, params, frozen, models.schedule,
                                              models.tokenizer, shd.make_mesh(1, 1))
   placed = shd.place(jax.tree.map(np.asarray, frozen), functions.frozen_shardings)
-  batch = synthetic_batch(config.objective, functions.batch_sharding)
+  batch = train_step.synthetic_batch(config, 8, functions.batch_sharding)
   state = functions.init_state(params, seed=0)
   # AdamW's moments and the EMA are the factors' tree: nothing of the base UNet.
   adam = state.opt_state[1][0]

@@ -357,3 +357,20 @@ def abstract_batch(config, global_batch: int, sharding) -> dict[str, jax.ShapeDt
     return (global_batch, 77), jnp.int32
   return {name: jax.ShapeDtypeStruct(*shape(name), sharding=sharding)
           for name in batch_fields(config.objective)}
+
+
+def synthetic_batch(config, global_batch: int, sharding, seed: int = 0) -> dict[str, jax.Array]:
+  """A random global batch of `abstract_batch`'s shapes, on one process (benchmarks, tests):
+  images uniform in [-1, 1], token ids BOS + five random tokens + EOS padding, labels 0."""
+  rng = np.random.default_rng(seed)
+  host = {}
+  for name, spec in abstract_batch(config, global_batch, None).items():
+    if name.endswith("image"):
+      host[name] = rng.uniform(-1, 1, spec.shape).astype(np.float32)
+    elif name == "labels":
+      host[name] = np.zeros(spec.shape, np.int32)
+    else:
+      ids = np.full(spec.shape, 49407, np.int32)
+      ids[:, 0], ids[:, 1:6] = 49406, rng.integers(1000, 40000, (spec.shape[0], 5))
+      host[name] = ids
+  return shd.global_batch(host, sharding, batch_fields(config.objective))
