@@ -232,7 +232,11 @@ def abstract_models(config):
 
 def plan_state(config, preset: str = "sd15") -> StateBytes:
   """The whole train state and frozen parameters of a run at `preset` size, from abstract
-  shapes only (seconds: nothing is traced or compiled)."""
+  shapes only (seconds: nothing is traced or compiled).
+
+  A test helper (tests/test_plan.py checks a run's state accounting with it): `uip2p plan`
+  reports `plan_train_step(...).state`, the same `state_bytes` of the same step functions'
+  abstract state, which comes with a compile (minutes)."""
   from uip2p_jax import sharding as shd
   from uip2p_jax.train.step import make_step_functions
   config = planned_config(config, config.batch_size, config.data.resolution, preset)
