@@ -378,3 +378,7 @@ def test_own_pairs_from_parquet_with_column_names(tmp_path, capsys):
   assert "missing columns ['prompt']" in capsys.readouterr().err
   assert cli.main(argv[:-1] + ["caption=x"]) == 2
   assert "FIELD one of id, input_image" in capsys.readouterr().err
+  # Refused for the kinds that do not take it (captions would read its manifest without it).
+  assert cli.main(["data", "build", "captions", "--manifest", "m.jsonl", "--out", out,
+                   "--columns", columns]) == 2
+  assert "--columns is for `data build pairs` only, not captions" in capsys.readouterr().err

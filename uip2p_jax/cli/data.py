@@ -85,8 +85,6 @@ def _source(args: argparse.Namespace, metadata: dict):
     if args.manifest:
       return lambda: sources.pairs_jsonl_records(args.manifest, columns, args.max_side)
     return lambda: sources.pairs_parquet_records(args.parquet, columns, args.max_side)
-  if args.columns:
-    raise ValueError("--columns is for `data build pairs` only")
   if not args.parquet:
     raise ValueError(f"{kind} needs --parquet 'DIR/*.parquet'")
   metadata["source"] = args.parquet
@@ -121,6 +119,8 @@ def _run_shapes(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
   """Builds the dataset; exit 3 when records were skipped, 2 when none could be written."""
   from uip2p_jax.data import builders, sources
+  if args.columns and args.kind != "pairs":  # every other kind would ignore it
+    raise ValueError(f"--columns is for `data build pairs` only, not {args.kind}")
   if args.kind == "shapes":
     return _run_shapes(args)
   if (args.train is not None or args.test is not None or args.seed is not None
