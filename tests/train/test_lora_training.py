@@ -172,6 +172,8 @@ def test_export_writes_the_merged_unet_and_the_lora_file(tmp_path):
     ({"lora.rank": 4, "objective": "vae", "data.kind": "world"},
      r"config.lora.rank=4: LoRA adapts the UNet; objective 'vae' trains no UNet"),
     ({"lora.rank": 4, "model.init_from_sd": "sd"}, r"init_from_sd's image channels"),
+    ({"lora.rank": 4, "model.preset": "sd15"}, r"config.lora.rank=4 with no config.model."
+                                                r"pretrained: .*'sd15' preset's random weights"),
     ({"lora.init_from": "x.safetensors"}, r"config.lora.init_from='x.safetensors' needs "
                                           r"config.lora.rank > 0"),
     ({"lora.rank": 4, "lora.init_from": "missing.safetensors"},

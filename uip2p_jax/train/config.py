@@ -173,7 +173,14 @@ def check(config) -> None:
     value = (config[section] if section else config)[leaf]
     if value < low:
       raise ConfigError(f"config.{key}={value}; expected >= {low}")
-  lora_config(config)
+  if lora_config(config) and not config.model.pretrained and (
+      config.model.preset not in LORA_RANDOM_BASE_PRESETS):
+    raise ConfigError(
+        f"config.lora.rank={config.lora.rank} with no config.model.pretrained: the base UNet "
+        f"would be the {config.model.preset!r} preset's random weights, and LoRA trains "
+        "adapters on a frozen base. Give the model to adapt (config.model.pretrained=FOLDER or "
+        "Hub id, e.g. timbrooks/instruct-pix2pix), or set config.lora.rank=0 to train the "
+        f"whole UNet (random bases are for the test presets {LORA_RANDOM_BASE_PRESETS})")
   if config.final_edit and config.objective not in ("cec", "ip2p"):
     raise ConfigError(f"config.final_edit=True edits an image; objective {config.objective!r} "
                       "trains no edit model (set it False)")
@@ -239,6 +246,10 @@ def pretrain_config(config):
 
 # The objectives whose trained module is a UNet, which LoRA can adapt.
 LORA_OBJECTIVES = ("cec", "ip2p", "t2i")
+# Presets whose random UNet LoRA may adapt without config.model.pretrained: the smoke / test
+# preset (sd15 and the ShapesWorld preset are real models, adapted only once trained). Checked
+# by `check`, not `lora_config`: planning (plan.planned_config) drops the checkpoint on purpose.
+LORA_RANDOM_BASE_PRESETS = ("tiny",)
 
 
 def lora_config(config):
