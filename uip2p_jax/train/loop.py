@@ -272,7 +272,8 @@ def _sample_batch(loader_config) -> dict:
   from uip2p_jax.data.loader import heldout_batch
   batch = heldout_batch(loader_config)
   ids = [i.decode() for i in batch.pop("id")]
-  print(f"train: samples from {len(ids)} held-out records: {', '.join(ids)}", flush=True)
+  if jax.process_index() == 0:
+    print(f"train: samples from {len(ids)} held-out records: {', '.join(ids)}", flush=True)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     batch = multihost_utils.broadcast_one_to_all(batch)
