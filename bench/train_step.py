@@ -64,14 +64,7 @@ def main():
                                  models.tokenizer, mesh)
   hardware = train_step.flops_of(compiled.cost_analysis())
 
-  rng = np.random.default_rng(0)
-  host = {"image": rng.uniform(-1, 1, (args.batch, args.resolution, args.resolution, 3))
-          .astype(np.float32)}
-  for name in train_step.batch_fields("cec")[1:]:  # token ids: BOS, a few tokens, EOS, padding
-    ids = np.full((args.batch, 77), 49407, np.int32)
-    ids[:, 0], ids[:, 1:6] = 49406, rng.integers(1000, 40000, (args.batch, 5))
-    host[name] = ids
-  batch = shd.global_batch(host, functions.batch_sharding, train_step.batch_fields("cec"))
+  batch = train_step.synthetic_batch(config, args.batch, functions.batch_sharding)
   frozen = shd.place(jax.tree.map(np.asarray, frozen), functions.frozen_shardings)
   state = functions.init_state(params, 0)
   del params, models

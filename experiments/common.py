@@ -80,6 +80,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = dict(name="adamw", mu_dtype="float32", lr=5e-5, warmup_steps=500,
                  schedule="constant", decay_steps=0, end_lr_factor=0.0, b1=0.9, b2=0.999,
                  eps=1e-8, weight_decay=1e-2, grad_clip=1.0, accumulate=1)
+  # LoRA on the UNet (objectives cec, ip2p, t2i): rank 0 = off (full fine-tuning). alpha: the
+  # branch is scaled by alpha / rank (0: alpha = rank); dropout on the branch's input; targets:
+  # comma-separated groups attn (attention projections), ff (feed-forward), conv (ResNet 3x3
+  # convolutions); init_from: a LoRA file to start from. Only the factors are trained, held in
+  # the optimizer and the EMA; the export holds the merged UNet and export/lora/ the factors.
+  c.lora = dict(rank=0, alpha=0.0, dropout=0.0, targets="attn", init_from="")
   c.mesh = dict(data=1, fsdp=-1)       # -1: every remaining device
   # Keep the last `keep` checkpoints plus the best by training loss; `strict_resume`: refuse a
   # damaged latest checkpoint instead of setting it aside and resuming from the one before.

@@ -65,6 +65,37 @@ def torch_vae(tmp_path_factory):
   return model, str(folder)
 
 
+@pytest.fixture(scope="session")
+def ip2p_folder(tmp_path_factory):
+  """A tiny random IP2P pipeline saved in the diffusers layout, with our offline tokenizer
+  (the pipeline tests and the LoRA export's parity test)."""
+  from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler,
+                         StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel)
+  from transformers import CLIPTextConfig, CLIPTextModel
+
+  from uip2p_jax.models.presets import TINY
+  from uip2p_jax.tokenizer import default_tokenizer
+  seeded(7)
+  unet = UNet2DConditionModel(**{k: v for k, v in TINY.unet.to_diffusers().items()
+                                 if not k.startswith("_")})
+  vae = AutoencoderKL(**{k: v for k, v in TINY.vae.to_diffusers().items()
+                         if not k.startswith("_")})
+  text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=2, num_attention_heads=4))
+  with torch.no_grad():  # random-init UNets are nearly silent; make every branch matter
+    for p in unet.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  scheduler = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                              beta_schedule="scaled_linear", steps_offset=1)
+  pipe = StableDiffusionInstructPix2PixPipeline(
+      vae=vae, text_encoder=text_encoder, tokenizer=default_tokenizer(), unet=unet,
+      scheduler=scheduler, safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False)
+  folder = tmp_path_factory.mktemp("ip2p")
+  pipe.save_pretrained(folder)
+  return pipe, str(folder)
+
+
 TEXT_CONFIG = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, max_position_embeddings=77, eos_token_id=999,
                    bos_token_id=998, pad_token_id=999)

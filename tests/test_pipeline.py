@@ -8,47 +8,20 @@ from PIL import Image
 from uip2p_jax.image_io import load_image, prepare_image, working_size
 from uip2p_jax.pipeline import EditPipeline, batches_by_size
 
-from conftest import seeded
-
 
 @pytest.fixture(scope="module")
-def ip2p_folder(tmp_path_factory):
-  """A tiny random IP2P pipeline saved in the diffusers layout, with our offline tokenizer."""
-  from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler,
-                         StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel)
-  from transformers import CLIPTextConfig, CLIPTextModel
-
-  from uip2p_jax.models.presets import TINY
-  from uip2p_jax.tokenizer import default_tokenizer
-  seeded(7)
-  unet = UNet2DConditionModel(**{k: v for k, v in TINY.unet.to_diffusers().items()
-                                 if not k.startswith("_")})
-  vae = AutoencoderKL(**{k: v for k, v in TINY.vae.to_diffusers().items()
-                         if not k.startswith("_")})
-  text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64,
-                                              num_hidden_layers=2, num_attention_heads=4))
-  with torch.no_grad():  # random-init UNets are nearly silent; make every branch matter
-    for p in unet.parameters():
-      p.add_(torch.randn_like(p) * 0.05)
-  scheduler = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
-                                              beta_schedule="scaled_linear", steps_offset=1)
-  pipe = StableDiffusionInstructPix2PixPipeline(
-      vae=vae, text_encoder=text_encoder, tokenizer=default_tokenizer(), unet=unet,
-      scheduler=scheduler, safety_checker=None, feature_extractor=None,
-      requires_safety_checker=False)
-  folder = tmp_path_factory.mktemp("ip2p")
-  pipe.save_pretrained(folder)
-  return pipe, str(folder)
+def ours(ip2p_folder):
+  """Our pipeline on the tiny IP2P folder, loaded once for the tests that only edit with it."""
+  return EditPipeline.from_pretrained(ip2p_folder[1])
 
 
 @pytest.mark.parametrize("sampler", ["euler_ancestral", "euler", "ddim"])
-def test_edit_matches_diffusers_pipeline(ip2p_folder, sampler, monkeypatch):
+def test_edit_matches_diffusers_pipeline(ip2p_folder, ours, sampler, monkeypatch):
   import jax
   from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
   from diffusers.schedulers import scheduling_euler_ancestral_discrete as ancestral
   from uip2p_jax.pipeline import _per_example_normal
   pipe, folder = ip2p_folder
-  ours = EditPipeline.from_pretrained(folder)
   # The reference reads the same scheduler_config.json from disk that we do.
   pipe.scheduler = {"euler_ancestral": EulerAncestralDiscreteScheduler,
                     "euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}[sampler] \
@@ -82,8 +55,7 @@ def test_edit_matches_diffusers_pipeline(ip2p_folder, sampler, monkeypatch):
   assert np.abs(edited01[0] - edited01[1]).max() > 1e-3
 
 
-def test_edit_is_reproducible_and_batch_independent(ip2p_folder):
-  ours = EditPipeline.from_pretrained(ip2p_folder[1])
+def test_edit_is_reproducible_and_batch_independent(ours):
   image = np.random.default_rng(1).uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32)
   single = ours.edit(image, ["add snow"], steps=3, seeds=[5])
   batch = ours.edit(np.concatenate([image, image]), ["add snow", "add fog"], steps=3,
@@ -95,18 +67,39 @@ def test_edit_is_reproducible_and_batch_independent(ip2p_folder):
   assert np.abs(other_seed - single).max() > 1e-3
 
 
-def test_edit_takes_pil_images_and_pads_batches(ip2p_folder):
-  """PIL images are prepared like arrays; padding to a batch size leaves the edits alone."""
-  ours = EditPipeline.from_pretrained(ip2p_folder[1])
+def test_edit_takes_pil_images_and_paths_and_pads_batches(ours, tmp_path):
+  """PIL images and paths are prepared as `uip2p edit` prepares files and come back as PIL
+  images (one, or a list, as given); padding to a batch size leaves the edits alone."""
+  from uip2p_jax.image_io import to_pil
   pil = Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), np.uint8))
   from_array = ours.edit(prepare_image(pil, 64)[None], ["add snow"], steps=3, seeds=[5])
   from_pil = ours.edit([pil], ["add snow"], steps=3, seeds=[5], resolution=64)
-  np.testing.assert_array_equal(from_pil, from_array)
-  padded = ours.edit([pil], ["add snow"], steps=3, seeds=[5], resolution=64, pad_to=2)
+  assert isinstance(from_pil, list) and from_pil[0].size == (64, 64)
+  assert from_pil[0].tobytes() == to_pil(from_array[0]).tobytes()
+  pil.convert("RGBA").save(tmp_path / "in.png")   # alpha: composited as load_image does
+  from_path = ours.edit(tmp_path / "in.png", "add snow", steps=3, seeds=5, resolution=64)
+  assert isinstance(from_path, Image.Image) and from_path.tobytes() == from_pil[0].tobytes()
+  padded = ours.edit(prepare_image(pil, 64)[None], ["add snow"], steps=3, seeds=[5], pad_to=2)
   assert padded.shape == (1, 64, 64, 3)
   np.testing.assert_allclose(padded, from_array, atol=1e-4)
-  with pytest.raises(ValueError, match="several sizes"):
-    ours.edit([pil, pil.resize((32, 64))], ["a", "b"], resolution=64)
+  with pytest.raises(ValueError, match="2 images but 1 instructions"):
+    ours.edit([pil, pil], "add snow")
+
+
+def test_edit_runs_pil_images_of_several_sizes_in_one_batch_per_size(ours, monkeypatch):
+  """Working sizes as `uip2p edit`'s (longest side `resolution`, multiples of 64); results in
+  the input order, each image with its own seed (the model is not run: the batches are)."""
+  calls = []
+
+  def fake_edit(images, instructions, *, seeds, **_):
+    calls.append((images.shape, list(instructions), list(seeds)))
+    return images
+  monkeypatch.setattr(ours, "_edit_arrays", fake_edit)
+  square, wide = Image.new("RGB", (100, 100), "red"), Image.new("RGB", (300, 150), "blue")
+  out = ours.edit([square, wide, square], ["a", "b", "c"], seeds=7, resolution=128)
+  assert [image.size for image in out] == [(128, 128), (128, 64), (128, 128)]
+  assert out[1].getpixel((0, 0)) == (0, 0, 255)
+  assert calls == [((2, 128, 128, 3), ["a", "c"], [7, 9]), ((1, 64, 128, 3), ["b"], [8])]
 
 
 def test_batches_by_size_groups_then_chunks():
@@ -126,8 +119,7 @@ def test_prepare_image_warns_when_it_upscales_a_tiny_input(tmp_path, capsys):
   assert capsys.readouterr().err == ""
 
 
-def test_edit_rejects_bad_requests(ip2p_folder):
-  ours = EditPipeline.from_pretrained(ip2p_folder[1])
+def test_edit_rejects_bad_requests(ours):
   image = np.zeros((1, 64, 64, 3), np.float32)
   with pytest.raises(ValueError, match="empty instruction"):
     ours.edit(image, ["  "])

@@ -59,6 +59,7 @@ def test_plan_command_prints_memory_and_flops(tmp_path):
   assert memory and flops, result.stdout
   assert float(memory.group(1)) > 0 and float(flops.group(1)) > 0
   assert "mesh data=1,fsdp=2 (cpu)" in result.stdout
+  assert re.search(r"^state \(whole\): trained [\d.]+ M parameters", result.stdout, re.M)
   assert not list(tmp_path.glob("uip2p_plan_*"))
 
 
@@ -71,3 +72,45 @@ def test_attention_resolution_the_unet_lacks_is_named(tmp_path):
   with pytest.raises(ValueError, match=r"cycle.attention_resolution=3: no cross-attention layer"):
     plan_train_step(config, 1, 1, 8, 32,
                     preset="tiny", dump_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("spec", ["experiments/finetune.py:method=lora",
+                                  "experiments/finetune.py:method=full"])
+def test_finetune_state_of_lora_holds_only_the_factors(spec):
+  """The planned state of a LoRA run trains, optimises and averages the factors only, its base
+  UNet frozen; a full run's holds the whole UNet, its EMA in bfloat16 (abstract shapes of the
+  tiny preset: nothing is traced or compiled)."""
+  from flax import nnx
+  from uip2p_jax.models.lora import LoRAParam
+  from uip2p_jax.plan import abstract_models, plan_state, planned_config, tree_bytes
+  from uip2p_jax.train import config as run_config
+  config = run_config.load_config(str(REPO / spec))
+  run_config.check(config)
+  state = plan_state(config, preset="tiny")
+  models, _, params, frozen = abstract_models(planned_config(config, 2, 64, "tiny"))
+  unet_bytes = tree_bytes(nnx.state(models.unet))
+  if config.lora.rank:
+    factors = nnx.state(models.unet, LoRAParam)
+    assert state.trained == tree_bytes(factors) == tree_bytes(params) > 0
+    assert state.trained_count == sum(x.size for x in jax.tree.leaves(factors))
+    # AdamW: two float32 moments per factor (+ a step count); the EMA: one float32 copy.
+    assert 2 * state.trained <= state.optimizer < 2 * state.trained + 1024
+    assert state.ema == state.trained
+    assert state.frozen == tree_bytes(frozen) > unet_bytes - state.trained  # base UNet frozen
+  else:
+    assert state.trained == unet_bytes and state.ema == unet_bytes // 2   # bfloat16 EMA
+
+
+def test_finetune_variants_load_and_pass_the_run_checks():
+  """The one-device targets' configs (the three `uip2p plan` commands of BENCHMARKS.md) and
+  fine-tuning the released checkpoint on your own pairs."""
+  from uip2p_jax.train import config as run_config
+  for arg in ("method=lora", "method=full", "method=lora,objective=cec", "method=full,optim=adamw"):
+    run_config.check(run_config.load_config(str(REPO / "experiments/finetune.py") + ":" + arg))
+  config = run_config.load_config(
+      str(REPO / "experiments/finetune.py") + ":data=data/mine,init=timbrooks/instruct-pix2pix")
+  run_config.check(config)
+  assert (config.model.pretrained, config.data.dir, config.data.kind) == (
+      "timbrooks/instruct-pix2pix", "data/mine", "ip2p")
+  with pytest.raises(run_config.ConfigError, match="method='half'"):
+    run_config.load_config(str(REPO / "experiments/finetune.py") + ":method=half")

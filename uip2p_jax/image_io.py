@@ -46,13 +46,18 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     raise ValueError(f"{path}: is a folder, not an image file") from None
   except (OSError, SyntaxError, ValueError) as e:
     raise ValueError(f"{path}: unreadable image ({e})") from e
+  image = to_rgb(image)
+  image.info["path"] = os.fspath(path)
+  return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """RGB, with any alpha composited on white (what a transparent area looks like in a viewer)."""
   if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
     rgba = image.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     image = Image.alpha_composite(background, rgba)
-  image = image.convert("RGB")
-  image.info["path"] = os.fspath(path)
-  return image
+  return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def prepare_image(image: Image.Image, resolution: int, multiple: int = 64) -> np.ndarray:
@@ -142,4 +147,4 @@ def sample_grid(rows: list[tuple[np.ndarray, ...]], captions: list[str]) -> Imag
 
 __all__ = ["MIN_INPUT_SIDE", "OUTPUT_FORMATS", "check_output_path", "load_image",
            "output_format", "prepare_image", "sample_grid", "save_image_atomic", "to_pil",
-           "working_size"]
+           "to_rgb", "working_size"]

@@ -53,7 +53,8 @@ def build_models(*, preset: str = "tiny", pretrained: str = "", init_from_sd: st
                  compute_dtype="float32", unet_param_dtype="float32", frozen_dtype="float32",
                  frozen_param_dtype=None, attention_backend: str = "auto", remat: str = "none",
                  abstract: bool = False, vae: str = "", text_encoder: str = "",
-                 unet_in_channels: int | None = None, with_probe: bool = False) -> ModelSet:
+                 unet_in_channels: int | None = None, with_probe: bool = False,
+                 lora=None, lora_init: str = "") -> ModelSet:
   """Builds every model of a run.
 
   - `pretrained`: a diffusers InstructPix2Pix folder or Hub id (unet/, vae/, text_encoder/,
@@ -69,6 +70,9 @@ def build_models(*, preset: str = "tiny", pretrained: str = "", init_from_sd: st
     trained from nothing assembles its Stable Diffusion (ShapesWorld: its VAE, its CLIP's text
     tower). `unet_in_channels`: the preset UNet's input channels (4: a text-to-image UNet).
   - `with_probe`: also build the preset's ShapesWorld attribute probe (random weights).
+  - `lora`: a `models.lora.LoRAConfig`: LoRA layers on the UNet's targeted layers (A drawn
+    from seed + 5, B zero: the UNet computes what its base does); `lora_init`: a LoRA file
+    whose factors replace those (it must name exactly the targeted layers, at `lora.rank`).
   Dtypes: the UNet computes in `compute_dtype` and stores `unet_param_dtype` (float32 master
   weights for training); the frozen models compute in `frozen_dtype` and store
   `frozen_param_dtype` (default: `frozen_dtype`).
@@ -129,6 +133,13 @@ def build_models(*, preset: str = "tiny", pretrained: str = "", init_from_sd: st
         raise ValueError("model.clip must name the CLIP checkpoint the CEC losses use (e.g. "
                          "openai/clip-vit-large-patch14)")
       loss_clip = weights.load_clip(clip, **frozen_kwargs)
+  if lora is not None:
+    from uip2p_jax.models.lora import add_lora
+    unet = add_lora(unet, lora, seed + 5)
+    if lora_init and not abstract:
+      unet = weights.load_lora(unet, lora_init)
+  elif lora_init:
+    raise ValueError(f"lora_init={lora_init!r} needs a LoRA config (lora rank > 0)")
   probe = None
   if with_probe:
     from uip2p_jax.data.shapes import LABEL_CLASSES

@@ -1,20 +1,22 @@
 """The jitted InstructPix2Pix edit: encode -> guided sampling -> decode, in one compiled call.
 
     pipe = EditPipeline.from_pretrained("timbrooks/instruct-pix2pix", dtype=jnp.bfloat16)
-    edited = pipe.edit(images, ["make it snowy"], steps=20)   # (B, H, W, 3) in [-1, 1]
+    edited = pipe.edit("photo.jpg", "make it snowy", steps=20)   # a PIL image (also takes PIL)
+    edited = pipe.edit(images, ["make it snowy"], steps=20)   # (B, H, W, 3) in [-1, 1] arrays
 
 Guidance (docs/method.md, section 1), with the three branches batched into one UNet call per step:
     eps = e(z, 0, 0) + s_I (e(z, c_I, 0) - e(z, 0, 0)) + s_T (e(z, c_I, c_T) - e(z, c_I, 0))
 The compiled function is cached per (batch, resolution, steps, sampler); guidance scales and
 seeds are traced values, so changing them never recompiles. Each example's noise comes from its
 own seed, so an image edits the same whatever batch it is in. Image files and PIL images are
-converted at the edge by `uip2p_jax.image_io`.
+converted at the edge by `uip2p_jax.image_io` (`edit` takes them and returns PIL images).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from typing import Sequence
 
 import jax
@@ -149,13 +151,21 @@ class EditPipeline:
 
   @classmethod
   def from_pretrained(cls, path_or_repo: str, *, dtype=jnp.float32, param_dtype=None,
-                      backend: str = "auto") -> "EditPipeline":
-    """Load unet/, vae/, text_encoder/, tokenizer/ and scheduler/ of a diffusers IP2P folder."""
+                      backend: str = "auto", lora: str | None = None) -> "EditPipeline":
+    """Load unet/, vae/, text_encoder/, tokenizer/ and scheduler/ of a diffusers IP2P folder.
+    `lora`: a LoRA file (or its folder: a LoRA run's export/lora) merged into the UNet: the
+    file's float32 factors are added to the kernels in float32, the sum cast to the UNet's
+    parameter dtype."""
     from uip2p_jax.model_set import build_models
     param_dtype = param_dtype or dtype
-    return cls.from_models(build_models(
+    models = build_models(
         pretrained=path_or_repo, compute_dtype=dtype, unet_param_dtype=param_dtype,
-        frozen_dtype=dtype, frozen_param_dtype=param_dtype, attention_backend=backend))
+        frozen_dtype=dtype, frozen_param_dtype=param_dtype, attention_backend=backend)
+    if lora:
+      from uip2p_jax import weights
+      from uip2p_jax.models.lora import merge_lora
+      models.unet = merge_lora(weights.load_lora(models.unet, lora, factor_dtype=jnp.float32))
+    return cls.from_models(models)
 
   @classmethod
   def tiny_random(cls, seed: int = 0) -> "EditPipeline":
@@ -169,25 +179,69 @@ class EditPipeline:
     vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
     return vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
-  def edit(self, images, instructions: Sequence[str], *, steps: int = 20,
+  @property
+  def working_multiple(self) -> int:
+    """Sides of the working size PIL images and files are edited at are multiples of this:
+    `size_multiple`, at least 64 (what `uip2p edit` uses)."""
+    return max(64, self.size_multiple)
+
+  def edit(self, images, instructions: str | Sequence[str], *, steps: int = 20,
            text_scale: float = 7.5, image_scale: float = 1.5, seeds: int | Sequence[int] = 0,
            sampler: str = "euler_ancestral", eta: float = 0.0,
            initial_noise: np.ndarray | None = None, resolution: int = 512,
-           pad_to: int | None = None) -> np.ndarray:
-    """Edit B images by B instructions; returns (B, H, W, 3) float32 in [-1, 1].
+           pad_to: int | None = None):
+    """Edit B images by B instructions.
 
-    images: (B, H, W, 3) in [-1, 1] with sides multiples of `size_multiple`, or a list of B
-    PIL images of one size (prepared to the working size of longest side `resolution`).
+    images: either
+    - (B, H, W, 3) in [-1, 1] with sides multiples of `size_multiple`: returns (B, H, W, 3)
+      float32 in [-1, 1];
+    - PIL images or image file paths, one or a list (diffusers' habit): each is edited at its
+      working size (aspect kept, longest side `resolution`, sides multiples of
+      `working_multiple`: `uip2p edit`'s sizes; images of several sizes run in one batch per
+      size) and returned as a PIL image of that size, one or a list as given.
+    instructions: one per image (a str for a single image).
     seeds: one int per example (or one int for all, offset by the example's index).
     pad_to: run a batch of this size (the first example repeated), so that every batch of a
-    loop compiles once; the padding is dropped from the result.
+    loop compiles once; the padding is dropped from the result. PIL images or paths of one
+    working size are run in batches of at most `pad_to`.
     """
-    if isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
-      if len({image.size for image in images}) > 1:
-        raise ValueError(f"PIL images of several sizes {sorted({im.size for im in images})}: "
-                         "one size per call (group them with batches_by_size)")
-      images = np.stack([prepare_image(image, resolution, self.size_multiple)
-                         for image in images])
+    if isinstance(instructions, str):
+      instructions = [instructions]
+    options = dict(steps=steps, text_scale=text_scale, image_scale=image_scale, sampler=sampler,
+                   eta=eta, pad_to=pad_to)
+    if _is_image_input(images):
+      single = not isinstance(images, (list, tuple))
+      edited = self._edit_images([images] if single else list(images), list(instructions),
+                                 seeds, initial_noise, resolution, options)
+      return edited[0] if single else edited
+    return self._edit_arrays(images, instructions, seeds=seeds, initial_noise=initial_noise,
+                             **options)
+
+  def _edit_images(self, images: list, instructions: list[str], seeds, initial_noise,
+                   resolution: int, options: dict) -> list[Image.Image]:
+    """PIL images or paths -> edited PIL images at their working sizes, in order."""
+    from uip2p_jax.image_io import load_image, to_pil, to_rgb
+    if len(instructions) != len(images):
+      raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
+    pils = [to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
+            for image in images]
+    prepared = [prepare_image(image, resolution, self.working_multiple) for image in pils]
+    seeds = [seeds + i for i in range(len(images))] if isinstance(seeds, int) else list(seeds)
+    if len(seeds) != len(images):
+      raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
+    out: list[Image.Image | None] = [None] * len(images)
+    for chunk in batches_by_size([p.shape for p in prepared], options["pad_to"] or len(images)):
+      noise = None if initial_noise is None else np.asarray(initial_noise)[chunk]
+      edited = self._edit_arrays(np.stack([prepared[i] for i in chunk]),
+                                 [instructions[i] for i in chunk],
+                                 seeds=[seeds[i] for i in chunk], initial_noise=noise, **options)
+      for i, image in zip(chunk, edited):
+        out[i] = to_pil(image)
+    return out
+
+  def _edit_arrays(self, images, instructions: Sequence[str], *, steps: int, text_scale: float,
+                   image_scale: float, seeds, sampler: str, eta: float, initial_noise,
+                   pad_to: int | None) -> np.ndarray:
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be (batch, height, width, 3), got {images.shape}")
@@ -228,6 +282,14 @@ class EditPipeline:
                             empty_ids, table, jnp.float32(text_scale), jnp.float32(image_scale),
                             keys_in, *noise_in)
     return np.asarray(edited)[:count]
+
+
+def _is_image_input(images) -> bool:
+  """A PIL image or a path, or a non-empty list of them (not arrays)."""
+  one = lambda x: isinstance(x, (Image.Image, str, os.PathLike))
+  if isinstance(images, (list, tuple)):
+    return bool(images) and all(one(x) for x in images)
+  return one(images)
 
 
 def batches_by_size(sizes: Sequence[tuple], batch_size: int) -> list[list[int]]:

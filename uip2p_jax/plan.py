@@ -75,6 +75,42 @@ def forward_costs(models: ModelPreset, resolution: int, batch: int = 1,
   return costs
 
 
+def tree_bytes(tree) -> int:
+  """Bytes of the arrays (or ShapeDtypeStructs) of a pytree."""
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class StateBytes:
+  """What a run holds between steps, whole (before any sharding), from abstract shapes.
+
+  trained: the parameters the optimizer updates (a LoRA run: its factors only); optimizer and
+  ema: their optimizer state and EMA; frozen: every parameter the step reads but does not
+  update (the VAE, text encoder and loss CLIP, and a LoRA run's base UNet)."""
+  trained_count: int
+  trained: int
+  optimizer: int
+  ema: int
+  frozen: int
+
+  @property
+  def total(self) -> int:
+    return self.trained + self.optimizer + self.ema + self.frozen
+
+  def text(self) -> str:
+    gib = lambda n: f"{n / 2 ** 30:.2f}"
+    return (f"state (whole): trained {self.trained_count / 1e6:.2f} M parameters "
+            f"{gib(self.trained)} GiB, optimizer {gib(self.optimizer)} GiB, EMA {gib(self.ema)} GiB, frozen "
+            f"{gib(self.frozen)} GiB")
+
+
+def state_bytes(abstract_state, frozen) -> StateBytes:
+  """`StateBytes` of a `train.step.TrainState` of shapes and the frozen parameters' shapes."""
+  return StateBytes(sum(int(x.size) for x in jax.tree.leaves(abstract_state.params)),
+                    tree_bytes(abstract_state.params), tree_bytes(abstract_state.opt_state),
+                    tree_bytes(abstract_state.ema_params), tree_bytes(frozen))
+
+
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
   per_device_bytes: int     # arguments + outputs - donated aliases + temporaries
@@ -86,6 +122,7 @@ class StepPlan:
   # XLA's buffer assignment (read before code generation), FLOPs from the HLO before
   # optimisation (global count / devices).
   source: str = "compiled"
+  state: StateBytes | None = None
 
   @property
   def per_device_gib(self) -> float:
@@ -172,6 +209,43 @@ def buffer_assignment_memory(lowered, module_name: str, dump_dir: str,
     return parse_buffer_assignment(f.read())
 
 
+def planned_config(config, global_batch: int, resolution: int, preset: str = "sd15"):
+  """A copy of a run's config that builds `preset`'s architecture with abstract weights (no
+  checkpoint is read) at `resolution` and `global_batch`."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.preset, config.model.pretrained, config.model.init_from_sd = preset, "", ""
+    config.lora.init_from = ""  # a LoRA file's factors have the shapes the config gives
+    config.data.resolution = resolution
+    config.batch_size = global_batch
+  return config
+
+
+def abstract_models(config):
+  """(models, graphs, params, frozen) of a planned config: abstract shapes, no weights."""
+  from uip2p_jax.model_set import build_models
+  from uip2p_jax.train import config as run_config
+  from uip2p_jax.train.step import split_models
+  models = build_models(**run_config.model_kwargs(config, abstract=True))
+  return (models, *split_models(models, config.objective))
+
+
+def plan_state(config, preset: str = "sd15") -> StateBytes:
+  """The whole train state and frozen parameters of a run at `preset` size, from abstract
+  shapes only (seconds: nothing is traced or compiled).
+
+  A test helper (tests/test_plan.py checks a run's state accounting with it): `uip2p plan`
+  reports `plan_train_step(...).state`, the same `state_bytes` of the same step functions'
+  abstract state, which comes with a compile (minutes)."""
+  from uip2p_jax import sharding as shd
+  from uip2p_jax.train.step import make_step_functions
+  config = planned_config(config, config.batch_size, config.data.resolution, preset)
+  models, graphs, params, frozen = abstract_models(config)
+  functions = make_step_functions(config, graphs, params, frozen, models.schedule,
+                                  models.tokenizer, shd.make_mesh(1, 1))
+  return state_bytes(functions.abstract_state, frozen)
+
+
 def plan_train_step(config, data: int, fsdp: int, global_batch: int, resolution: int,
                     preset: str = "sd15", *, dump_dir: str | None = None) -> StepPlan:
   """AOT-compiles the run's train step on abstract shapes (no weights) for a (data, fsdp) mesh.
@@ -183,34 +257,29 @@ def plan_train_step(config, data: int, fsdp: int, global_batch: int, resolution:
   assigned (see `buffer_assignment_memory`) and the compile is left running.
   """
   from uip2p_jax import sharding as shd
-  from uip2p_jax.model_set import build_models
-  from uip2p_jax.train import config as run_config
-  from uip2p_jax.train.step import check_batch_size, lower_step, split_models
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.model.preset, config.model.pretrained, config.model.init_from_sd = preset, "", ""
-    config.data.resolution = resolution
-    config.batch_size = global_batch
+  from uip2p_jax.train.step import check_batch_size, lower_step
+  config = planned_config(config, global_batch, resolution, preset)
   check_batch_size(global_batch, data * fsdp, config.optim.accumulate)
   mesh = shd.make_mesh(data, fsdp)
-  models = build_models(**run_config.model_kwargs(config, abstract=True))
-  graphs, params, frozen = split_models(models, config.objective)
-  _, lowered = lower_step(config, graphs, params, frozen, models.schedule,
-                          models.tokenizer, mesh, global_batch)
+  models, graphs, params, frozen = abstract_models(config)
+  functions, lowered = lower_step(config, graphs, params, frozen, models.schedule,
+                                  models.tokenizer, mesh, global_batch)
+  state = state_bytes(functions.abstract_state, frozen)
   devices = data * fsdp
   if dump_dir is not None:
     memory = buffer_assignment_memory(lowered, "jit_train_step", dump_dir)
     # Before optimisation the program is the global (unpartitioned) one.
     flops = float(_first(lowered.cost_analysis()).get("flops", 0.0)) / devices
     return StepPlan(memory.total_bytes, memory.argument_bytes, memory.temp_bytes, flops, devices,
-                    source="buffer-assignment")
+                    source="buffer-assignment", state=state)
   compiled = lowered.compile()
   memory = compiled.memory_analysis()
   per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                 - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
   return StepPlan(int(per_device), int(memory.argument_size_in_bytes),
                   int(memory.temp_size_in_bytes),
-                  float(_first(compiled.cost_analysis()).get("flops", 0.0)), devices)
+                  float(_first(compiled.cost_analysis()).get("flops", 0.0)), devices,
+                  state=state)
 
 
 def _first(analysis):
@@ -274,6 +343,7 @@ def plan_command(config_spec: str, data: int, fsdp: int, global_batch: int, reso
           f"{result.temp_bytes / 2 ** 30:.2f} GiB)")
     print(f"flops per step: {result.flops_per_device * result.devices / 1e12:.4g} TFLOP "
           f"({result.flops_per_device / 1e12:.4g} TFLOP per device)")
+    print(result.state.text())
   finally:
     if dump_dir:
       shutil.rmtree(dump_dir, ignore_errors=True)

@@ -320,6 +320,10 @@ def _save(module: nnx.Module, config: dict, out_dir: str | os.PathLike, weights_
 
 def save_unet(unet: UNet2DConditionModel, out_dir: str | os.PathLike) -> str:
   """Write `config.json` + `diffusion_pytorch_model.safetensors` that diffusers loads."""
+  from uip2p_jax.models.lora import has_lora
+  if has_lora(unet):
+    raise ValueError("the UNet has LoRA layers: save `models.lora.merge_lora(unet)` (and the "
+                     "factors with `save_lora`)")
   return _save(unet, unet.config.to_diffusers(), out_dir, DIFFUSERS_WEIGHTS)
 
 
@@ -385,3 +389,173 @@ def _parse(parser, raw: dict, folder: str):
     return parser(raw)
   except (ValueError, TypeError) as e:
     raise CheckpointError(f"{folder}/config.json: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA files (diffusers' `load_lora_weights` format)
+# --------------------------------------------------------------------------------------------
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name `load_lora_weights(folder)` reads
+LORA_METADATA_KEY = "uip2p_lora"  # our LoRA config, in the safetensors header (diffusers skips it)
+_LORA_KEY = re.compile(r"^unet\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
+
+
+def _lora_layout(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Our (in, r) / (r, out) or (kh, kw, in, r) / (1, 1, r, out) factors -> torch's lora_A /
+  lora_B weights (r, in) / (out, r) or (r, in, kh, kw) / (out, r, 1, 1); and back, the same
+  transposes inverted, by `_our_layout`."""
+  if a.ndim == 2:
+    return a.T, b.T
+  return a.transpose(3, 2, 0, 1), b.transpose(3, 2, 0, 1)
+
+
+def _our_layout(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  if a.ndim == 2:
+    return a.T, b.T
+  return a.transpose(2, 3, 1, 0), b.transpose(2, 3, 1, 0)
+
+
+def lora_tensors(unet: UNet2DConditionModel) -> dict[str, np.ndarray]:
+  """The UNet's LoRA factors keyed as diffusers / peft name them
+  (`unet.<module>.lora_A.weight`, `...lora_B.weight`), float32, B multiplied by alpha / rank:
+  peft files carry no alpha and diffusers applies them at scale 1."""
+  from uip2p_jax.models.lora import lora_layers
+  tensors = {}
+  for name, layer in lora_layers(unet).items():
+    a = np.asarray(jax.device_get(layer.lora_a.get_value()), np.float32)
+    b = np.asarray(jax.device_get(layer.lora_b.get_value()), np.float32) * layer.lora_scale
+    a, b = _lora_layout(a, b)
+    tensors[f"unet.{name}.lora_A.weight"] = np.ascontiguousarray(a)
+    tensors[f"unet.{name}.lora_B.weight"] = np.ascontiguousarray(b)
+  return tensors
+
+
+def save_lora(unet: UNet2DConditionModel, out_dir: str | os.PathLike, config=None) -> str:
+  """`out_dir/pytorch_lora_weights.safetensors`: the UNet's LoRA in the format diffusers'
+  `StableDiffusionInstructPix2PixPipeline.load_lora_weights(out_dir)` reads (peft keys, alpha
+  folded into B). `config` (a `LoRAConfig`) is recorded in the header, so `load_lora` gives
+  back the same factors. Returns the file's path."""
+  tensors = lora_tensors(unet)
+  if not tensors:
+    raise ValueError("the UNet has no LoRA layers to save")
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, LORA_WEIGHTS)
+  metadata = {"format": "pt"}
+  if config is not None:
+    metadata[LORA_METADATA_KEY] = json.dumps({"rank": config.rank, "alpha": config.alpha,
+                                              "targets": list(config.targets)})
+  save_file(tensors, path + ".tmp", metadata=metadata)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def read_lora(path: str | os.PathLike) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],
+                                                 dict | None]:
+  """A LoRA file (or a folder holding `pytorch_lora_weights.safetensors`) ->
+  ({module: (A, B) in our layout, B as stored}, our recorded config or None).
+  Keys that are not UNet LoRA factors, and factors without their partner, are refused by name."""
+  from safetensors import safe_open
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    path = os.path.join(path, LORA_WEIGHTS)
+  tensors = read_tensors([path])  # a missing or corrupt file is refused here
+  with safe_open(path, "np") as f:
+    header = f.metadata() or {}
+  recorded = None
+  if LORA_METADATA_KEY in header:
+    try:
+      recorded = json.loads(header[LORA_METADATA_KEY])
+    except ValueError as e:
+      raise CheckpointError(f"{path}: the header's {LORA_METADATA_KEY!r} field (our LoRA rank "
+                            f"and alpha) is not JSON ({e}): {header[LORA_METADATA_KEY][:80]!r}"
+                            ) from None
+    if not isinstance(recorded, dict):
+      raise CheckpointError(f"{path}: the header's {LORA_METADATA_KEY!r} field is "
+                            f"{type(recorded).__name__} {recorded!r}; expected an object "
+                            '{"rank": ..., "alpha": ..., "targets": [...]}')
+  pairs: dict[str, dict[str, np.ndarray]] = {}
+  for key in sorted(tensors):
+    match = _LORA_KEY.match(key)
+    if not match:
+      raise CheckpointError(f"{path}: key {key!r} is not a UNet LoRA factor (expected "
+                            "unet.<module>.lora_A.weight / unet.<module>.lora_B.weight; text "
+                            "encoder LoRAs and kohya / network-alpha files are not supported)")
+    pairs.setdefault(match["module"], {})[match["factor"]] = tensors[key]
+  factors = {}
+  for module, pair in pairs.items():
+    for factor, other in (("A", "B"), ("B", "A")):
+      if factor not in pair:
+        raise CheckpointError(f"{path}: key 'unet.{module}.lora_{other}.weight' has no partner "
+                              f"'unet.{module}.lora_{factor}.weight'")
+    a, b = pair["A"], pair["B"]
+    if a.ndim != b.ndim or a.ndim not in (2, 4) or a.shape[0] != b.shape[1] or (
+        a.ndim == 4 and b.shape[2:] != (1, 1)):
+      raise CheckpointError(f"{path}: key 'unet.{module}.lora_A.weight' {a.shape} and its "
+                            f"lora_B {b.shape} are not a LoRA pair (expected (r, in) and "
+                            "(out, r), or (r, in, kh, kw) and (out, r, 1, 1))")
+    factors[module] = _our_layout(a, b)
+  return factors, recorded
+
+
+def load_lora(unet: UNet2DConditionModel, path: str | os.PathLike,
+              factor_dtype=None) -> UNet2DConditionModel:
+  """Applies the LoRA file `path` to `unet` (in place, and returned).
+
+  A UNet without LoRA layers gets one on every module the file names, with the file's ranks
+  (alpha: the one our files record, else the rank: scale 1, as diffusers applies peft files),
+  its factors in `factor_dtype` (default: each layer's kernel dtype; float32 keeps the file's
+  values, for `merge_lora` into a lower-precision UNet).
+  A UNet that has LoRA layers (a run's, from `config.lora`) takes the file's factors into them:
+  the file must name exactly those layers. Either way a key for a module the UNet lacks or that
+  is not a linear / convolution layer, a missing key and a shape that does not fit the layer
+  are refused with a `CheckpointError` naming the key.
+  """
+  from uip2p_jax.models.lora import adaptable_layers, factor_shapes, lora_layers, wrap_layers
+  factors, recorded = read_lora(path)
+  source = os.fspath(path)
+  existing = lora_layers(unet)
+  layers = existing or adaptable_layers(unet)
+  problems = []
+  if existing:
+    missing = sorted(set(existing) - set(factors))
+    if missing:
+      problems.append(f"{len(missing)} missing keys: "
+                      + _listing([f"unet.{m}.lora_A.weight" for m in missing]))
+  unexpected = sorted(set(factors) - set(layers))
+  if unexpected:
+    what = ("LoRA layers of this run (config.lora.targets)" if existing
+            else "linear or convolution layers of the UNet")
+    problems.append(f"{len(unexpected)} keys name no {what}: "
+                    + _listing([f"unet.{m}.lora_A.weight" for m in unexpected]))
+  mismatched = []
+  for module, (a, b) in factors.items():
+    if module not in layers:
+      continue
+    rank = existing[module].lora_rank if existing else a.shape[-1]
+    (*a_dims, _), (*b_lead, _, out) = factor_shapes(layers[module])
+    want_a, want_b = _lora_layout(np.empty((*a_dims, rank), np.int8),
+                                  np.empty((*b_lead, rank, out), np.int8))
+    have_a, have_b = _lora_layout(a, b)
+    for factor, have, want in (("A", have_a, want_a), ("B", have_b, want_b)):
+      if have.shape != want.shape:
+        mismatched.append(f"unet.{module}.lora_{factor}.weight: expected {want.shape}, found "
+                          f"{have.shape}")
+  if mismatched:
+    problems.append(f"{len(mismatched)} shape mismatches: {_listing(mismatched)}")
+  if problems:
+    raise CheckpointError(f"{source}: LoRA file does not match the UNet; " + "; ".join(problems))
+  if existing:
+    for module, (a, b) in factors.items():
+      layer = existing[module]
+      layer.lora_a.set_value(jnp.asarray(a, layer.lora_a.get_value().dtype))
+      layer.lora_b.set_value(jnp.asarray(b / layer.lora_scale, layer.lora_b.get_value().dtype))
+    return unet
+  scales = {}
+  for module, (a, _) in factors.items():
+    rank = a.shape[-1]
+    alpha = (recorded or {}).get("alpha") or rank
+    scales[module] = alpha / rank if recorded and recorded.get("rank") == rank else 1.0
+  dtype = lambda m: factor_dtype or layers[m].kernel.get_value().dtype
+  return wrap_layers(unet, {m: (jnp.asarray(a, dtype(m)), jnp.asarray(b / scales[m], dtype(m)))
+                            for m, (a, b) in factors.items()}, scales=scales)

@@ -308,3 +308,77 @@ def test_a_missing_input_leaves_an_existing_dataset_alone(tmp_path):
     builders.build("captions", lambda: sources.manifest_records(str(tmp_path / "x.jsonl")), out,
                    overwrite=True)
   assert list(read_all(out, "captions")[0]) == ["a.jpg@1"]
+
+
+def test_own_pairs_from_a_folder_and_jsonl(tmp_path, capsys):
+  """`data build pairs --manifest`: ip2p records; a missing or undecodable edited image (or
+  instruction) is skipped and reported; captions and reverse are optional (CEC needs them)."""
+  from uip2p_jax import cli
+  for i in range(3):
+    (tmp_path / f"in{i}.jpg").write_bytes(jpeg(i))
+    (tmp_path / f"out{i}.jpg").write_bytes(jpeg(10 + i))
+  (tmp_path / "broken.jpg").write_bytes(TRUNCATED)
+  pair = lambda i, **extra: {"input_image": f"in{i}.jpg", "edited_image": f"out{i}.jpg",
+                             "instruction": f"edit {i}", **extra}
+  manifest = write_jsonl(str(tmp_path / "pairs.jsonl"), [
+      pair(0, input_caption="a cat", edited_caption="a dog"),          # 1
+      pair(1, id="mine"),                                               # 2
+      pair(2, edited_image="gone.jpg"),                                 # 3: no edited image
+      pair(2, edited_image="broken.jpg"),                               # 4: undecodable
+      pair(2, instruction=""),                                          # 5: no instruction
+      pair(2),                                                          # 6
+  ])
+  out = str(tmp_path / "data")
+  assert cli.main(["data", "build", "pairs", "--manifest", manifest, "--out", out]) == 3
+  printed = capsys.readouterr().out
+  assert "3 records written, 3 skipped" in printed
+  assert "pairs.jsonl:3 (id in2.jpg@3): edited_image file not found" in printed
+  assert "pairs.jsonl:4 (id in2.jpg@4): edited_image: undecodable image" in printed
+  assert "cec needs a reverse_instruction" in printed
+  records, info = read_all(out, "ip2p")
+  assert sorted(records) == ["in0.jpg@1", "in2.jpg@6", "mine"]
+  assert records["mine"]["edited_image"] == jpeg(11) and records["mine"]["image"] == jpeg(1)
+  assert records["in0.jpg@1"]["edited_caption"] == b"a dog"
+  assert records["mine"]["input_caption"] == b"" and records["mine"]["instruction"] == b"edit 1"
+  assert info.metadata["has_reverse"] is False and info.metadata["has_captions"] is False
+  assert list(skipped_file(out, "ip2p")) == ["pairs.jsonl:3", "pairs.jsonl:4", "pairs.jsonl:5"]
+
+
+def test_own_pairs_from_parquet_with_column_names(tmp_path, capsys):
+  """Hugging Face's small IP2P sets' layout: images as {bytes, path} structs or bytes,
+  mapped by --columns; with captions and reverse on every pair the set trains CEC too."""
+  from uip2p_jax import cli
+  from uip2p_jax.data.loader import LoaderConfig, make_dataset
+  n = 3
+  path = write_parquet(str(tmp_path / "train-0.parquet"), {
+      "original_image": [image_struct(jpeg(i)) for i in range(n)],
+      "edited_image": [jpeg(20), None, TRUNCATED],                      # bytes, missing, bad
+      "edit_prompt": [f"edit {i}" for i in range(n)],
+      "original_prompt": [f"before {i}" for i in range(n)],
+      "edited_prompt": [f"after {i}" for i in range(n)],
+      "undo": [f"undo {i}" for i in range(n)],
+  })
+  out = str(tmp_path / "data")
+  columns = ("input_image=original_image,edited_image=edited_image,instruction=edit_prompt,"
+             "input_caption=original_prompt,edited_caption=edited_prompt,"
+             "reverse_instruction=undo")
+  argv = ["data", "build", "pairs", "--parquet", str(tmp_path / "*.parquet"), "--out", out,
+          "--columns", columns]
+  assert cli.main(argv) == 3
+  printed = capsys.readouterr().out
+  assert f"{path}:row 1 (id train-0-000001): edited_image: image is missing" in printed
+  assert f"{path}:row 2 (id train-0-000002): edited_image: undecodable image" in printed
+  assert "objectives: ip2p and cec" in printed
+  records, info = read_all(out, "ip2p")
+  assert list(records) == ["train-0-000000"] and info.metadata["has_reverse"] is True
+  assert records["train-0-000000"]["reverse_instruction"] == b"undo 0"
+  make_dataset(LoaderConfig(out, kind="ip2p", num_workers=0))     # CEC accepts it
+  # A mapped column the files lack, or an unknown field, is an error naming it.
+  assert cli.main(argv[:-1] + [columns.replace("=edit_prompt", "=prompt"), "--overwrite"]) == 2
+  assert "missing columns ['prompt']" in capsys.readouterr().err
+  assert cli.main(argv[:-1] + ["caption=x"]) == 2
+  assert "FIELD one of id, input_image" in capsys.readouterr().err
+  # Refused for the kinds that do not take it (captions would read its manifest without it).
+  assert cli.main(["data", "build", "captions", "--manifest", "m.jsonl", "--out", out,
+                   "--columns", columns]) == 2
+  assert "--columns is for `data build pairs` only, not captions" in capsys.readouterr().err

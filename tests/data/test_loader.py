@@ -120,3 +120,42 @@ def test_host_batches_become_sharded_global_arrays(sample_data):
   assert "id" not in arrays
   assert arrays["image"].shape == (2, 32, 32, 3)
   assert arrays["image"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+
+
+def test_held_out_records_are_fixed_and_never_trained_on(sample_data):
+  """The sample records: a fixed choice, centre-cropped (the same batch every time it is read,
+  e.g. after a resume), left out of every process's stream; a world's are scenes past it."""
+  from uip2p_jax.data.loader import WORLD_SCENES, heldout_batch, heldout_indices
+  config = LoaderConfig(sample_data, batch_size=1, resolution=32, num_workers=0, num_epochs=1,
+                        holdout=3)
+  held = heldout_batch(config)
+  again = heldout_batch(LoaderConfig(sample_data, resolution=32, holdout=3, seed=5))
+  assert list(held["id"]) == list(again["id"]) and len(set(held["id"])) == 3
+  np.testing.assert_array_equal(held["image"], again["image"])
+  assert held["image"].shape == (3, 32, 32, 3) and held["instruction_ids"].shape == (3, 77)
+  trained = [bytes(b["id"][0]) for index in range(3)
+             for b in Loader(config, process_index=index, process_count=3)]
+  assert len(trained) == 9 and not set(trained) & set(held["id"])
+  np.testing.assert_array_equal(heldout_indices(12, 3), heldout_indices(12, 3))
+  with pytest.raises(ValueError, match="lower config.sample.count"):
+    heldout_indices(12, 12)
+  world = heldout_batch(LoaderConfig("", kind="world", resolution=32, holdout=2))
+  assert list(world["id"]) == [f"world-{WORLD_SCENES + i}".encode() for i in range(2)]
+
+
+def test_resume_refuses_another_held_out_count_or_split(sample_data):
+  """The state names the held-out count and the split's size: a checkpoint of another
+  config.sample.count (or from before records were held out) or dataset is refused."""
+  import json
+  config = LoaderConfig(sample_data, batch_size=2, resolution=32, num_workers=0, holdout=2)
+  state = json.loads(Loader(config).get_state())
+  assert state["holdout"] == 2 and state["records"] == 12
+  Loader(config).set_state(json.dumps(state))
+  other = Loader(LoaderConfig(sample_data, batch_size=2, resolution=32, num_workers=0,
+                              holdout=3))
+  with pytest.raises(DataError, match=r"config.sample.count=2 records out .* this run 3"):
+    other.set_state(json.dumps(state))
+  with pytest.raises(DataError, match="saved before records were held out"):
+    Loader(config).set_state(json.dumps({k: state[k] for k in ("grain", "skipped")}))
+  with pytest.raises(DataError, match="read a split of 13 records"):
+    Loader(config).set_state(json.dumps({**state, "records": 13}))

@@ -1,6 +1,6 @@
 """Checkpoints: a damaged latest checkpoint (truncated array file, garbled metadata, garbled
 data-iterator state or metrics) is set aside and the previous one restored; strict_resume
-refuses; a checkpoint of another train state is refused, never set aside."""
+refuses; a checkpoint of another train state or data stream is refused, never set aside."""
 
 import glob
 import os
@@ -102,4 +102,13 @@ def test_a_checkpoint_of_another_state_is_refused_not_set_aside(tmp_path):
            "w": jax.ShapeDtypeStruct((32, 64), jnp.float32)}
   with pytest.raises(ResumeError, match=r"checkpoints/2 holds another train state .*new --workdir"):
     Checkpoints(directory, _config(), other).restore_latest(FakeLoader())
+  assert sorted(os.listdir(directory)) == ["1", "2"]
+  # Nor is one of another data stream (the loader's DataError: another config.sample.count).
+  from uip2p_jax.data.loader import DataError
+
+  class OtherStream(FakeLoader):
+    def set_state(self, state):
+      raise DataError("another config.sample.count")
+  with pytest.raises(DataError, match=r"checkpoints/2: another config.sample.count"):
+    Checkpoints(directory, _config(), _abstract(_state(0))).restore_latest(OtherStream())
   assert sorted(os.listdir(directory)) == ["1", "2"]

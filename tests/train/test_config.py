@@ -29,6 +29,8 @@ def test_overrides_are_typed_and_nested():
     (["--config.model.compute_dtype=fp16"], r"dtype 'fp16'"),
     (["--config.model.remat=some"], r"config.model.remat='some'"),
     (["--config.profile_steps=5"], r"expected 'START,COUNT'"),
+    (["--config.sample.count=0", "--config.final_edit=false"],
+     r"config.sample.count=0 with config.sample.every=100: .*or sample.every=0"),
     (["--config.loss.recon_kind=l3"], r"recon_kind"),
     (["--config.data.dir=gs://bucket/data"], r"config.data.dir='gs://bucket/data': object-store"),
     (["--config.cycle.bogus=1"], r"cycle has no key 'bogus'"),

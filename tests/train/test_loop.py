@@ -59,7 +59,13 @@ def read_metrics(workdir):
 
 
 def test_sigterm_save_killed_save_and_exact_resume(tmp_path, monkeypatch):
-  config = tiny_config(**{"total_steps": 4, "checkpoint.every": 2, "export": True})
+  config = tiny_config(**{"total_steps": 4, "checkpoint.every": 2, "export": True,
+                          "sample.every": 2})
+  # Sample grids (not drawn here: the edit would compile) come from the same held-out records
+  # in every run, interrupted and resumed ones included.
+  sampled = []
+  monkeypatch.setattr("uip2p_jax.train.loop.write_samples",
+                      lambda run, state, batch, step, writer: sampled.append(list(batch["id"])))
   straight = str(tmp_path / "straight")
   assert not tr.train(config, straight).preempted
   reference = read_metrics(straight)
@@ -70,6 +76,9 @@ def test_sigterm_save_killed_save_and_exact_resume(tmp_path, monkeypatch):
   from uip2p_jax import weights
   exported = weights.load_unet(os.path.join(straight, "export", "unet"), subfolder=None)
   assert exported.config.in_channels == 8
+  with open(os.path.join(straight, "export", "README.md")) as f:  # its model card
+    card = f.read()
+  assert card.startswith("---\nlicense: other\nlibrary_name: diffusers\n") and "4 of 4" in card
 
   # Interrupted run: SIGTERM arrives while the 3rd batch is read; the step is finished, saved
   # (off the every-2 schedule) and the run exits.
@@ -100,6 +109,9 @@ def test_sigterm_save_killed_save_and_exact_resume(tmp_path, monkeypatch):
   tr.train(config, resumed)
   with open(os.path.join(resumed, "metrics.jsonl")) as f:
     assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+  # Steps 2 and 4 straight, 2 before the interruption, 4 after the resume: one held-out set.
+  assert len(sampled) == 4 and len(sampled[0]) == config.sample.count
+  assert all(ids == sampled[0] for ids in sampled), sampled
   continued = read_metrics(resumed)
   for step in (1, 2, 3, 4):
     for name in ("loss", "loss_clip", "loss_recon", "grad_norm"):

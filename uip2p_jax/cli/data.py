@@ -18,18 +18,28 @@ def add_parser(commands) -> None:
   data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command",
                                                                      required=True)
   p = data.add_parser("build", help="build a TFDS array_record dataset", description=DESCRIPTION)
-  p.add_argument("kind", choices=["captions", "ip2p", "magicbrush", "sample", "shapes"],
-                 help="captions: cycle-edit records; ip2p: InstructPix2Pix pairs; magicbrush: "
-                      "its test turns; sample: the bundled CC0 photos as captions records; "
+  p.add_argument("kind", choices=["captions", "ip2p", "pairs", "magicbrush", "sample", "shapes"],
+                 help="captions: cycle-edit records; ip2p: InstructPix2Pix pairs (the "
+                      "clip-filtered parquet); pairs: your own pairs (--manifest JSONL or "
+                      "--parquet, any column names with --columns), written as ip2p records; "
+                      "magicbrush: its test turns; sample: the bundled CC0 photos as captions "
+                      "records; "
                       "shapes: ShapesWorld, rendered (captions + ip2p train records and "
                       "magicbrush test turns under one --out, scenes_{train,test}.jsonl beside)")
   p.add_argument("--out", required=True, metavar="DATA_DIR")
-  p.add_argument("--manifest", help="captions: JSONL manifest (image paths relative to it)")
+  p.add_argument("--manifest", help="captions, pairs: JSONL manifest (image paths relative to "
+                                    "it)")
   p.add_argument("--webdataset",
                  help="captions: img2dataset shards, e.g. 'shards/{00000..00099}.tar'")
   p.add_argument("--instructions", help="captions --webdataset: JSONL of generated instructions, "
                                         "joined by 'key'")
-  p.add_argument("--parquet", help="ip2p / magicbrush: parquet files, e.g. 'DIR/*.parquet'")
+  p.add_argument("--parquet", help="ip2p / pairs / magicbrush: parquet files, e.g. "
+                                   "'DIR/*.parquet'")
+  p.add_argument("--columns", metavar="FIELD=NAME[,...]",
+                 help="pairs: the input's names of the fields input_image, edited_image, "
+                      "instruction (required), input_caption, edited_caption, "
+                      "reverse_instruction, id (optional), e.g. 'input_image=original_image,"
+                      "instruction=edit_prompt' (default: the field names)")
   p.add_argument("--reverse-instructions", help="ip2p: JSONL of reverse instructions")
   p.add_argument("--descriptions",
                  help="magicbrush: global_descriptions.json (captions for CLIP-T)")
@@ -64,6 +74,17 @@ def _source(args: argparse.Namespace, metadata: dict):
       return lambda: sources.manifest_records(args.manifest, args.max_side)
     metadata["source"] = args.webdataset
     return lambda: sources.webdataset_records(args.webdataset, args.instructions, args.max_side)
+  if kind == "pairs":
+    if bool(args.manifest) == bool(args.parquet):
+      raise ValueError("pairs: give exactly one of --manifest PAIRS.jsonl or --parquet "
+                       "'DIR/*.parquet'")
+    columns = sources.parse_columns(args.columns)
+    # CEC needs a reverse instruction and both captions on every pair: the records decide.
+    metadata.update(source=os.path.abspath(args.manifest) if args.manifest else args.parquet,
+                    has_reverse=None, has_captions=None)
+    if args.manifest:
+      return lambda: sources.pairs_jsonl_records(args.manifest, columns, args.max_side)
+    return lambda: sources.pairs_parquet_records(args.parquet, columns, args.max_side)
   if not args.parquet:
     raise ValueError(f"{kind} needs --parquet 'DIR/*.parquet'")
   metadata["source"] = args.parquet
@@ -98,6 +119,8 @@ def _run_shapes(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
   """Builds the dataset; exit 3 when records were skipped, 2 when none could be written."""
   from uip2p_jax.data import builders, sources
+  if args.columns and args.kind != "pairs":  # every other kind would ignore it
+    raise ValueError(f"--columns is for `data build pairs` only, not {args.kind}")
   if args.kind == "shapes":
     return _run_shapes(args)
   if (args.train is not None or args.test is not None or args.seed is not None
@@ -109,11 +132,16 @@ def run(args: argparse.Namespace) -> int:
   else:
     metadata = {}
     source = _source(args, metadata)
-    kind = args.kind
+    kind = "ip2p" if args.kind == "pairs" else args.kind
     report = builders.build(kind, source, args.out, split=args.split, metadata=metadata,
                             overwrite=args.overwrite)
   print(f"uip2p data build {args.kind}: {report.summary()}")
   print(f"  dataset: {builders.dataset_dir(args.out, kind)}")
+  if args.kind == "pairs":
+    _, info = builders.open_split(args.out, kind, args.split)
+    cec = info.metadata.get("has_reverse") and info.metadata.get("has_captions")
+    print("  objectives: ip2p" + (" and cec" if cec else " (cec needs a reverse_instruction, "
+                                  "input_caption and edited_caption on every pair)"))
   # (A build that writes nothing raises builders.NothingWritten: status 2.)
   return common.SOME_SKIPPED if report.num_skipped else common.OK
 

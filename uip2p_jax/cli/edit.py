@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
       report(where, str(e))
   if ready:
     pipe = common.load_pipeline(args.model, args.dtype, args.seed, command="uip2p edit")
-    multiple = max(64, pipe.size_multiple)
+    multiple = pipe.working_multiple
     sizes = [working_size(*r.size, args.resolution, multiple) for r in ready]
     progress = tqdm(total=len(ready), desc="editing", unit="image", disable=len(ready) < 2)
     # Same-size images run together in fixed-size batches, so each working size compiles once.

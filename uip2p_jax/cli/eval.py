@@ -20,22 +20,14 @@ from uip2p_jax.eval.metrics import MetricModels
 
 def make_edit(pipe, steps: int, resolution: int, batch_size: int,
               sampler: str = "euler_ancestral"):
-  """(images, instructions, seeds, text_scale, image_scale) -> edited PIL images; images of
-  different working sizes are edited in separate fixed-size batches (one compile per size)."""
-  from uip2p_jax.image_io import prepare_image, to_pil
-  from uip2p_jax.pipeline import batches_by_size
+  """(images, instructions, seeds, text_scale, image_scale) -> edited PIL images, by
+  `EditPipeline.edit` (its working sizes, one fixed-size batch per size: one compile each)."""
 
   def edit(images: list[Image.Image], instructions: list[str], seeds: list[int],
            text_scale: float, image_scale: float) -> list[Image.Image]:
-    prepared = [prepare_image(im, resolution, pipe.size_multiple) for im in images]
-    out: list[Image.Image | None] = [None] * len(images)
-    for chunk in batches_by_size([p.shape for p in prepared], batch_size):
-      edited = pipe.edit([prepared[i] for i in chunk], [instructions[i] for i in chunk],
-                         steps=steps, text_scale=text_scale, image_scale=image_scale,
-                         seeds=[seeds[i] for i in chunk], sampler=sampler, pad_to=batch_size)
-      for i, e in zip(chunk, edited):
-        out[i] = to_pil(e)
-    return out
+    return pipe.edit(list(images), list(instructions), steps=steps, text_scale=text_scale,
+                     image_scale=image_scale, seeds=list(seeds), sampler=sampler,
+                     resolution=resolution, pad_to=batch_size)
   return edit
 
 

@@ -36,6 +36,10 @@ OPTIONAL_TEXT = {"captions": (), "ip2p": ("reverse_instruction",),
 DEFAULT_SPLIT = {"captions": "train", "ip2p": "train", "magicbrush": "test"}
 DATASET_NAME = {"captions": "uip2p_captions", "ip2p": "uip2p_ip2p_pairs",
                 "magicbrush": "uip2p_magicbrush"}
+# Metadata flags a build may leave to its records (value None in `build`'s metadata): True
+# when every written record has these text fields non-empty (what CEC training needs).
+DERIVED_FLAGS = {"has_reverse": ("reverse_instruction",),
+                 "has_captions": ("input_caption", "edited_caption")}
 
 
 class SkippedRecord(NamedTuple):
@@ -113,6 +117,9 @@ class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self):
     first_seen = {}  # id -> where it was written
+    # Metadata flags left None are decided by the records written (every one has the fields).
+    derived = {flag: True for flag, value in self._metadata.items()
+               if value is None and flag in DERIVED_FLAGS}
     for rid, where, fields in self._records:
       if isinstance(fields, BadRecord):
         self._report.add(rid, where, str(fields))
@@ -121,9 +128,12 @@ class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       else:
         first_seen[rid] = where
         self._report.written += 1
+        for flag in derived:
+          derived[flag] = derived[flag] and all(fields[f] for f in DERIVED_FLAGS[flag])
         yield rid, {"id": rid, **fields}
     if not self._report.written:  # TFDS would fail with "No examples were yielded"
       raise _NoRecords()
+    self.info.metadata.update(derived)  # TFDS writes dataset_info.json after the generation
 
 
 def dataset_dir(data_dir: str, kind: str) -> str:
@@ -145,7 +155,8 @@ def build(kind: str, records: Callable[[], Iterator[Record]], data_dir: str, *,
   """Writes ``records()`` as a TFDS array_record dataset under ``data_dir``; returns the report.
 
   ``records()`` is called before anything is created or removed, so a missing input file is an
-  error that leaves ``data_dir`` as it was. TFDS writes into an ``incomplete.*`` folder and
+  error that leaves ``data_dir`` as it was. A ``metadata`` flag of DERIVED_FLAGS set to None is
+  decided by the records written. TFDS writes into an ``incomplete.*`` folder and
   renames it when done, so a killed build leaves no half dataset; leftovers of such a build are
   removed here before building again. Raises :class:`NothingWritten` when no record could be
   written (``skipped.jsonl`` still lists why).

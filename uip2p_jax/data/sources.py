@@ -6,6 +6,9 @@
 * ``ip2p``: InstructPix2Pix pairs from the parquet files of ``timbrooks/instructpix2pix-clip-
   filtered``, optionally joined with reverse instructions.
 * ``magicbrush``: MagicBrush turns from its Hugging Face parquet files (turn structure kept).
+* ``pairs``: your own pairs (input image, edited image, instruction; captions and reverse
+  instruction optional) from a folder + JSONL or from parquet with any column names, written as
+  ``ip2p`` records.
 
 A source is a function that checks its input files when called (a missing manifest or no
 matching parquet file raises before anything is written) and returns an iterator of
@@ -170,21 +173,44 @@ def manifest_records(manifest: str, max_side: int = 0) -> Iterator[Record]:
         yield None, where, BadRecord(jsonl_error(raw))
         continue
       rel = obj.get("image")
-      # The image path alone is not unique: one image may carry several edits.
-      rid = str(obj["id"]) if obj.get("id") else f"{rel}@{number}" if rel else where
+      rid = _line_id(obj.get("id"), rel, number, where)
       try:
-        if not isinstance(rel, str) or not rel:
-          raise BadRecord("image path is missing")
-        path = os.path.join(root, rel)
-        if not os.path.isfile(path):
-          raise BadRecord(f"image file not found: {path}")
-        with open(path, "rb") as f:
-          image = validated_image(f.read(), max_side)
+        image = _image_file(root, rel, max_side)
         yield rid, where, {"image": image,
                            **{k: _text(obj, k) for k in TEXT_FIELDS["captions"]}}
       except BadRecord as e:
         yield rid, where, e
   return records()
+
+
+def _line_id(given, image_path, number: int, where: str) -> str:
+  """A JSONL record's id: its own, else '<image path>@<line>' (the image path alone is not
+  unique: one image may carry several edits)."""
+  if given not in (None, ""):
+    return str(given)
+  return f"{image_path}@{number}" if isinstance(image_path, str) and image_path else where
+
+
+def _image_file(root: str, rel, max_side: int = 0, what: str = "image") -> bytes:
+  """The validated bytes of image file `rel` (relative to `root`), or BadRecord naming `what`."""
+  if not isinstance(rel, str) or not rel:
+    raise BadRecord(f"{what} path is missing")
+  path = os.path.join(root, rel)
+  if not os.path.isfile(path):
+    raise BadRecord(f"{what} file not found: {path}")
+  with open(path, "rb") as f:
+    data = f.read()
+  return _named_image(data, max_side, what)
+
+
+def _named_image(data, max_side: int, what: str) -> bytes:
+  """validated_image, its BadRecord naming the field (a pair has two images)."""
+  try:
+    return validated_image(data, max_side)
+  except BadRecord as e:
+    if what == "image":
+      raise
+    raise BadRecord(f"{what}: {e}") from None
 
 
 def _key_of(member: str) -> tuple[str, str]:
@@ -348,6 +374,101 @@ def ip2p_records(parquet: str, reverse_instructions: str | None = None,
   return records()
 
 
+# Your own pairs: the fields of a record and the names they have in the input.
+PAIR_FIELDS = ("id", "input_image", "edited_image", "instruction", "input_caption",
+               "edited_caption", "reverse_instruction")
+REQUIRED_PAIR_FIELDS = ("input_image", "edited_image", "instruction")
+
+
+def parse_columns(text: str | None) -> dict[str, str]:
+  """``"input_image=original_image,instruction=edit_prompt"`` -> {field: name in the input}
+  (the fields named; the others keep their own name). Unknown fields are an error."""
+  columns = {}
+  for item in filter(None, (part.strip() for part in (text or "").split(","))):
+    field, sep, name = item.partition("=")
+    field, name = field.strip(), name.strip()
+    if not sep or not name or field not in PAIR_FIELDS:
+      raise ValueError(f"--columns item {item!r}: expected FIELD=NAME with FIELD one of "
+                       f"{', '.join(PAIR_FIELDS)}")
+    columns[field] = name
+  return columns
+
+
+def _pair_fields(values: dict, columns: dict[str, str], image_of: Callable) -> dict:
+  """A pairs record's ip2p fields from an input row (`image_of(value, label)` -> bytes)."""
+  label = lambda field: (field if columns[field] == field else
+                         f"{field} (column {columns[field]!r})")
+
+  def text(field, optional=True):
+    return _text({label(field): values.get(columns[field])}, label(field), optional)
+  fields = {"image": image_of(values.get(columns["input_image"]), label("input_image")),
+            "edited_image": image_of(values.get(columns["edited_image"]), label("edited_image")),
+            "instruction": text("instruction", optional=False)}
+  fields.update({name: text(name) for name in ("input_caption", "edited_caption",
+                                               "reverse_instruction")})
+  return fields
+
+
+def pairs_jsonl_records(manifest: str, columns: dict[str, str] | None = None,
+                        max_side: int = 0) -> Iterator[Record]:
+  """Your own pairs: a JSONL file, one object per pair with the input and edited image paths
+  (relative to the file's folder) and the instruction; captions and the reverse instruction
+  are optional. Keys are PAIR_FIELDS' names unless `columns` (`parse_columns`) renames them.
+  Ids: the line's id, else '<input image path>@<line>'."""
+  _require_file(manifest, "pairs JSONL file")
+  columns = {field: (columns or {}).get(field, field) for field in PAIR_FIELDS}
+  root = os.path.dirname(os.path.abspath(manifest))
+  name = os.path.basename(manifest)
+  image_of = lambda value, what: _image_file(root, value, max_side, what)
+
+  def records():
+    for number, obj, raw in read_jsonl(manifest):
+      where = f"{name}:{number}"
+      if obj is None:
+        yield None, where, BadRecord(jsonl_error(raw))
+        continue
+      rid = _line_id(obj.get(columns["id"]), obj.get(columns["input_image"]), number, where)
+      try:
+        yield rid, where, _pair_fields(obj, columns, image_of)
+      except BadRecord as e:
+        yield rid, where, e
+  return records()
+
+
+def pairs_parquet_records(parquet: str, columns: dict[str, str] | None = None,
+                          max_side: int = 0) -> Iterator[Record]:
+  """Your own pairs from parquet files (e.g. a Hugging Face IP2P-style set: `columns` maps
+  input_image=original_image, edited_image=edited_image, instruction=edit_prompt), images as
+  bytes or {bytes, path} structs. Ids: the id column when mapped, else
+  '<file stem>-<row, 6 digits>'."""
+  import pyarrow.parquet as pq
+  explicit = dict(columns or {})
+  columns = {field: explicit.get(field, field) for field in PAIR_FIELDS}
+  files = _files(parquet, "parquet")
+  try:
+    available = pq.read_schema(files[0]).names
+  except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-parquet files
+    raise ValueError(f"{files[0]}: not a readable parquet file ({e})") from None
+  # Required and explicitly mapped columns must exist; the other optional fields are read when
+  # the first file has a column of their name.
+  wanted = sorted({columns[f] for f in PAIR_FIELDS
+                   if f in REQUIRED_PAIR_FIELDS or f in explicit or columns[f] in available})
+  files = _parquet_files(parquet, wanted)
+  image_of = lambda value, what: _named_image(_image_bytes(value), max_side, what)
+
+  def records():
+    for path, row, values in _parquet_rows(files, wanted):
+      given = values.get(columns["id"])
+      rid = (str(given) if given not in (None, "") else
+             f"{os.path.splitext(os.path.basename(path))[0]}-{row:06d}")
+      where = f"{path}:row {row}"
+      try:
+        yield rid, where, _pair_fields(values, columns, image_of)
+      except BadRecord as e:
+        yield rid, where, e
+  return records()
+
+
 def _magicbrush_descriptions(path: str | None) -> dict[tuple[str, int], tuple[str, str]]:
   """MagicBrush's global_descriptions.json -> {(img_id, turn): (input caption, output caption)}.
 
@@ -415,5 +536,6 @@ def sample_manifest() -> str:
 
 
 __all__ = ["TEXT_FIELDS", "BadRecord", "Record", "expand_pattern", "ip2p_records", "jsonl_error",
-           "magicbrush_records", "manifest_records", "read_jsonl", "sample_caption",
+           "magicbrush_records", "manifest_records", "pairs_jsonl_records",
+           "pairs_parquet_records", "parse_columns", "read_jsonl", "sample_caption",
            "sample_manifest", "validated_image", "webdataset_records"]

@@ -168,13 +168,18 @@ class Checkpoints:
     return restored["state"]
 
   def restore_latest(self, loader):
-    """(state, step) of the latest readable checkpoint, or (None, None) when there is none."""
+    """(state, step) of the latest readable checkpoint, or (None, None) when there is none.
+    A checkpoint whose data stream is not this config's (the loader's DataError: another
+    config.sample.count or dataset) stops the run: it is not damaged, and is kept."""
+    from uip2p_jax.data.loader import DataError
     for step in reversed(self.steps()):
       if os.path.isfile(self._metrics_path(step)):
         self._check_signature(step)
       state, reason = None, ""
       try:
         state = self._restore(step, loader)
+      except DataError as e:
+        raise DataError(f"checkpoint {os.path.join(self.directory, str(step))}: {e}") from None
       except Exception as e:  # orbax/tensorstore/json raise many kinds for a damaged file
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
       if _all_processes(state is not None):

@@ -184,9 +184,25 @@ def check(config) -> None:
     value = (config[section] if section else config)[leaf]
     if value < low:
       raise ConfigError(f"config.{key}={value}; expected >= {low}")
+  if lora_config(config) and not config.model.pretrained and (
+      config.model.preset not in LORA_RANDOM_BASE_PRESETS):
+    raise ConfigError(
+        f"config.lora.rank={config.lora.rank} with no config.model.pretrained: the base UNet "
+        f"would be the {config.model.preset!r} preset's random weights, and LoRA trains "
+        "adapters on a frozen base. Give the model to adapt (config.model.pretrained=FOLDER or "
+        "Hub id, e.g. timbrooks/instruct-pix2pix), or set config.lora.rank=0 to train the "
+        f"whole UNet (random bases are for the test presets {LORA_RANDOM_BASE_PRESETS})")
   if config.final_edit and config.objective not in ("cec", "ip2p"):
     raise ConfigError(f"config.final_edit=True edits an image; objective {config.objective!r} "
                       "trains no edit model (set it False)")
+  if config.sample.count < 0 or (config.final_edit and config.sample.count < 1):
+    raise ConfigError(f"config.sample.count={config.sample.count}: the records held out for "
+                      "samples; expected >= 0, and >= 1 with config.final_edit (it edits one)")
+  if (config.sample.every > 0 and config.sample.count < 1
+      and config.objective in SAMPLE_OBJECTIVES):
+    raise ConfigError(f"config.sample.count={config.sample.count} with config.sample.every="
+                      f"{config.sample.every}: the sample grids are drawn from the held-out "
+                      "records; expected sample.count >= 1, or sample.every=0 (no grids)")
   profile_range(config.profile_steps)
   _check_local(config.data.dir, "config.data.dir")
 
@@ -239,6 +255,45 @@ def pretrain_config(config):
   return _dataclass_from(PretrainConfig, config.pretrain, "pretrain")
 
 
+# The objectives whose trained module is a UNet, which LoRA can adapt.
+LORA_OBJECTIVES = ("cec", "ip2p", "t2i")
+# Presets whose random UNet LoRA may adapt without config.model.pretrained: the smoke / test
+# preset (sd15 and the ShapesWorld preset are real models, adapted only once trained). Checked
+# by `check`, not `lora_config`: planning (plan.planned_config) drops the checkpoint on purpose.
+LORA_RANDOM_BASE_PRESETS = ("tiny",)
+
+
+def lora_config(config):
+  """config.lora -> a `models.lora.LoRAConfig`, or None when lora.rank is 0 (full
+  fine-tuning). Raises ConfigError naming the key for a value the run cannot use."""
+  from uip2p_jax.models.lora import LoRAConfig
+  lora = config.lora
+  if lora.rank == 0:
+    if lora.init_from:
+      raise ConfigError(f"config.lora.init_from={lora.init_from!r} needs config.lora.rank > 0")
+    return None
+  if config.objective not in LORA_OBJECTIVES:
+    raise ConfigError(f"config.lora.rank={lora.rank}: LoRA adapts the UNet; objective "
+                      f"{config.objective!r} trains no UNet (expected one of {LORA_OBJECTIVES})")
+  if config.model.init_from_sd:
+    raise ConfigError("config.lora.rank > 0 with config.model.init_from_sd: LoRA freezes the "
+                      "base UNet, and init_from_sd's image channels start at zero, so they would "
+                      "stay zero. Start LoRA from an edit UNet (config.model.pretrained)")
+  targets = tuple(t.strip() for t in lora.targets.split(",") if t.strip())
+  result = LoRAConfig(rank=lora.rank, alpha=float(lora.alpha), dropout=float(lora.dropout),
+                      targets=targets)
+  try:
+    result.validate()
+  except ValueError as e:
+    raise ConfigError(f"config.lora: {e}") from None
+  if lora.init_from:
+    _check_local(lora.init_from, "config.lora.init_from")
+    if not os.path.exists(lora.init_from):
+      raise ConfigError(f"config.lora.init_from={lora.init_from!r}: no such file (expected a "
+                        "pytorch_lora_weights.safetensors or the folder holding one)")
+  return result
+
+
 def model_kwargs(config, abstract: bool = False) -> dict:
   """`model_set.build_models` arguments of a run (float32 master weights for the UNet)."""
   m = config.model
@@ -248,11 +303,36 @@ def model_kwargs(config, abstract: bool = False) -> dict:
               frozen_dtype=m.frozen_dtype, attention_backend=m.attention_backend,
               remat=m.remat, abstract=abstract, vae=m.vae, text_encoder=m.text_encoder,
               unet_in_channels=4 if config.objective == "t2i" else None,
-              with_probe=config.objective == "probe")
+              with_probe=config.objective == "probe",
+              lora=lora_config(config), lora_init=config.lora.init_from)
+
+
+# The objectives that draw sample grids (and, cec / ip2p, the final edit) from held-out records.
+SAMPLE_OBJECTIVES = ("cec", "ip2p", "t2i", "vae")
+
+
+def sample_holdout(config) -> int:
+  """The records held out of training for the sample grids: config.sample.count, whether or
+  not samples are drawn this time (so the training stream does not depend on sample.every)."""
+  return config.sample.count if config.objective in SAMPLE_OBJECTIVES else 0
+
+
+def run_data_dir(config, workdir: str) -> str:
+  """Where a run reads its dataset from: config.data.dir, or for "sample" workdir/data (built
+  there by the training loop); "" for a rendered world. Builds nothing."""
+  if config.data.kind == "world":
+    return ""  # rendered on the fly
+  if config.data.dir != "sample":
+    if not config.data.dir:
+      raise ConfigError("config.data.dir is empty: give a built dataset folder "
+                        "(uip2p data build ... --out DIR) or 'sample'")
+    return config.data.dir
+  return os.path.join(workdir, "data")
 
 
 def loader_config(config, data_dir: str, processes: int = 1):
-  """The run's LoaderConfig: this process's share of the global batch."""
+  """The run's LoaderConfig: this process's share of the global batch, without the records
+  held out for samples."""
   from uip2p_jax.data.loader import LoaderConfig
   d = config.data
   return LoaderConfig(
@@ -260,7 +340,7 @@ def loader_config(config, data_dir: str, processes: int = 1):
       seed=config.seed, num_workers=d.num_workers, min_scale=d.min_scale,
       max_scale=d.max_scale, flip=d.flip, strict=d.strict,
       tokenizer=config.model.pretrained or config.model.init_from_sd or None,
-      require_reverse=config.objective == "cec")
+      require_reverse=config.objective == "cec", holdout=sample_holdout(config))
 
 
 # The data each objective trains on: "world" is ShapesWorld rendered on the fly (no folder).

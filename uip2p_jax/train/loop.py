@@ -60,7 +60,7 @@ def _compiled_step(config, graphs, params, frozen, schedule, tokenizer, mesh):
   # Only what the compiled step depends on (not checkpointing, logging, samples or export).
   step_config = {name: config[name] for name in ("objective", "batch_size", "ema_decay",
                                                   "ema_dtype", "model", "cycle", "loss", "ip2p",
-                                                  "pretrain", "optim")}
+                                                  "pretrain", "optim", "lora")}
   key = (ml_collections.ConfigDict(step_config).to_json_best_effort(sort_keys=True),
          config.data.resolution, mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))
   if key not in _COMPILED:
@@ -75,16 +75,12 @@ def _compiled_step(config, graphs, params, frozen, schedule, tokenizer, mesh):
 
 
 def _resolve_data_dir(config, workdir: str) -> str:
-  """config.data.dir, or for "sample" the bundled photos built into workdir/data."""
+  """run_config.run_data_dir(config, workdir), building the bundled sample photos there for
+  "sample"."""
   from uip2p_jax.data import builders
-  if config.data.kind == "world":
-    return ""  # rendered on the fly
-  if config.data.dir != "sample":
-    if not config.data.dir:
-      raise run_config.ConfigError("config.data.dir is empty: give a built dataset folder "
-                                   "(uip2p data build ... --out DIR) or 'sample'")
-    return config.data.dir
-  out = os.path.join(workdir, "data")
+  out = run_config.run_data_dir(config, workdir)
+  if config.data.kind == "world" or config.data.dir != "sample":
+    return out
   if not os.path.isfile(os.path.join(builders.dataset_dir(out, "captions"), "dataset_info.json")):
     if jax.process_index() == 0:
       builders.build_sample(out)
@@ -151,13 +147,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
           f"(model), {compiled.hardware_flops / 1e9:.1f} GFLOP (compiled, with recomputation)",
           flush=True)
     preemption = Preemption()
-    sample_batch = None
+    # Samples and the final edit: the held-out records, the same after every resume.
+    wants_samples = (config.sample.every and step < config.total_steps) or config.final_edit
+    sample_batch = (_sample_batch(loader.config)
+                    if wants_samples and run_config.sample_holdout(config) else None)
     last_metrics: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
     while step < config.total_steps:
       host_batch = next(loader)
-      if sample_batch is None:
-        sample_batch = _sample_batch(host_batch, config)
       batch = shd.global_batch(host_batch, functions.batch_sharding,
                                batch_fields(config.objective))
       profile.before(step)
@@ -178,7 +175,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         last_metrics = metrics
         writer.scalars(step, metrics)
         window_start, window_steps = time.perf_counter(), 0
-      if config.sample.every and (step % config.sample.every == 0 or step == config.total_steps):
+      if (config.sample.every and sample_batch is not None
+          and (step % config.sample.every == 0 or step == config.total_steps)):
         write_samples(run, state, sample_batch, step, writer)
       preempted = preemption.requested or checkpoints.reached_preemption(step)
       if preempted or step % config.checkpoint.every == 0 or step == config.total_steps:
@@ -193,8 +191,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     checkpoints.wait_until_finished()
     if config.export:
       export(run, state, lambda: _first_images(config, workdir, VAE_SCALE_IMAGES))
-    if config.final_edit and config.objective in ("cec", "ip2p"):
-      final_edit(run, state, sample_batch or _sample_batch(next(loader), config))
+    if config.final_edit and config.objective in ("cec", "ip2p"):  # (check: sample.count >= 1)
+      final_edit(run, state, sample_batch)
     return TrainResult(last_metrics, preempted=False)
   finally:
     profile.stop()
@@ -269,12 +267,17 @@ def _first_images(config, workdir: str, count: int) -> list[np.ndarray]:
     loader.close()
 
 
-def _sample_batch(host_batch, config) -> dict:
-  """The first examples of a host batch, identical on every process."""
-  batch = {k: v[:config.sample.count] for k, v in host_batch.items() if k != "id"}
+def _sample_batch(loader_config) -> dict:
+  """The held-out examples (`loader.heldout_batch`), identical on every process."""
+  from uip2p_jax.data.loader import heldout_batch
+  batch = heldout_batch(loader_config)
+  ids = [i.decode() for i in batch.pop("id")]
+  if jax.process_index() == 0:
+    print(f"train: samples from {len(ids)} held-out records: {', '.join(ids)}", flush=True)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     batch = multihost_utils.broadcast_one_to_all(batch)
+  batch["id"] = np.asarray(ids)  # host only (not broadcast: strings)
   return batch
 
 

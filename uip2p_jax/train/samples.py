@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from uip2p_jax import sharding as shd
+from uip2p_jax import model_card, sharding as shd
 from uip2p_jax.image_io import sample_grid, to_pil
 from uip2p_jax.schedules import NoiseSchedule
 from uip2p_jax.train.step import TrainState
@@ -64,7 +64,7 @@ def sample_edits(run: RunContext, params, images, forward_ids, reverse_ids=None)
   from uip2p_jax.schedules import make_sampler
   from uip2p_jax.tokenizer import tokenize
   config = run.config
-  unet = nnx.merge(run.graphs["unet"], params)
+  unet = _module(run, "unet", params)
   vae = nnx.merge(run.graphs["vae"], run.frozen["vae"])
   text_encoder = nnx.merge(run.graphs["text_encoder"], run.frozen["text_encoder"])
   sampler = make_sampler("euler_ancestral", run.schedule, config.sample.steps)
@@ -78,7 +78,10 @@ def sample_edits(run: RunContext, params, images, forward_ids, reverse_ids=None)
 
 
 def _module(run: RunContext, name: str, params=None):
-  return nnx.merge(run.graphs[name], run.frozen[name] if params is None else params)
+  """A frozen module, or the trained one with `params` (a LoRA UNet: its factors, merged with
+  the frozen base)."""
+  from uip2p_jax.train.step import merge_module
+  return merge_module(run.graphs[name], params, run.frozen.get(name))
 
 
 def write_samples(run: RunContext, state: TrainState, sample_batch, step: int, writer) -> None:
@@ -146,15 +149,24 @@ def export(run: RunContext, state: TrainState, scale_images=None) -> str:
     parts) writes its VAE, text encoder, tokenizer and scheduler;
   - a VAE: `vae/`, its scaling factor 1 / std of the latents of `scale_images()` (a fixed set:
     the first VAE_SCALE_IMAGES of a fresh loader, so an interrupted export measures the same);
-  - a CLIP: `clip/` (transformers CLIPModel); the probe: `probe/`."""
+  - a CLIP: `clip/` (transformers CLIPModel); the probe: `probe/`.
+  An edit model (cec, ip2p) also gets its model card, README.md (`uip2p_jax.model_card`).
+  A LoRA run's `unet/` is the merged UNet (base + scale * A B) and `lora/` holds the factors as
+  `pytorch_lora_weights.safetensors`, which diffusers' `load_lora_weights` applies to the run's
+  base pipeline (`model.pretrained`)."""
   from uip2p_jax import weights
   from uip2p_jax.train.step import trained_module
   trained = trained_module(run.config.objective)
   params = host_tree(evaluated_params(state))
+  step = int(host_tree(state.step))
   out = os.path.join(run.workdir, "export")
+  lora = run.config.lora.rank > 0
+  base = host_tree(run.frozen[trained]) if lora else None  # a LoRA UNet's frozen base
   if jax.process_index() != 0:
     return out
-  module = nnx.merge(run.graphs[trained], jax.tree.map(np.asarray, params))
+  from uip2p_jax.train.step import merge_module
+  module = merge_module(run.graphs[trained], jax.tree.map(np.asarray, params),
+                        None if base is None else jax.tree.map(np.asarray, base))
   which = "EMA " if state.ema_params is not None else ""
   if trained == "vae":
     if scale_images is None:
@@ -171,9 +183,9 @@ def export(run: RunContext, state: TrainState, scale_images=None) -> str:
     save(module, os.path.join(out, trained))
     print(f"train: exported the {which}{trained} to {out}/{trained}", flush=True)
     return out
-  base = run.config.model.pretrained or run.config.model.init_from_sd
-  if base:
-    root = weights.resolve_folder(base)
+  base_pipeline = run.config.model.pretrained or run.config.model.init_from_sd
+  if base_pipeline:
+    root = weights.resolve_folder(base_pipeline)
     for name in os.listdir(root):
       source = os.path.join(root, name)
       if name == "unet" or name.startswith("."):
@@ -186,10 +198,23 @@ def export(run: RunContext, state: TrainState, scale_images=None) -> str:
   else:
     write_pipeline_parts(out, _module(run, "vae"), _module(run, "text_encoder"), run.tokenizer,
                          run.schedule)
+  if lora:
+    from uip2p_jax.models.lora import merge_lora
+    from uip2p_jax.train.config import lora_config
+    lora_file = weights.save_lora(module, os.path.join(out, "lora"), lora_config(run.config))
+    print(f"train: exported the {which}LoRA factors to {lora_file} (diffusers' "
+          "load_lora_weights format, for the run's base UNet)", flush=True)
+    module = merge_lora(module)
   weights.save_unet(module, os.path.join(out, "unet"))
-  print(f"train: exported the {which}UNet (diffusers format) to {out}/unet"
-        + (" with the base pipeline's other parts" if base else
+  merged = "LoRA-merged " if lora else ""
+  print(f"train: exported the {which}{merged}UNet (diffusers format) to {out}/unet"
+        + (" with the base pipeline's other parts" if base_pipeline else
            " with the run's VAE, text encoder, tokenizer and scheduler"), flush=True)
+  if run.config.objective in model_card.EDIT_OBJECTIVES:
+    model_card.write_training_record(out, run.config, step, run.workdir)
+    print(f"train: model card {model_card.write_card(out)} (after `uip2p eval`, `uip2p export "
+          f"card {out}` adds its table; --push-to-hub OWNER/NAME uploads the export)",
+          flush=True)
   return out
 
 

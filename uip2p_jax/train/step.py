@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from uip2p_jax import sharding as shd
 from uip2p_jax.cycle import cycle_losses, ip2p_losses
 from uip2p_jax.model_set import ModelSet
+from uip2p_jax.models.lora import dropout_key as lora_dropout_key
 from uip2p_jax.schedules import NoiseSchedule
 from uip2p_jax.train import config as run_config
 
@@ -84,7 +85,10 @@ def trained_module(objective: str) -> str:
 def split_models(models: ModelSet, objective: str = "cec"):
   """(graphdefs, trained parameters, frozen parameters) of `objective` as pure dicts of arrays
   (or shapes): the trained module (`trained_module(objective)`) and the frozen ones its loss
-  and samples read."""
+  and samples read. A UNet with LoRA layers is trained through its factors only: they are the
+  trained parameters and its base joins the frozen ones (under the same name; see
+  `merge_module`)."""
+  from uip2p_jax.models.lora import LoRAParam, has_lora
   trained = trained_module(objective)
   graphs, frozen, params = {}, {}, None
   for name in (trained,) + OBJECTIVES[objective][1]:
@@ -92,6 +96,11 @@ def split_models(models: ModelSet, objective: str = "cec"):
     if module is None:
       raise ValueError(f"objective {objective!r} needs the model set's {name}, which was not "
                        "built")
+    if name == trained and has_lora(module):
+      graph, lora_state, base_state = nnx.split(module, LoRAParam, ...)
+      graphs[name] = graph
+      params, frozen[name] = nnx.to_pure_dict(lora_state), nnx.to_pure_dict(base_state)
+      continue
     graph, state = nnx.split(module)
     graphs[name] = graph
     if name == trained:
@@ -99,6 +108,15 @@ def split_models(models: ModelSet, objective: str = "cec"):
     else:
       frozen[name] = nnx.to_pure_dict(state)
   return graphs, params, frozen
+
+
+def merge_module(graph, params=None, frozen=None):
+  """A module from `split_models`' pieces: its trained `params`, its `frozen` parameters, or
+  both (a LoRA UNet: the factors, then the frozen base)."""
+  return nnx.merge(graph, *[state for state in (params, frozen) if state is not None])
+
+
+LORA_DROPOUT_STREAM = 0x10AA  # fold_in of the step key that seeds LoRA dropout
 
 
 def loss_function(config, graphs, alphas_cumprod, empty_ids) -> Callable:
@@ -110,9 +128,17 @@ def loss_function(config, graphs, alphas_cumprod, empty_ids) -> Callable:
   if objective == "cec":
     cycle, weights = run_config.cycle_config(config), run_config.loss_config(config)
   pretrain = run_config.pretrain_config(config)
+  lora = run_config.lora_config(config)
 
   def compute(params, frozen, batch, key):
-    module = lambda name: nnx.merge(graphs[name], params if name == trained else frozen[name])
+    if lora is not None and lora.dropout:  # the LoRA layers' dropout masks come from this key
+      with lora_dropout_key(jax.random.fold_in(key, LORA_DROPOUT_STREAM)):
+        return losses(params, frozen, batch, key)
+    return losses(params, frozen, batch, key)
+
+  def losses(params, frozen, batch, key):
+    module = lambda name: merge_module(graphs[name], params if name == trained else None,
+                                       frozen.get(name))
     if objective == "cec":
       return cycle_losses(module("unet"), module("vae"), module("text_encoder"), module("clip"),
                           batch, key, alphas_cumprod, cycle, weights, empty_ids=empty_ids)
@@ -124,9 +150,9 @@ def loss_function(config, graphs, alphas_cumprod, empty_ids) -> Callable:
     if objective == "t2i":
       return pretraining.t2i_losses(module("unet"), module("vae"), module("text_encoder"), batch,
                                     key, alphas_cumprod, pretrain, empty_ids=empty_ids)
-    losses = {"vae": pretraining.vae_losses, "clip": pretraining.clip_losses,
-              "probe": pretraining.probe_losses}[objective]
-    return losses(module(trained), batch, key, pretrain)
+    world_losses = {"vae": pretraining.vae_losses, "clip": pretraining.clip_losses,
+                    "probe": pretraining.probe_losses}[objective]
+    return world_losses(module(trained), batch, key, pretrain)
   return compute
 
 
@@ -288,9 +314,11 @@ def model_flops(config, lowered, graphs, params, frozen, schedule, tokenizer, me
   if config.model.remat != "none":
     from uip2p_jax.models.partitioning import set_remat
     shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    trained = trained_module(config.objective)
     plain_graphs = {}
     for name, graph in graphs.items():
-      module = nnx.merge(graph, shapes(params if name == "unet" else frozen[name]))
+      module = merge_module(graph, shapes(params) if name == trained else None,
+                            shapes(frozen[name]) if name in frozen else None)
       if name != "text_encoder":  # the modules build_models set a remat policy on
         set_remat(module, "none")
       plain_graphs[name] = nnx.split(module)[0]
@@ -331,3 +359,20 @@ def abstract_batch(config, global_batch: int, sharding) -> dict[str, jax.ShapeDt
     return (global_batch, 77), jnp.int32
   return {name: jax.ShapeDtypeStruct(*shape(name), sharding=sharding)
           for name in batch_fields(config.objective)}
+
+
+def synthetic_batch(config, global_batch: int, sharding, seed: int = 0) -> dict[str, jax.Array]:
+  """A random global batch of `abstract_batch`'s shapes, on one process (benchmarks, tests):
+  images uniform in [-1, 1], token ids BOS + five random tokens + EOS padding, labels 0."""
+  rng = np.random.default_rng(seed)
+  host = {}
+  for name, spec in abstract_batch(config, global_batch, None).items():
+    if name.endswith("image"):
+      host[name] = rng.uniform(-1, 1, spec.shape).astype(np.float32)
+    elif name == "labels":
+      host[name] = np.zeros(spec.shape, np.int32)
+    else:
+      ids = np.full(spec.shape, 49407, np.int32)
+      ids[:, 0], ids[:, 1:6] = 49406, rng.integers(1000, 40000, (spec.shape[0], 5))
+      host[name] = ids
+  return shd.global_batch(host, sharding, batch_fields(config.objective))
