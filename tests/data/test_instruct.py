@@ -164,13 +164,16 @@ def test_killed_run_resumes_to_the_same_lines(tmp_path):
     server.default = "good"
     assert subprocess.run(args, capture_output=True).returncode == 0
     assert sorted(open(out_file).read().splitlines(keepends=True)) == sorted(full)
-    # Ctrl-C: status 75, whole lines only.
-    server.default = ("slow", 0.3)
+    # Ctrl-C: status 75, whole lines only. Answers 1 s apart leave the 10 keys after the second
+    # line several seconds of run for the signal to land in (0.3 s once let the run finish first).
+    server.default = ("slow", 1.0)
     args[args.index(str(tmp_path / "killed"))] = str(tmp_path / "interrupted")
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     out_file = tmp_path / "interrupted" / "instructions.jsonl"
-    while len(read_lines(out_file)) < 2 and time.monotonic() < deadline + 30:
+    deadline = time.monotonic() + 60
+    while len(read_lines(out_file)) < 2 and time.monotonic() < deadline:
       time.sleep(0.05)
+    assert len(read_lines(out_file)) >= 2, "the run wrote no 2 lines within 60 s"
     process.send_signal(signal.SIGINT)
     stdout, _ = process.communicate(timeout=30)
     assert process.returncode == 75 and "interrupted (Ctrl-C)" in stdout
