@@ -1,6 +1,8 @@
 """ShapesWorld's supervised baseline: InstructPix2Pix on the world's pairs (input, instruction,
 true edited scene), the 8-channel UNet initialised from the world's text-to-image prior (image
-channels zero), trained with the `ip2p` objective (conditioning dropout 5%).
+channels zero), trained with the `ip2p` objective (conditioning dropout 5%), offset noise 0.1 and
+the v-prediction loss weighting (`ip2p.noise_offset`, `ip2p.loss_weighting`: without them the
+model barely reads its image condition; RESULTS.md has the two runs that showed it).
 
   uip2p data build shapes --out runs/shapes/data --train 20000 --test 500 --seed 0
   uip2p train --config experiments/shapes/ip2p.py[:runs=runs/shapes] --workdir runs/shapes/ip2p
