@@ -34,6 +34,20 @@ def maybe_initialize_distributed() -> None:
                 (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
                 if var in os.environ}
     jax.distributed.initialize(**explicit)
+    use_distributed_barriers()
+
+
+def use_distributed_barriers() -> None:
+  """Orbax's barriers through the coordination service (5 min timeout) instead of a collective:
+  a new gloo/NCCL communicator waits only 30 s for its peers, and hosts that compile at
+  different speeds reach orbax's first barrier further apart than that (seen on this 2-core
+  machine: "Gloo context initialization failed: DEADLINE_EXCEEDED"). The switch is an absl flag;
+  reading it needs absl's flags marked parsed, and our CLI parses none of them."""
+  from absl import flags
+  from orbax.checkpoint._src.multihost import multihost
+  flags.FLAGS.mark_as_parsed()
+  flags.FLAGS[multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.name].value = True
+  assert multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.value
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
