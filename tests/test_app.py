@@ -4,6 +4,7 @@ process with the embedded tiny model at 64 px and 2 steps."""
 
 import io
 import os
+import pathlib
 import socket
 import tempfile
 import urllib.request
@@ -72,7 +73,7 @@ def test_edit_in_the_browser(server, browser, tmp_path):
   wait = WebDriverWait(browser, WAIT_S)
   css = lambda selector: browser.find_element(By.CSS_SELECTOR, selector)
   status = lambda: css("#status").text
-  photo = photo_examples()[2][0]  # coffee.jpg
+  photo = next(path for path, _ in photo_examples() if path.endswith("coffee.jpg"))
 
   def upload(path) -> None:
     """Sends `path` to the image input and waits until the page shows it (its file URL)."""
@@ -124,14 +125,15 @@ def test_edit_in_the_browser(server, browser, tmp_path):
     print(f"screenshot of the page: {screenshot}")
 
 
-def test_bad_input_messages_and_shapes_examples(tmp_path):
+def test_bad_input_messages_and_shapes_examples(tmp_path, monkeypatch):
   """Without a browser or a model: each bad input is a message for the page, and a ShapesWorld
   model's page adds the world's test scenes to the sample photos."""
+  monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # the examples' copies
   import gradio as gr
   from uip2p_jax.app import Editor, build_app, photo_examples
   editor = Editor(pipe=None)  # every check below comes before the model is used
   truncated = tmp_path / "truncated.jpg"
-  truncated.write_bytes(open(photo_examples()[0][0], "rb").read()[:2000])  # header, then cut
+  truncated.write_bytes(pathlib.Path(photo_examples()[0][0]).read_bytes()[:2000])  # cut short
   for image, instruction, message in [
       (None, "make it snowy", "Upload an image first"),
       (str(truncated), "   ", "Type an instruction first"),
@@ -142,4 +144,5 @@ def test_bad_input_messages_and_shapes_examples(tmp_path):
   datasets = [block for block in app.blocks.values() if isinstance(block, gr.Dataset)]
   assert [len(d.samples) for d in datasets] == [8, 12]  # 8 scenes; 6 photos x 2 edits
   scene, instruction = datasets[0].samples[0]
-  assert instruction and Image.open(scene["path"]).size == (64, 64)
+  with Image.open(scene["path"]) as image:
+    assert instruction and image.size == (64, 64)

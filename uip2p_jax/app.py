@@ -94,7 +94,10 @@ class Editor:
       raise gr.Error(unreadable(os.path.basename(image_path))) from e
     steps = int(steps)
     seed = random.randint(0, MAX_SEED) if randomize or seed is None else int(seed)
-    width, height = working_size(*image.size, self.resolution, self.pipe.working_multiple)
+    try:
+      width, height = working_size(*image.size, self.resolution, self.pipe.working_multiple)
+    except ValueError as e:  # a resolution below the model's size multiple
+      raise gr.Error(str(e)) from e
     shape = (width, height, steps, self.sampler)
     where = f"{width}x{height} px, {steps} step{'s' * (steps != 1)}"
     first = shape not in self.compiled
