@@ -10,6 +10,29 @@ files=("$root/requirements.txt" "$root/requirements-nodeps.txt" "$root/pyproject
 accelerator="${UIP2P_JAX:-cpu}"
 [[ "${1:-}" == "--test" ]] && files+=("$root/requirements-test.txt")
 
+# The browser test (tests/test_app.py) drives Debian's chromium through its chromedriver, from
+# the system packages (pip's selenium never downloads a browser here).
+if [[ "${1:-}" == "--test" ]] && ! [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]]; then
+  as_root=()
+  if [[ "$(id -u)" != 0 ]]; then
+    if ! sudo -n true 2>/dev/null; then
+      echo "setup: the browser test needs /usr/bin/chromium and /usr/bin/chromedriver; install" \
+           "them as root (Debian: apt-get install chromium chromium-driver) and run this again" >&2
+      exit 1
+    fi
+    as_root=(sudo -n)
+  fi
+  if ! command -v apt-get >/dev/null; then
+    echo "setup: the browser test needs /usr/bin/chromium and /usr/bin/chromedriver, and this" \
+         "machine has no apt-get to install them with (Debian: chromium chromium-driver)" >&2
+    exit 1
+  fi
+  echo "setup: installing chromium and chromium-driver (the browser test)" >&2
+  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends chromium chromium-driver >/dev/null
+fi
+
 [[ -x "$venv/bin/python" ]] || "${PYTHON:-python3}" -m venv "$venv"
 stamp="$venv/.uip2p-requirements"
 want="$( (cat "${files[@]}"; echo "$accelerator") | sha256sum | cut -d' ' -f1)"
@@ -27,3 +50,4 @@ if [[ ! -f "$stamp" ]] || ! grep -qx "$want" "$stamp"; then
   "${pip[@]}" --no-deps -e "$root"
   echo "$want" >> "$stamp"
 fi
+

@@ -76,6 +76,7 @@ def test_demo_runs_every_model_and_the_edit(tmp_path, capsys):
     (["edit", "--batch", "r.jsonl", "--steps", "-3"], "argument --steps: -3"),
     (["edit", "--batch", "r.jsonl", "--resolution", "32"],
      "argument --resolution: 32: expected a resolution in pixels of at least 64"),
+    (["app", "--port", "0"], "argument --port: 0: expected a port number of at least 1"),
 ])
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
   with pytest.raises(SystemExit) as exit_info:

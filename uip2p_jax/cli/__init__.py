@@ -1,6 +1,6 @@
-"""The `uip2p` command (also `python -m uip2p_jax`): edit, demo, train, plan, eval, data, export.
+"""The `uip2p` command (`python -m uip2p_jax`): edit, app, demo, train, plan, eval, data, export.
 
-One module per command group (`edit.py`, `demo.py`, `train.py`, `plan.py`, `eval.py`,
+One module per command group (`edit.py`, `app.py`, `demo.py`, `train.py`, `plan.py`, `eval.py`,
 `data.py`, `export.py`), each with `add_parser(commands)` and its run function; `common.py`
 holds what they share (argument types, exit statuses, loading the edit pipeline).
 """
@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from uip2p_jax.cli import common, data, demo, edit, eval as evaluation, export, plan, train
+from uip2p_jax.cli import (app, common, data, demo, edit, eval as evaluation, export, plan,
+                           train)
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="uip2p", description=__doc__.split("\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
-  for group in (demo, edit, train, plan, evaluation, data, export):
+  for group in (demo, edit, app, train, plan, evaluation, data, export):
     group.add_parser(commands)
   return parser
 
