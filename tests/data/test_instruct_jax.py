@@ -82,6 +82,21 @@ def test_jax_backend_resumed_run_writes_the_same_lines(jax_run, tiny_gemma, tmp_
                   else []) == sorted(lines), name
 
 
+def test_generation_stops_at_a_stop_token(jax_run, tiny_gemma):
+  """Every token a stop token: each row ends at its first, which its answer leaves out."""
+  from uip2p_jax.data.jax_llm import GemmaGenerator, JaxConfig
+  generator = GemmaGenerator(JaxConfig(model=tiny_gemma[1], batch_size=4, max_new_tokens=24,
+                                       temperature=0.7, seed=5))  # the CLI run's compiled shape
+  prompt = instruct.load_prompt("captions")
+  prompts = [generator.encode(instruct.user_message("captions", instruct.Item(
+      f"k{i}", "", {"input_caption": c}), prompt)) for i, c in enumerate(CAPTIONS[:2])]
+  answers = generator.generate(["k0", "k1"], prompts)
+  assert [a.completion_tokens for a in answers] == [24, 24]  # a random model never stops
+  generator.is_stop[:] = True  # (the same compiled program: the mask's shape is the vocab's)
+  answers = generator.generate(["k0", "k1"], prompts)
+  assert [(a.content, a.completion_tokens) for a in answers] == [("", 1), ("", 1)]
+
+
 # google/gemma-2-2b-it's chat template (its tokenizer_config.json), as transformers renders it.
 GEMMA2_CHAT_TEMPLATE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role "

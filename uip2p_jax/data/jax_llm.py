@@ -70,10 +70,10 @@ def prompt_key_data(seed: int, key: str) -> np.ndarray:
   return np.frombuffer(digest[:8], np.uint32).copy()
 
 
-def _sample(graphdef, state, prompt_ids, padding, key_data, temperature, stop_ids, *,
+def _sample(graphdef, state, prompt_ids, padding, key_data, temperature, is_stop, *,
             max_new_tokens, greedy, batch_sharding):
   """(B, P) left-padded prompts -> (B, max_new_tokens) tokens and (B,) counts generated (the
-  ending token included; rows that never end count max_new_tokens)."""
+  ending token included; rows that never end count max_new_tokens). is_stop: (vocab,) bool."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -97,7 +97,7 @@ def _sample(graphdef, state, prompt_ids, padding, key_data, temperature, stop_id
     return jax.vmap(jax.random.categorical)(step_keys, logits / temperature).astype(jnp.int32)
 
   def ended(token):
-    return jnp.isin(token, stop_ids)
+    return is_stop[token]
 
   first = pick(hidden[:, -1], 0)
   tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
@@ -160,7 +160,9 @@ class GemmaGenerator:
     stop = {end_of_turn, *model.config.eos_token_id}
     if self.tokenizer.token_to_id("<eos>") is not None:
       stop.add(self.tokenizer.token_to_id("<eos>"))
-    self.stop_ids = np.asarray(sorted(stop), np.int32)
+    # A mask over the vocabulary, not a list: its shape never changes what is compiled.
+    self.is_stop = np.zeros((model.config.vocab_size,), bool)
+    self.is_stop[sorted(i for i in stop if i < model.config.vocab_size)] = True
     # One mesh over this process's devices: on a pod each host is its own shard of the input
     # (--num-shards / --shard), so no host waits for another's batches.
     devices = jax.local_devices()
@@ -208,13 +210,12 @@ class GemmaGenerator:
     put = lambda x: jax.device_put(x, self.batch_sharding)
     tokens, counts = self._sample(self.state, put(ids), put(padding), put(key_data),
                                   self._temperature,
-                                  jax.device_put(self.stop_ids, self._replicated))
+                                  jax.device_put(self.is_stop, self._replicated))
     tokens, counts = np.asarray(tokens), np.asarray(counts)
-    stop = set(self.stop_ids.tolist())
     answers = []
     for row in range(count):
       generated = tokens[row, :counts[row]].tolist()
-      text_ids = generated[:-1] if generated and generated[-1] in stop else generated
+      text_ids = generated[:-1] if generated and self.is_stop[generated[-1]] else generated
       answers.append(Generated(self.tokenizer.decode(text_ids, skip_special_tokens=True),
                                len(prompts[row]), int(counts[row])))
     return answers
