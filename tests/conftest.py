@@ -130,6 +130,54 @@ def torch_clip(request, tmp_path_factory):
   return model, str(folder)
 
 
+# A Gemma-2-shaped decoder: 2 layers (sliding, global), GQA 4:2, every soft-cap on.
+GEMMA_CONFIG = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                    query_pre_attn_scalar=8, sliding_window=8, max_position_embeddings=2048,
+                    eos_token_id=[1, 6])
+
+
+def tiny_gemma_tokenizer(vocab_size: int):
+  """transformers' GemmaTokenizer (tokenizer.json: byte-fallback BPE, spaces as "▁") with
+  merges learned from the instruct prompts; ids as Gemma's: <pad> 0, <eos> 1, <bos> 2, <unk> 3,
+  <mask> 4, then <start_of_turn> 5, <end_of_turn> 6 and the 256 byte tokens."""
+  import json
+
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+  from transformers import GemmaTokenizer
+
+  from uip2p_jax.data import instruct
+  special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+  bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+  bpe.normalizer = normalizers.Replace(" ", "\u2581")
+  bpe.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_previous")
+  bpe.train_from_iterator(
+      [instruct.load_prompt(mode).text for mode in instruct.MODES],
+      trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                          special_tokens=special + [f"<0x{i:02X}>" for i in range(256)]))
+  learned = json.loads(bpe.to_str())["model"]
+  tokenizer = GemmaTokenizer(vocab=learned["vocab"], merges=[tuple(m) for m in learned["merges"]])
+  tokenizer.add_special_tokens({"additional_special_tokens": special[5:]})
+  assert len(tokenizer) <= vocab_size and tokenizer.convert_tokens_to_ids(special[6]) == 6
+  return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory):
+  """(transformers Gemma2ForCausalLM, its folder with a tiny tokenizer): random weights large
+  enough that every layer matters."""
+  from transformers import Gemma2Config, Gemma2ForCausalLM
+  seeded(11)
+  model = Gemma2ForCausalLM(Gemma2Config(**GEMMA_CONFIG, attn_implementation="eager")).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.normal_(0.0, 0.5 if "norm" in name else 0.3)
+  folder = tmp_path_factory.mktemp("gemma")
+  model.save_pretrained(folder)
+  tiny_gemma_tokenizer(GEMMA_CONFIG["vocab_size"]).save_pretrained(folder)
+  return model, str(folder)
+
+
 def max_rel_error(ours, reference):
   """Max abs error divided by the reference's max magnitude (the issue's tolerance measure)."""
   ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)

@@ -25,6 +25,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from uip2p_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextTransformer
+from uip2p_jax.models.gemma import Gemma2Config, Gemma2ForCausalLM
 from uip2p_jax.models.random_init import nest
 from uip2p_jax.models.unet import UNet2DConditionModel, UNetConfig
 from uip2p_jax.models.vae import AutoencoderKL, VAEConfig
@@ -300,6 +301,23 @@ def load_vit(path_or_repo: str | os.PathLike, subfolder: str | None = None, *,
   return load_state(lambda: ViTModel(config, rngs=nnx.Rngs(0), dtype=dtype,
                                      param_dtype=param_dtype),
                     tensors, source=folder, prefix=prefix, param_dtype=param_dtype)
+
+
+def load_gemma2(path_or_repo: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
+                revision: str | None = None) -> Gemma2ForCausalLM:
+  """Load a transformers `Gemma2ForCausalLM` folder or repo id (e.g. google/gemma-2-2b-it).
+
+  The output projection is the embedding table (tied), so a saved `lm_head.weight` is not
+  read. param_dtype defaults to dtype: bfloat16 halves the memory of float32 checkpoints.
+  """
+  folder = resolve_folder(path_or_repo, None, revision)
+  config = _parse(Gemma2Config.from_transformers, read_config(folder), folder)
+  tensors = read_tensors(weight_files(folder, TRANSFORMERS_WEIGHTS))
+  tensors.pop("lm_head.weight", None)
+  param_dtype = param_dtype or dtype
+  return load_state(lambda: Gemma2ForCausalLM(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                              param_dtype=param_dtype),
+                    tensors, source=folder, param_dtype=param_dtype)
 
 
 def _save(module: nnx.Module, config: dict, out_dir: str | os.PathLike, weights_base: str) -> str:

@@ -152,10 +152,12 @@ INSTRUCT_DESCRIPTION = (
     "--webdataset --instructions`); reverse: an IP2P triple -> reverse instruction "
     "(OUT/reverse_instructions.jsonl, for `data build ip2p --reverse-instructions`). Answers "
     "that fail validation go to OUT/rejected.jsonl with the reason and the raw answer. A rerun "
-    "skips keys already kept or rejected. Exit status: 0 every input key kept or rejected; 3 "
-    "some keys not answered after the retries or input records skipped (each counted; run "
-    "again to retry); 2 a usage error, or the server refuses every request (key, model, URL); "
-    "75 interrupted by Ctrl-C (the lines written are whole: run again to continue).")
+    "skips keys already kept or rejected. Backends: openai (an endpoint, --base-url) or jax "
+    "(Gemma 2 in this process on this host's devices, --model FOLDER_OR_REPO). Exit status: 0 "
+    "every input key kept or rejected; 3 some keys not answered after the retries or input "
+    "records skipped (each counted; run again to retry); 2 a usage error, the server refuses "
+    "every request (key, model, URL) or the jax model cannot be loaded; 75 interrupted by "
+    "Ctrl-C (the lines written are whole: run again to continue).")
 
 
 def _add_instruct_parser(data) -> None:
@@ -175,30 +177,46 @@ def _add_instruct_parser(data) -> None:
   p.add_argument("--caption-column", help="captions, parquet input: the caption column")
   p.add_argument("--key-column", help="captions, parquet input: the key column (default: "
                                       "'<file stem>-<row, 6 digits>')")
-  p.add_argument("--backend", choices=["openai"], default="openai",
+  p.add_argument("--backend", choices=["openai", "jax"], default="openai",
                  help="openai: an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, "
-                      "TGI, Ollama, a hosted API)")
-  p.add_argument("--base-url", required=True,
-                 help="the endpoint's base, e.g. http://localhost:8000/v1")
-  p.add_argument("--model", required=True, help="the model name the endpoint serves")
-  p.add_argument("--api-key-env", metavar="VAR",
-                 help="environment variable holding the API key (default: OPENAI_API_KEY if "
-                      "set; none is sent otherwise)")
-  p.add_argument("--concurrency", type=common.positive_int, default=32,
-                 help="requests in flight (default 32)")
-  p.add_argument("--timeout", type=_positive_float, default=60.0,
-                 help="seconds per request before it is retried (default 60)")
-  p.add_argument("--max-retries", type=common.non_negative_int, default=5,
-                 help="retries of a request after 429 / 408 / 5xx / a timeout / a dropped "
-                      "connection, with exponential backoff and jitter (default 5)")
-  p.add_argument("--retry-delay", type=_positive_float, default=1.0,
-                 help="the first backoff in seconds, doubled per retry (default 1; a 429's "
-                      "Retry-After wins)")
+                      "TGI, Ollama, a hosted API); jax: Gemma 2 in this process on this host's "
+                      "devices, no server (--model FOLDER or a Hub repo id)")
+  p.add_argument("--model", required=True,
+                 help="openai: the model name the endpoint serves; jax: a Gemma 2 folder "
+                      "(config.json, safetensors, tokenizer.json) or Hugging Face repo id, e.g. "
+                      "google/gemma-2-2b-it")
+  openai = p.add_argument_group("backend openai")
+  openai.add_argument("--base-url", help="the endpoint's base, e.g. http://localhost:8000/v1")
+  openai.add_argument("--api-key-env", metavar="VAR",
+                      help="environment variable holding the API key (default: OPENAI_API_KEY "
+                           "if set; none is sent otherwise)")
+  openai.add_argument("--concurrency", type=common.positive_int,
+                      help=f"requests in flight (default {OPENAI_DEFAULTS['concurrency']})")
+  openai.add_argument("--timeout", type=_positive_float,
+                      help="seconds per request before it is retried (default "
+                           f"{OPENAI_DEFAULTS['timeout']:g})")
+  openai.add_argument("--max-retries", type=common.non_negative_int,
+                      help="retries of a request after 429 / 408 / 5xx / a timeout / a dropped "
+                           "connection, with exponential backoff and jitter (default "
+                           f"{OPENAI_DEFAULTS['max_retries']})")
+  openai.add_argument("--retry-delay", type=_positive_float,
+                      help="the first backoff in seconds, doubled per retry (default "
+                           f"{OPENAI_DEFAULTS['retry_delay']:g}; a 429's Retry-After wins)")
+  jax_options = p.add_argument_group("backend jax")
+  jax_options.add_argument("--batch-size", type=common.positive_int,
+                           help=f"prompts generated together (default {JAX_DEFAULTS['batch_size']}"
+                                "), split over the host's devices (rounded up to a multiple of "
+                                "their number)")
+  jax_options.add_argument("--dtype", type=common.compute_dtype,
+                           help=common.DTYPE_HELP.replace("the edit models", "Gemma"))
   p.add_argument("--temperature", type=float, default=0.7,
                  help="sampling temperature (default 0.7: varied edits, mostly valid JSON)")
-  p.add_argument("--seed", type=int, default=0, help="sent with every request and recorded")
-  p.add_argument("--max-tokens", type=common.positive_int, default=256,
-                 help="answer length limit (default 256)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="openai: sent with every request; jax: with each input's key, the key "
+                      "its sampling draws from; recorded either way")
+  p.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens",
+                 type=common.positive_int, default=256,
+                 help="answer length limit in tokens (default 256)")
   p.add_argument("--prompt", metavar="FILE",
                  help="a prompt file instead of the packaged one (captions_v1.txt / "
                       "reverse_v1.txt); its sha256 is recorded")
@@ -213,6 +231,27 @@ def _add_instruct_parser(data) -> None:
                  help="send at most this many keys (to try a prompt or a server)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(run=run_instruct)
+
+
+OPENAI_DEFAULTS = {"concurrency": 32, "timeout": 60.0, "max_retries": 5, "retry_delay": 1.0}
+JAX_DEFAULTS = {"batch_size": 32, "dtype": "auto"}
+
+
+def _backend_options(args: argparse.Namespace) -> None:
+  """Fills in the chosen backend's defaults; refuses the other backend's options."""
+  mine, other = ((OPENAI_DEFAULTS, JAX_DEFAULTS) if args.backend == "openai"
+                 else (JAX_DEFAULTS, {**OPENAI_DEFAULTS, "base_url": None, "api_key_env": None}))
+  given = [name for name in other if getattr(args, name) is not None]
+  if given:
+    flags = ", ".join("--" + name.replace("_", "-") for name in given)
+    raise ValueError(f"{flags}: not an option of --backend {args.backend}")
+  for name, default in mine.items():
+    if getattr(args, name) is None:
+      setattr(args, name, default)
+  if args.backend == "openai" and not args.base_url:
+    raise ValueError("--backend openai needs --base-url, e.g. http://localhost:8000/v1")
+  if args.backend == "jax":
+    args.dtype = common.compute_dtype(args.dtype)
 
 
 def _positive_float(text: str) -> float:
@@ -237,14 +276,22 @@ def run_instruct(args: argparse.Namespace) -> int:
     if not args.input or args.webdataset or args.caption_column or args.key_column:
       raise ValueError("reverse reads --input 'DIR/*.parquet' (the IP2P parquet files) only")
     items, total = instruct.reverse_items(args.input)
-  if args.api_key_env and args.api_key_env not in os.environ:
-    raise ValueError(f"--api-key-env {args.api_key_env}: no such environment variable")
-  config = llm_client.ClientConfig(
-      base_url=args.base_url, model=args.model,
-      api_key=os.environ.get(args.api_key_env or "OPENAI_API_KEY") or None,
-      concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries,
-      retry_delay=args.retry_delay, temperature=args.temperature, seed=args.seed,
-      max_tokens=args.max_tokens)
+  _backend_options(args)
+  if args.temperature < 0:
+    raise ValueError(f"--temperature {args.temperature}: expected 0 (greedy) or more")
+  if args.backend == "jax":
+    config = instruct.JaxConfig(model=args.model, batch_size=args.batch_size,
+                                max_new_tokens=args.max_tokens, temperature=args.temperature,
+                                seed=args.seed, dtype=args.dtype)
+  else:
+    if args.api_key_env and args.api_key_env not in os.environ:
+      raise ValueError(f"--api-key-env {args.api_key_env}: no such environment variable")
+    config = llm_client.ClientConfig(
+        base_url=args.base_url, model=args.model,
+        api_key=os.environ.get(args.api_key_env or "OPENAI_API_KEY") or None,
+        concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries,
+        retry_delay=args.retry_delay, temperature=args.temperature, seed=args.seed,
+        max_tokens=args.max_tokens)
   prompt = instruct.load_prompt(args.mode, args.prompt)
   try:
     summary = instruct.generate(args.mode, items, args.out, config, prompt=prompt, total=total,

@@ -25,6 +25,14 @@ offers only synchronously): ``concurrency`` requests in flight; 429 (waiting its
 most ``max_retries`` times; 401/403/404 (a wrong key, model or URL) stop the run; another 4xx
 refuses that input (rejected as ``refused``).
 
+Backend ``jax`` (``JaxConfig``): Gemma 2 in this process (uip2p_jax/data/jax_llm.py, our Flax
+model in uip2p_jax/models/gemma.py), on this host's devices, no server: the prompts in Gemma's
+chat turns, ``batch_size`` at a time, the batch split over the devices; each input samples
+with its own key (from ``seed`` and its key), so its answer does not depend on its batch (up
+to float rounding). No JSON mode here: the prompt asks for JSON and validation rejects the
+rest. A prompt too long for the model's positions is rejected as ``refused``. ``model`` records the
+folder with a fingerprint of its weight files, or the repo id with its snapshot's commit.
+
 Answers are validated (``validate_answer``); a failing answer goes to ``rejected.jsonl`` with the
 reason, a detail and the raw answer. Outputs are append-only: each line is one ``write`` on an
 unbuffered file, so a killed run loses at most its in-flight requests; a rerun drops a half-
@@ -48,6 +56,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from uip2p_jax.data import sources
+from uip2p_jax.data.jax_llm import JaxConfig
 from uip2p_jax.data.llm_client import (ClientConfig, Refused, ServerError, Unanswered,
                                         chat_completion)
 
@@ -386,14 +395,19 @@ class Summary:
     return "\n".join(lines)
 
 
-def generate(mode: str, items: Iterable[Item | BadInput], out_dir: str, config: ClientConfig, *,
-             prompt: Prompt | None = None, total: int | None = None,
-             retry_rejected: bool = False, num_shards: int = 1, shard: int = 0,
-             limit: int | None = None, progress: bool = True) -> Summary:
-  """Sends every pending input record, validates the answers and appends the lines."""
+def generate(mode: str, items: Iterable[Item | BadInput], out_dir: str,
+             config: ClientConfig | JaxConfig, *, prompt: Prompt | None = None,
+             total: int | None = None, retry_rejected: bool = False, num_shards: int = 1,
+             shard: int = 0, limit: int | None = None, progress: bool = True) -> Summary:
+  """Answers every pending input record (an endpoint for a ClientConfig, the in-process model
+  for a JaxConfig), validates the answers and appends the lines."""
   if not 0 <= shard < num_shards:
     raise ValueError(f"--shard {shard} is not in 0..{num_shards - 1} (--num-shards {num_shards})")
   prompt = prompt or load_prompt(mode)
+  generator = None
+  if isinstance(config, JaxConfig):  # a bad model folder stops here, before any file is written
+    from uip2p_jax.data.jax_llm import GemmaGenerator
+    generator = GemmaGenerator(config)
   clip_length("warm up")  # builds the tokenizer before the clock and the requests start
   os.makedirs(out_dir, exist_ok=True)
   kept_path, rejected_path = output_paths(out_dir, mode, num_shards, shard)
@@ -406,62 +420,143 @@ def generate(mode: str, items: Iterable[Item | BadInput], out_dir: str, config: 
   if not retry_rejected:
     done |= rejected_keys
   summary = Summary()
-  provenance = {"model": config.model, "prompt": prompt.name, "prompt_sha256": prompt.sha256,
+  provenance = {"model": generator.model_id if generator else config.model,
+                "prompt": prompt.name, "prompt_sha256": prompt.sha256,
                 "temperature": config.temperature, "seed": config.seed}
-  kept_writer, rejected_writer = LineWriter(kept_path), LineWriter(rejected_path)
+  output = _Output(mode, provenance, summary, LineWriter(kept_path), LineWriter(rejected_path))
+  bar = _progress_bar(mode, total, progress)
+  pending = _pending(items, summary, done, bar, num_shards=num_shards, shard=shard, limit=limit)
   start = time.perf_counter()
   try:
-    asyncio.run(_generate(mode, items, config, prompt, provenance, done, summary, kept_writer,
-                          rejected_writer, total=total, num_shards=num_shards, shard=shard,
-                          limit=limit, progress=progress))
+    if generator is not None:
+      _generate_jax(mode, pending, generator, prompt, output, bar)
+    else:
+      asyncio.run(_generate(mode, pending, config, prompt, output, bar))
   except KeyboardInterrupt:  # the lines written so far are whole; a rerun sends the rest
     summary.interrupted = True
     summary.stopped = "interrupted (Ctrl-C): run the same command again to continue"
   finally:
     summary.seconds = time.perf_counter() - start
-    kept_writer.close()
-    rejected_writer.close()
+    output.postfix(bar)
+    bar.close()
+    output.close()
   return summary
 
 
-async def _generate(mode, items, config, prompt, provenance, done, summary, kept_writer,
-                    rejected_writer, *, total, num_shards, shard, limit, progress):
-  import aiohttp
+@dataclasses.dataclass
+class _Output:
+  """Validates answers and appends the kept and rejected lines, counting them."""
+  mode: str
+  provenance: dict
+  summary: Summary
+  kept_writer: LineWriter
+  rejected_writer: LineWriter
+
+  def refused(self, item: Item, detail: str) -> None:
+    self.rejected_writer.write({"key": item.key, "mode": self.mode, "reason": "refused",
+                                "detail": detail, "raw": None, **self.provenance})
+    self.summary.rejected["refused"] += 1
+
+  def answered(self, item: Item, content: str) -> None:
+    try:
+      fields = validate_answer(self.mode, item, content)
+    except Rejected as e:
+      self.rejected_writer.write({"key": item.key, "mode": self.mode, "reason": e.reason,
+                                  "detail": e.detail, "raw": content, **self.provenance})
+      self.summary.rejected[e.reason] += 1
+      return
+    if self.mode == "captions":
+      line = {"key": item.key, "input_caption": item.texts["input_caption"], **fields}
+    else:
+      line = {"id": item.key, **item.texts, **fields}
+    self.kept_writer.write({**line, **self.provenance})
+    self.summary.kept += 1
+
+  def postfix(self, bar) -> None:
+    s = self.summary
+    bar.set_postfix_str(f"kept={s.kept} rejected={sum(s.rejected.values())} "
+                        f"failed={len(s.failed)} tok_in={s.tokens_in} tok_out={s.tokens_out}",
+                        refresh=False)
+
+  def close(self) -> None:
+    self.kept_writer.close()
+    self.rejected_writer.close()
+
+
+def _progress_bar(mode: str, total: int | None, progress: bool):
   from tqdm import tqdm
-  bar = tqdm(total=total, unit="rec", desc=f"instruct {mode}", disable=not progress,
-             mininterval=1.0 if sys.stderr.isatty() else 30.0, smoothing=0.05)
-  queue: asyncio.Queue = asyncio.Queue(maxsize=2 * config.concurrency)
+  return tqdm(total=total, unit="rec", desc=f"instruct {mode}", disable=not progress,
+              mininterval=1.0 if sys.stderr.isatty() else 30.0, smoothing=0.05)
+
+
+def _pending(items, summary: Summary, done: set[str], bar, *, num_shards: int, shard: int,
+             limit: int | None) -> Iterator[Item]:
+  """The items to answer: this shard's, first of their key, not done, at most `limit`; the
+  rest are counted (and ticked off the bar) here."""
   seen: set[str] = set()
+  sent = 0
+  for item in items:
+    if summary.stopped or (limit is not None and sent >= limit):
+      return
+    if isinstance(item, Item) and not in_shard(item.key, num_shards, shard):
+      summary.other_shards += 1
+    elif isinstance(item, BadInput):
+      if item.key is None or in_shard(item.key, num_shards, shard):
+        summary.bad_inputs.append(item)
+    elif item.key in seen:
+      summary.bad_inputs.append(BadInput(item.key, item.where, "duplicate key (first kept)"))
+    else:
+      seen.add(item.key)
+      if item.key in done:
+        summary.already_done += 1
+      else:
+        sent += 1
+        yield item
+        continue
+    bar.update(1)
+
+
+def _generate_jax(mode, pending, generator, prompt, output, bar):
+  """Batches of prompts (batch_size, rounded up to the device count) through the in-process
+  model, in input order."""
+  summary = output.summary
+  batch: list[tuple[Item, list[int]]] = []
+
+  def flush():
+    answers = generator.generate([item.key for item, _ in batch], [ids for _, ids in batch])
+    for (item, _), answer in zip(batch, answers):
+      summary.requests += 1
+      summary.tokens_in += answer.prompt_tokens
+      summary.tokens_out += answer.completion_tokens
+      output.answered(item, answer.content)
+    bar.update(len(batch))
+    output.postfix(bar)
+    batch.clear()
+
+  from uip2p_jax.data.jax_llm import PromptTooLong
+  for item in pending:
+    ids = generator.encode(user_message(mode, item, prompt))
+    try:
+      generator.check_length(len(ids))
+    except PromptTooLong as e:  # as an endpoint answers 400: this input, not the run, fails
+      summary.requests += 1
+      output.refused(item, str(e))
+      bar.update(1)
+      continue
+    batch.append((item, ids))
+    if len(batch) == generator.rows:
+      flush()
+  if batch:
+    flush()
+
+
+async def _generate(mode, pending, config, prompt, output, bar):
+  import aiohttp
+  summary = output.summary
+  queue: asyncio.Queue = asyncio.Queue(maxsize=2 * config.concurrency)
   # A dead server fails every key after all its retries: stop after this many in a row.
   stop_after = max(20, 2 * config.concurrency)
   consecutive_failures = 0
-
-  def pending() -> Iterator[Item]:
-    sent = 0
-    for item in items:
-      if summary.stopped or (limit is not None and sent >= limit):
-        return
-      if isinstance(item, Item) and not in_shard(item.key, num_shards, shard):
-        summary.other_shards += 1
-      elif isinstance(item, BadInput):
-        if item.key is None or in_shard(item.key, num_shards, shard):
-          summary.bad_inputs.append(item)
-      elif item.key in seen:
-        summary.bad_inputs.append(BadInput(item.key, item.where, "duplicate key (first kept)"))
-      else:
-        seen.add(item.key)
-        if item.key in done:
-          summary.already_done += 1
-        else:
-          sent += 1
-          yield item
-          continue
-      bar.update(1)
-
-  def postfix():
-    bar.set_postfix_str(f"kept={summary.kept} rejected={sum(summary.rejected.values())} "
-                        f"failed={len(summary.failed)} tok_in={summary.tokens_in} "
-                        f"tok_out={summary.tokens_out}", refresh=False)
 
   async def answer(item: Item, session, rng: random.Random) -> None:
     nonlocal consecutive_failures
@@ -477,27 +572,13 @@ async def _generate(mode, items, config, prompt, provenance, done, summary, kept
       return
     except Refused as e:
       summary.requests += 1
-      rejected_writer.write({"key": item.key, "mode": mode, "reason": "refused",
-                             "detail": str(e), "raw": None, **provenance})
-      summary.rejected["refused"] += 1
+      output.refused(item, str(e))
       return
     consecutive_failures = 0
     summary.requests += reply.attempts
     summary.tokens_in += reply.prompt_tokens
     summary.tokens_out += reply.completion_tokens
-    try:
-      fields = validate_answer(mode, item, reply.content)
-    except Rejected as e:
-      rejected_writer.write({"key": item.key, "mode": mode, "reason": e.reason,
-                             "detail": e.detail, "raw": reply.content, **provenance})
-      summary.rejected[e.reason] += 1
-      return
-    if mode == "captions":
-      line = {"key": item.key, "input_caption": item.texts["input_caption"], **fields}
-    else:
-      line = {"id": item.key, **item.texts, **fields}
-    kept_writer.write({**line, **provenance})
-    summary.kept += 1
+    output.answered(item, reply.content)
 
   async def worker(index: int, session) -> None:
     rng = random.Random(f"{config.seed}-{index}")  # backoff jitter only
@@ -506,10 +587,10 @@ async def _generate(mode, items, config, prompt, provenance, done, summary, kept
         continue  # left for the next run, like the records the producer no longer reads
       await answer(item, session, rng)
       bar.update(1)
-      postfix()
+      output.postfix(bar)
 
   async def producer() -> None:
-    for item in pending():
+    for item in pending:
       await queue.put(item)
     for _ in range(config.concurrency):
       await queue.put(None)
@@ -523,11 +604,8 @@ async def _generate(mode, items, config, prompt, provenance, done, summary, kept
           group.create_task(worker(index, session))
   except* ServerError as group_error:
     raise group_error.exceptions[0] from None
-  finally:
-    postfix()
-    bar.close()
 
 
-__all__ = ["MODES", "REJECT_REASONS", "BadInput", "Item", "Prompt", "Rejected", "Summary",
-           "caption_items", "clip_length", "generate", "in_shard", "load_prompt",
+__all__ = ["MODES", "REJECT_REASONS", "BadInput", "Item", "JaxConfig", "Prompt", "Rejected",
+           "Summary", "caption_items", "clip_length", "generate", "in_shard", "load_prompt",
            "output_paths", "read_done", "reverse_items", "user_message", "validate_answer"]
