@@ -9,11 +9,12 @@ Commands (after `uip2p data build ...` into data/<data>; see README "Datasets"):
   bash launch/local.sh train --config experiments/uip2p.py:data=cc3m,losses=full \
       --workdir runs/uip2p_cc3m_full
   # a TPU v5e-32 pod slice (8 hosts x 4 chips): the workdir and the data must be on storage
-  # every host reads, e.g. the bucket mounted with gcsfuse at /gcs/BUCKET on each worker (only
-  # the committed checkout is copied to the workers, so a relative data/ folder is not there)
+  # every host reads: a bucket (gs://, read and written through etils.epath and gcsfs) or a
+  # shared mount. Only the committed checkout is copied to the workers, so a relative data/
+  # folder is not there: build the dataset once into the bucket and give its absolute URL.
   bash launch/tpu_pod.sh uip2p-v5e us-west4-a v5litepod-32 -- \
-      train --config experiments/uip2p.py:data=cc3m,losses=full --workdir /gcs/BUCKET/uip2p_cc3m \
-      --config.data.dir=/gcs/BUCKET/data/cc3m
+      train --config experiments/uip2p.py:data=cc3m,losses=full \
+      --workdir gs://BUCKET/runs/uip2p_cc3m --config.data.dir=gs://BUCKET/data/cc3m
   # the ablation chain
   for l in base sim full; do bash launch/local.sh train \
       --config experiments/uip2p.py:data=ip2p,losses=$l --workdir runs/uip2p_ip2p_$l; done

@@ -2,13 +2,15 @@
 # Create .venv and install the pinned requirements; `--test` adds the test-only ones.
 # Idempotent and quick on re-runs: it reinstalls only when a requirements file changed.
 # Override the interpreter with PYTHON=python3.11 and the venv folder with UIP2P_VENV=DIR.
-# Accelerators: UIP2P_JAX=tpu or UIP2P_JAX=cuda12 installs the matching jax extra (same version).
+# Accelerators: UIP2P_JAX=tpu or UIP2P_JAX=cuda12 installs the matching jax extra (same version);
+# tpu adds requirements-gcs.txt (gcsfs: etils.epath reads and writes gs:// workdirs and data).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${UIP2P_VENV:-$root/.venv}"
 files=("$root/requirements.txt" "$root/requirements-nodeps.txt" "$root/pyproject.toml")
 accelerator="${UIP2P_JAX:-cpu}"
 [[ "${1:-}" == "--test" ]] && files+=("$root/requirements-test.txt")
+[[ "$accelerator" == "tpu" ]] && files+=("$root/requirements-gcs.txt")
 
 # The browser test (tests/test_app.py) drives Debian's chromium through its chromedriver, from
 # the system packages (pip's selenium never downloads a browser here).
@@ -45,6 +47,7 @@ if [[ ! -f "$stamp" ]] || ! grep -qx "$want" "$stamp"; then
     jax_version="$(grep -oP '^jax\[cpu\]==\K.*' "$root/requirements.txt")"
     "${pip[@]}" "jax[$accelerator]==$jax_version"
   fi
+  if [[ "$accelerator" == "tpu" ]]; then "${pip[@]}" -r "$root/requirements-gcs.txt"; fi
   # Last, so pip's resolver never re-checks its (deliberately skipped) torch dependencies.
   "${pip[@]}" --no-deps -r "$root/requirements-nodeps.txt"
   "${pip[@]}" --no-deps -e "$root"

@@ -2,8 +2,8 @@
 # Run a `uip2p` command on every worker of a Cloud TPU VM slice (created if it does not exist).
 #
 #   bash launch/tpu_pod.sh [--dry-run] [--spot] [--queued] NAME ZONE ACCELERATOR_TYPE -- \
-#       train --config experiments/uip2p.py:data=cc3m --workdir /gcs/BUCKET/runs/uip2p_cc3m \
-#       --config.data.dir=/gcs/BUCKET/data/cc3m
+#       train --config experiments/uip2p.py:data=cc3m --workdir gs://BUCKET/runs/uip2p_cc3m \
+#       --config.data.dir=gs://BUCKET/data/cc3m
 #
 # e.g. NAME=uip2p-v5e ZONE=us-west4-a ACCELERATOR_TYPE=v5litepod-32 (also v4-32, v5p-64, v6e-16).
 # Needs `gcloud` logged in with a default project. `--dry-run` prints every command (gcloud,
@@ -22,9 +22,11 @@
 # The committed state of this checkout (`git archive HEAD`) is copied to every worker, set up
 # with `UIP2P_JAX=tpu bash launch/setup.sh`, and the command runs on all workers at once with
 # UIP2P_DISTRIBUTED=1 (JAX finds its peers on the slice itself). The workdir and the data must
-# be on storage every worker reads and writes: the bucket mounted with gcsfuse at the same path
-# on each worker (e.g. /gcs/BUCKET), or NFS; `uip2p train` refuses gs:// URLs by name. Only the
-# committed checkout is copied, so a relative data/ folder is not on the workers.
+# be on storage every worker reads and writes: a bucket given as gs:// URLs (read and written
+# through etils.epath; setup.sh installs gcsfs for UIP2P_JAX=tpu), the bucket mounted with
+# gcsfuse at the same path on each worker (e.g. /gcs/BUCKET), or NFS. Only the committed
+# checkout is copied, so a relative data/ folder is not on the workers: build the dataset once
+# into the bucket and give config.data.dir as its absolute URL.
 #
 # Capacity and preemption:
 # - `--queued` asks for the slice through a queued resource (`gcloud compute tpus

@@ -8,12 +8,15 @@ Everything inside JAX sees (H, W, 3) / (B, H, W, 3) arrays in [-1, 1]; PIL lives
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
+
+from uip2p_jax import storage
 
 # Inputs whose shorter side is below this are upscaled a lot: the edit works, but on a blur.
 MIN_INPUT_SIDE = 64
@@ -110,9 +113,15 @@ def check_output_path(path: str | os.PathLike) -> None:
 
 def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> None:
   """Writes `image` to a temporary file in the same folder, then renames it over `path`:
-  a killed run never leaves a half-written image."""
+  a killed run never leaves a half-written image. A URL (gs://) is one upload, whole or not at
+  all."""
   path = os.fspath(path)
   image_format = output_format(path)
+  if storage.is_remote(path):
+    encoded = io.BytesIO()
+    image.save(encoded, format=image_format)
+    storage.write_bytes(path, encoded.getvalue())
+    return
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
   descriptor, temporary = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.",

@@ -18,10 +18,11 @@ but README.md has already been rewritten for the repo (its commands name OWNER/N
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
+
+from uip2p_jax import storage
 
 TRAINING_FILE = "uip2p_training.json"
 CARD_FILE = "README.md"
@@ -45,9 +46,9 @@ def training_record(config, step: int, workdir: str) -> dict:
   """What the card is written from: the run's config, its step, its data and source commit."""
   record = {"config": json.loads(config.to_json_best_effort()), "step": int(step)}
   provenance = os.path.join(workdir, "provenance.jsonl")
-  if os.path.isfile(provenance):
-    with open(provenance) as f:
-      lines = [json.loads(line) for line in f if line.strip()]
+  if storage.isfile(provenance):
+    lines = [json.loads(line) for line in storage.read_text(provenance).splitlines()
+             if line.strip()]
     if lines:
       record["commit"] = lines[-1].get("commit")
   if config.data.kind != "world":  # a rendered world has no records to count
@@ -64,22 +65,23 @@ def training_record(config, step: int, workdir: str) -> dict:
 
 def write_training_record(export_dir: str, config, step: int, workdir: str) -> str:
   path = os.path.join(export_dir, TRAINING_FILE)
-  with open(path, "w") as f:
-    json.dump(training_record(config, step, workdir), f, indent=2)
+  storage.write_text_atomic(path, json.dumps(training_record(config, step, workdir), indent=2))
   return path
 
 
 def eval_summaries(export_dir: str) -> list[tuple[str, str]]:
   """[(folder, summary.md text)] of `uip2p eval` results in the export folder or a folder
   beside it (a summary.json with its summary.md), sorted by folder."""
-  export_dir = os.path.abspath(export_dir)
-  candidates = [export_dir] + sorted(glob.glob(os.path.join(os.path.dirname(export_dir), "*")))
+  export_dir = storage.absolute(export_dir)
+  parent = os.path.dirname(export_dir)
+  beside = storage.listdir(parent) if storage.isdir(parent) else []
+  candidates = [export_dir] + sorted(os.path.join(parent, name) for name in beside
+                                     if not name.startswith("."))  # as glob's "*"
   found = []
   for folder in candidates:
     markdown = os.path.join(folder, "summary.md")
-    if os.path.isfile(os.path.join(folder, "summary.json")) and os.path.isfile(markdown):
-      with open(markdown) as f:
-        found.append((folder, f.read()))
+    if storage.isfile(os.path.join(folder, "summary.json")) and storage.isfile(markdown):
+      found.append((folder, storage.read_text(markdown)))
   return found
 
 
@@ -121,9 +123,9 @@ def render_card(record: dict, export_dir: str, repo_id: str | None = None,
   fields["pipeline_tag"] = "image-to-image"
   fields["tags"] = ["image-editing", "instruct-pix2pix", "uip2p", "jax", "flax"] + (
       ["lora"] if use_lora else [])
-  ref = repo_id or os.path.abspath(export_dir)
+  ref = repo_id or storage.absolute(export_dir)
   name = repo_id.split("/")[-1] if repo_id else os.path.basename(
-      os.path.dirname(os.path.abspath(export_dir)))
+      os.path.dirname(storage.absolute(export_dir)))
   title = {"cec": "UIP2P (Cycle Edit Consistency)", "ip2p": "InstructPix2Pix"}.get(
       objective, objective)
   optim = config["optim"]
@@ -189,14 +191,12 @@ def write_card(export_dir: str, repo_id: str | None = None,
                license_id: str | None = None) -> str:
   """(Re)writes export_dir/README.md from its training record; returns its path."""
   path = os.path.join(export_dir, TRAINING_FILE)
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"{export_dir}: no {TRAINING_FILE} (expected the export folder of a "
                             "`uip2p train` run of objective cec or ip2p)")
-  with open(path) as f:
-    record = json.load(f)
+  record = json.loads(storage.read_text(path))
   card = os.path.join(export_dir, CARD_FILE)
-  with open(card, "w") as f:
-    f.write(render_card(record, export_dir, repo_id, license_id))
+  storage.write_text_atomic(card, render_card(record, export_dir, repo_id, license_id))
   return card
 
 
@@ -208,6 +208,9 @@ def push_to_hub(export_dir: str, repo_id: str, private: bool = False,
   from huggingface_hub.errors import HfHubHTTPError
   if not is_hub_id(repo_id):
     raise PushError(f"--push-to-hub {repo_id!r}: expected a Hub repo id OWNER/NAME")
+  if storage.is_remote(export_dir):  # huggingface_hub uploads local folders only
+    raise PushError(f"--push-to-hub: {export_dir} is in a bucket; copy it to a local folder "
+                    "first (gcloud storage cp -r) and push that")
   write_card(export_dir, repo_id, license_id)
   api = HfApi()
   try:

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from uip2p_jax import storage
 from uip2p_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextTransformer
 from uip2p_jax.models.gemma import Gemma2Config, Gemma2ForCausalLM
 from uip2p_jax.models.random_init import nest
@@ -322,17 +323,18 @@ def load_gemma2(path_or_repo: str | os.PathLike, *, dtype=jnp.float32, param_dty
 
 def _save(module: nnx.Module, config: dict, out_dir: str | os.PathLike, weights_base: str) -> str:
   """`config.json` + `{weights_base}.safetensors` in out_dir, each written to a temporary name and
-  renamed, so an interrupted save never looks complete."""
+  renamed, so an interrupted save never looks complete (a bucket's: written locally, uploaded)."""
   out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
   tensors = module_tensors(module)
-  weights_path = os.path.join(out_dir, weights_base + ".safetensors")
-  save_file(tensors, weights_path + ".tmp", metadata={"format": "pt"})
-  config_path = os.path.join(out_dir, "config.json")
-  with open(config_path + ".tmp", "w") as f:
-    json.dump(config, f, indent=2)
-  os.replace(weights_path + ".tmp", weights_path)
-  os.replace(config_path + ".tmp", config_path)
+  with storage.local_folder(out_dir) as folder:
+    os.makedirs(folder, exist_ok=True)
+    weights_path = os.path.join(folder, weights_base + ".safetensors")
+    save_file(tensors, weights_path + ".tmp", metadata={"format": "pt"})
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path + ".tmp", "w") as f:
+      json.dump(config, f, indent=2)
+    os.replace(weights_path + ".tmp", weights_path)
+    os.replace(config_path + ".tmp", config_path)
   return out_dir
 
 
@@ -457,15 +459,16 @@ def save_lora(unet: UNet2DConditionModel, out_dir: str | os.PathLike, config=Non
   if not tensors:
     raise ValueError("the UNet has no LoRA layers to save")
   out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, LORA_WEIGHTS)
   metadata = {"format": "pt"}
   if config is not None:
     metadata[LORA_METADATA_KEY] = json.dumps({"rank": config.rank, "alpha": config.alpha,
                                               "targets": list(config.targets)})
-  save_file(tensors, path + ".tmp", metadata=metadata)
-  os.replace(path + ".tmp", path)
-  return path
+  with storage.local_folder(out_dir) as folder:  # a bucket's: written locally, uploaded
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LORA_WEIGHTS)
+    save_file(tensors, path + ".tmp", metadata=metadata)
+    os.replace(path + ".tmp", path)
+  return os.path.join(out_dir, LORA_WEIGHTS)
 
 
 def read_lora(path: str | os.PathLike) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]],

@@ -32,7 +32,7 @@ def test_overrides_are_typed_and_nested():
     (["--config.sample.count=0", "--config.final_edit=false"],
      r"config.sample.count=0 with config.sample.every=100: .*or sample.every=0"),
     (["--config.loss.recon_kind=l3"], r"recon_kind"),
-    (["--config.data.dir=gs://bucket/data"], r"config.data.dir='gs://bucket/data': object-store"),
+    (["--config.data.dir=ftp://host/data"], r"config.data.dir='ftp://host/data': ftp:// is not a"),
     (["--config.cycle.bogus=1"], r"cycle has no key 'bogus'"),
     (["--config.total_steps=many"], r"--config.total_steps='many': expected a int"),
     (["--config.cycle.share_noise=maybe"], r"expected a bool"),

@@ -13,6 +13,7 @@ import zlib
 
 from PIL import Image
 
+from uip2p_jax import storage
 from uip2p_jax.cli import common
 from uip2p_jax.eval import curve, magicbrush
 from uip2p_jax.eval.metrics import MetricModels
@@ -117,7 +118,7 @@ def eval_curve(args: argparse.Namespace) -> int:
     edit = make_edit(pipe, args.steps, args.resolution, args.batch_size)
     rows += curve.curve_points(label, edit, records, clip, text_scales, image_scales,
                                args.batch_size)
-  os.makedirs(args.out, exist_ok=True)
+  storage.makedirs(args.out)
   magicbrush.write_csv(rows, os.path.join(args.out, "ip2p_curve.csv"), curve.FIELDS)
   curve.plot(rows, os.path.join(args.out, "ip2p_curve.png"))
   for r in rows:
@@ -167,7 +168,7 @@ def eval_shapes(args: argparse.Namespace) -> int:
     edit = lambda images, chunk: pipe.edit(
         images, [t["instruction"] for t in chunk], steps=args.steps, text_scale=args.text_scale,
         image_scale=args.image_scale, seeds=seeds(chunk), pad_to=args.batch_size)
-  os.makedirs(args.out, exist_ok=True)
+  storage.makedirs(args.out)
   summary = shapes_eval.evaluate(turns, edit, world, args.out, args.label or model, settings,
                                  args.batch_size, roundtrip)
   print(shapes_eval.markdown(summary), end="")
@@ -224,8 +225,7 @@ def eval_shapes_compare(args: argparse.Namespace) -> int:
   table = shapes_eval.compare(args.runs)
   print(table, end="")
   if args.out:
-    with open(args.out, "w") as f:
-      f.write(table)
+    storage.write_text_atomic(args.out, table)
   return common.OK
 
 

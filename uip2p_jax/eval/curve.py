@@ -10,10 +10,12 @@ antialiasing), then CLIP-normalised. `torch_bicubic_matrix` reproduces that resa
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 from PIL import Image
 
+from uip2p_jax import storage
 from uip2p_jax.eval.metrics import MetricModels, cosine_similarity, direction_similarity
 from uip2p_jax.models.clip import CLIP_MEAN, CLIP_STD
 
@@ -119,7 +121,8 @@ def plot(rows: list[dict], path: str) -> None:
   axes.grid(alpha=0.3)
   axes.legend(fontsize=7)
   figure.tight_layout()
-  figure.savefig(path)
+  with storage.open_file(path, "wb") as f:  # matplotlib writes local paths only
+    figure.savefig(f, format=os.path.splitext(path)[1][1:] or "png")
   plt.close(figure)
 
 

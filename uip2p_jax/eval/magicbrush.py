@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
+from uip2p_jax import storage
 from uip2p_jax.eval.metrics import MetricModels, magicbrush_metrics
 from uip2p_jax.image_io import save_image_atomic
 
@@ -65,6 +66,12 @@ def _open(data: bytes) -> Image.Image:
   return Image.open(io.BytesIO(data)).convert("RGB")
 
 
+def _read_image(path: str) -> Image.Image:
+  """An edit written by run_edits (in out_dir, which may be in a bucket)."""
+  with storage.open_file(path, "rb") as f:
+    return _open(f.read())
+
+
 EditFn = Callable[[list[Image.Image], list[str], list[int]], list[Image.Image]]
 
 
@@ -83,13 +90,16 @@ def run_edits(turns: list[dict], edit: EditFn, out_dir: str, mode: str, batch_si
   its own chain broke) is skipped with the reason, and so are its session's later turns; it is
   never restarted from the dataset's (ground-truth) source image."""
   folder = os.path.join(out_dir, mode)
-  os.makedirs(folder, exist_ok=True)
+  storage.makedirs(folder)
   path = lambda t: os.path.join(folder, f"{t['id']}.png")
   by_session: dict[str, dict[int, dict]] = {}
   for t in turns:
     by_session.setdefault(t["img_id"], {})[t["turn"]] = t
   first_turn = min((t["turn"] for t in turns), default=1)
-  pending = [t for t in turns if not os.path.exists(path(t))]
+  # One listing, not a request per turn in a bucket (where an empty folder does not exist).
+  on_disk = set(storage.listdir(folder)) if storage.isdir(folder) else set()
+  made = lambda t: f"{t['id']}.png" in on_disk
+  pending = [t for t in turns if not made(t)]
   report = EditsReport(on_disk=len(turns) - len(pending))
   broken: dict[str, str] = {}  # turn id -> why its chain is broken
 
@@ -102,7 +112,7 @@ def run_edits(turns: list[dict], edit: EditFn, out_dir: str, mode: str, batch_si
       return f"turn {t['turn'] - 1} of session {t['img_id']} is not in the data"
     if previous["id"] in broken:
       return broken[previous["id"]]
-    if not os.path.exists(path(previous)):
+    if not made(previous):
       return f"the edit of turn {previous['id']} is missing"
     return ""
 
@@ -124,13 +134,14 @@ def run_edits(turns: list[dict], edit: EditFn, out_dir: str, mode: str, batch_si
       inputs = []
       for t in chunk:
         if mode == "multi" and t["turn"] != first_turn:
-          inputs.append(Image.open(path(by_session[t["img_id"]][t["turn"] - 1])).convert("RGB"))
+          inputs.append(_read_image(path(by_session[t["img_id"]][t["turn"] - 1])))
         else:
           inputs.append(_open(t["image"]))
       # Per-turn seeds (stable across runs and batch sizes): a resumed run edits the same way.
       seeds = [(seed + zlib.crc32(t["id"].encode())) % 2 ** 31 for t in chunk]
       for t, image in zip(chunk, edit(inputs, [t["instruction"] for t in chunk], seeds)):
         save_image_atomic(image, path(t))  # a killed run never leaves a half-written image
+        on_disk.add(f"{t['id']}.png")
         report.made += 1
         bar.update(1)
   bar.close()
@@ -145,9 +156,8 @@ def check_edit_settings(out_dir: str, settings: dict) -> None:
   steps, scales, resolution, ...), as recorded in out_dir/edits.json: a resumed run would mix
   two models' edits in one score. A folder with edits but no record is refused too."""
   record = os.path.join(out_dir, EDIT_SETTINGS_FILE)
-  if os.path.exists(record):
-    with open(record) as f:
-      made_with = json.load(f)
+  if storage.exists(record):
+    made_with = json.loads(storage.read_text(record))
     differ = {k: v for k, v in settings.items() if made_with.get(k) != v}
     if differ:
       then = ", ".join(f"{k} {made_with.get(k)!r}" for k in differ)
@@ -157,7 +167,7 @@ def check_edit_settings(out_dir: str, settings: dict) -> None:
     return
   for mode in ("single", "multi"):
     folder = os.path.join(out_dir, mode)
-    if os.path.isdir(folder) and any(n.endswith(".png") for n in os.listdir(folder)):
+    if storage.isdir(folder) and any(n.endswith(".png") for n in storage.listdir(folder)):
       raise ValueError(f"{out_dir}: holds edits ({folder}) but no {EDIT_SETTINGS_FILE} saying "
                        "which model and settings made them; give another --out (or remove "
                        "the folder to redo its edits)")
@@ -165,11 +175,9 @@ def check_edit_settings(out_dir: str, settings: dict) -> None:
 
 def record_edit_settings(out_dir: str, settings: dict) -> None:
   """Writes out_dir/edits.json (after `check_edit_settings`), before the first edit."""
-  os.makedirs(out_dir, exist_ok=True)
-  temporary = os.path.join(out_dir, EDIT_SETTINGS_FILE + ".tmp")
-  with open(temporary, "w") as f:
-    json.dump(settings, f, indent=2)
-  os.replace(temporary, os.path.join(out_dir, EDIT_SETTINGS_FILE))
+  storage.makedirs(out_dir)
+  storage.write_text_atomic(os.path.join(out_dir, EDIT_SETTINGS_FILE),
+                            json.dumps(settings, indent=2))
 
 
 def score(turns: list[dict], out_dir: str, mode: str, models: MetricModels,
@@ -179,7 +187,7 @@ def score(turns: list[dict], out_dir: str, mode: str, models: MetricModels,
   folder = os.path.join(out_dir, mode)
   for start in range(0, len(turns), batch_size):
     chunk = turns[start:start + batch_size]
-    edited = [Image.open(os.path.join(folder, f"{t['id']}.png")).convert("RGB") for t in chunk]
+    edited = [_read_image(os.path.join(folder, f"{t['id']}.png")) for t in chunk]
     targets = [_open(t["target_image"]) for t in chunk]
     captions = [t["edited_caption"] for t in chunk]
     values = magicbrush_metrics(models, edited, targets, captions)
@@ -195,14 +203,14 @@ TURN_FIELDS = ("id", "img_id", "turn", "instruction", *METRICS)
 
 def write_csv(rows: list[dict], path: str, fields=TURN_FIELDS) -> None:
   """Rows as CSV with columns `fields` (default: a turn's scores; the curve passes its own)."""
-  with open(path, "w", newline="") as f:
+  with storage.open_file(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(fields))
     writer.writeheader()
     writer.writerows(rows)
 
 
 def read_csv(path: str) -> list[dict]:
-  with open(path, newline="") as f:
+  with storage.open_file(path, newline="") as f:
     return [{**r, "turn": int(r["turn"]), **{m: float(r[m]) for m in METRICS}}
             for r in csv.DictReader(f)]
 
@@ -244,15 +252,16 @@ def markdown_table(summary: dict[str, dict[str, float]], label: str,
 
 
 def write_summary(summary: dict, out_dir: str, label: str, expected: dict | None = None) -> None:
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump({"model": label, "settings": summary, "expected": expected or {}}, f, indent=2)
-  with open(os.path.join(out_dir, "summary.md"), "w") as f:
-    f.write(f"# MagicBrush test: {label}\n\n" + markdown_table(summary, label, expected))
+  storage.write_text_atomic(os.path.join(out_dir, "summary.json"), json.dumps(
+      {"model": label, "settings": summary, "expected": expected or {}}, indent=2))
+  storage.write_text_atomic(os.path.join(out_dir, "summary.md"),
+                            f"# MagicBrush test: {label}\n\n"
+                            + markdown_table(summary, label, expected))
 
 
 def compare(run_a: str, run_b: str) -> str:
   """Two runs' summary tables side by side with differences (B - A), as Markdown."""
-  load = lambda run: json.load(open(os.path.join(run, "summary.json")))
+  load = lambda run: json.loads(storage.read_text(os.path.join(run, "summary.json")))
   a, b = load(run_a), load(run_b)
   lines = [f"| setting | metric | A: {a['model']} | B: {b['model']} | B - A |",
            "|---|---|---|---|---|"]

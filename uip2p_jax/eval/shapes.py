@@ -28,7 +28,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from uip2p_jax import storage
 from uip2p_jax.data import shapes
+from uip2p_jax.image_io import save_image_atomic
 
 METRICS = ("edit_accuracy", "preservation", "l1", "l2", "clip_i", "clip_t")
 GROUPS = ("all",) + tuple(f"kind:{k}" for k in shapes.EDIT_KINDS) + (
@@ -39,11 +41,11 @@ GRID_EXAMPLES = 12  # the first test turns, drawn as input | ours | ground truth
 def load_test(data_dir: str, limit: int | None = None) -> list[dict]:
   """The test turns of a `uip2p data build shapes` folder (scenes_test.jsonl), first `limit`."""
   path = shapes.scenes_path(data_dir, "test")
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"{data_dir}: no scenes_test.jsonl (expected a folder written by "
                             "`uip2p data build shapes --out DIR ...`)")
   rows = []
-  with open(path) as f:
+  with storage.open_file(path) as f:
     for number, line in enumerate(f, 1):
       try:
         row = json.loads(line)
@@ -128,9 +130,9 @@ def evaluate(turns: list[dict], edit: Callable[[np.ndarray, list[dict]], np.ndar
     edited.append(np.asarray(edit(to_unit(inputs[start:start + batch_size]), chunk)))
   edited = np.concatenate(edited)
   edited_uint8 = np.round((np.clip(edited, -1, 1) + 1) * 127.5).astype(np.uint8)
-  os.makedirs(os.path.join(out_dir, "edits"), exist_ok=True)
+  storage.makedirs(os.path.join(out_dir, "edits"))
   for turn, image in zip(turns, edited_uint8):
-    Image.fromarray(image).save(os.path.join(out_dir, "edits", f"{turn['id']}.png"))
+    save_image_atomic(Image.fromarray(image), os.path.join(out_dir, "edits", f"{turn['id']}.png"))
   # Scored on the saved 8-bit pictures (what a user sees, and what a rerun reads back).
   output = to_unit(edited_uint8)
   input_labels = np.stack([shapes.scene_labels(t["scene"]) for t in turns])
@@ -169,7 +171,7 @@ def evaluate(turns: list[dict], edit: Callable[[np.ndarray, list[dict]], np.ndar
     decoded = to_unit(np.round((np.clip(decoded, -1, 1) + 1) * 127.5).astype(np.uint8))
     ok, kept = score_labels(input_labels, target_labels, world.labels(decoded))
     summary["vae_ceiling"] = {"edit_accuracy": float(ok.mean()), "preservation": float(kept.mean())}
-  with open(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
+  with storage.open_file(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["id", "kind", "instruction", "held_out_phrasing", "held_out_combination",
                      *per_example])
@@ -177,11 +179,10 @@ def evaluate(turns: list[dict], edit: Callable[[np.ndarray, list[dict]], np.ndar
       writer.writerow([t["id"], t["edit"]["kind"], t["instruction"], t["held_out_phrasing"],
                        t["held_out_combination"],
                        *(f"{per_example[m][i]:.6g}" for m in per_example)])
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  with open(os.path.join(out_dir, "summary.md"), "w") as f:
-    f.write(f"# ShapesWorld test: {label}\n\n{markdown(summary)}")
-  grid(inputs, edited_uint8, targets, turns).save(os.path.join(out_dir, "grid.png"))
+  storage.write_text_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
+  storage.write_text_atomic(os.path.join(out_dir, "summary.md"),
+                            f"# ShapesWorld test: {label}\n\n{markdown(summary)}")
+  save_image_atomic(grid(inputs, edited_uint8, targets, turns), os.path.join(out_dir, "grid.png"))
   return summary
 
 
@@ -233,10 +234,9 @@ def compare(summary_paths: list[str]) -> str:
   """Several `eval shapes` summaries as one Markdown table (overall and per edit kind)."""
   rows = []
   for path in summary_paths:
-    if os.path.isdir(path):
+    if storage.isdir(path):
       path = os.path.join(path, "summary.json")
-    with open(path) as f:
-      rows.append(json.load(f))
+    rows.append(json.loads(storage.read_text(path)))
   header = ["model", *METRICS, *(f"edit acc. {k}" for k in shapes.EDIT_KINDS),
             "edit acc. held-out phrasing", "edit acc. held-out combination"]
   lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]

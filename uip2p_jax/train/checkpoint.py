@@ -19,6 +19,8 @@ import sys
 import jax
 import numpy as np
 
+from uip2p_jax import storage
+
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGINT; run again to resume
 
 
@@ -91,7 +93,7 @@ class Checkpoints:
   """
 
   def __init__(self, directory: str, config, abstract_state):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)  # orbax takes gs:// itself
     self._config = config.checkpoint
     self._abstract_state = abstract_state
     self.signature = state_signature(abstract_state)
@@ -121,15 +123,14 @@ class Checkpoints:
 
   def _unreadable_metrics(self):
     """(step, path) of checkpoints whose metrics file exists but does not parse."""
-    if not os.path.isdir(self.directory):
+    if not storage.isdir(self.directory):
       return []
     found = []
-    for name in sorted(os.listdir(self.directory)):
+    for name in sorted(storage.listdir(self.directory)):
       path = self._metrics_path(name)
-      if name.isdigit() and os.path.isfile(path):
+      if name.isdigit() and storage.isfile(path):
         try:
-          with open(path) as f:
-            json.load(f)
+          json.loads(storage.read_text(path))
         except (ValueError, OSError):
           found.append((int(name), path))
     return found
@@ -149,8 +150,7 @@ class Checkpoints:
     return self._manager.reached_preemption(step)
 
   def _check_signature(self, step: int) -> None:
-    with open(self._metrics_path(step)) as f:
-      saved = json.load(f).get("state_signature")
+    saved = json.loads(storage.read_text(self._metrics_path(step))).get("state_signature")
     if saved is not None and saved != self.signature:
       raise ResumeError(
           f"checkpoint {self.directory}/{step} holds another train state (signature {saved}, "
@@ -173,7 +173,7 @@ class Checkpoints:
     config.sample.count or dataset) stops the run: it is not damaged, and is kept."""
     from uip2p_jax.data.loader import DataError
     for step in reversed(self.steps()):
-      if os.path.isfile(self._metrics_path(step)):
+      if storage.isfile(self._metrics_path(step)):
         self._check_signature(step)
       state, reason = None, ""
       try:
@@ -196,11 +196,11 @@ class Checkpoints:
           "set, so the run stops (unset it to resume from the previous checkpoint)")
     _quiet_closed_event_loops()
     n = 0
-    while os.path.exists(f"{where}.unreadable-{n}"):
+    while storage.exists(f"{where}.unreadable-{n}"):
       n += 1
     target = f"{where}.unreadable-{n}"
     if jax.process_index() == 0:
-      os.rename(where, target)
+      storage.rename(where, target)
     _sync(f"set aside checkpoint {step}")
     print(f"train: warning: checkpoint {where} cannot be restored ({reason}); moved it to "
           f"{target} and trying the one before", file=sys.stderr, flush=True)

@@ -16,6 +16,7 @@ import sys
 
 import ml_collections
 
+from uip2p_jax import storage
 from uip2p_jax.cycle import CycleConfig, LossConfig
 
 
@@ -129,13 +130,15 @@ def parse_command_line(argv: list[str]) -> Command:
       raise ConfigError(f"unknown argument {arg!r}; {USAGE}")
   if not spec or not workdir:
     raise ConfigError(f"--config and --workdir are required; {USAGE}")
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  _check_url(workdir, "--workdir")
+  # (a bucket is not asked here: no request before the config is known to be right)
+  if not storage.is_remote(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir!r} is a file; expected a folder (created if missing)")
-  _check_local(workdir, "--workdir")
   config = load_config(spec)
   for assignment in overrides:
     apply_override(config, assignment)
   check(config)
+  run_data_dir(config, workdir)  # (its errors too, before the run starts)
   return Command(config, spec, workdir)
 
 
@@ -204,15 +207,23 @@ def check(config) -> None:
                       f"{config.sample.every}: the sample grids are drawn from the held-out "
                       "records; expected sample.count >= 1, or sample.every=0 (no grids)")
   profile_range(config.profile_steps)
-  _check_local(config.data.dir, "config.data.dir")
+  _check_url(config.data.dir, "config.data.dir")
+
+
+def _check_url(path: str, what: str) -> None:
+  """A URL (gs://BUCKET/run) is read and written through etils.epath: refused by name when its
+  scheme is unknown or its filesystem library (gcsfs for gs://) is not installed."""
+  problem = storage.url_problem(path)
+  if problem:
+    raise ConfigError(f"{what}={path!r}: {problem}")
 
 
 def _check_local(path: str, what: str) -> None:
-  """URLs are refused by name: plain file I/O would write `gs://b/run` to ./gs:/b/run."""
-  if "://" in path:
-    raise ConfigError(f"{what}={path!r}: object-store URLs are not read or written directly "
-                      "yet; mount the bucket on every host (gcsfuse: gs://BUCKET at /gcs/BUCKET) "
-                      "and give that path")
+  """Files read by libraries that open local paths only (safetensors): a URL is refused by name
+  (opened as a local path it would be ./gs:/b/...)."""
+  if storage.is_remote(path):
+    raise ConfigError(f"{what}={path!r}: a URL is not read here; copy the file to a local "
+                      "folder (or a mounted bucket) and give that path")
 
 
 def profile_range(spec: str) -> tuple[int, int] | None:
@@ -327,6 +338,11 @@ def run_data_dir(config, workdir: str) -> str:
       raise ConfigError("config.data.dir is empty: give a built dataset folder "
                         "(uip2p data build ... --out DIR) or 'sample'")
     return config.data.dir
+  if storage.is_remote(workdir):  # the dataset builders write local folders only
+    raise ConfigError(f"config.data.dir='sample' builds the sample photos into the workdir, and "
+                      f"--workdir {workdir} is a URL: build them once (`uip2p data build sample "
+                      "--out DIR`, DIR on storage every host reads) and give "
+                      "--config.data.dir=DIR")
   return os.path.join(workdir, "data")
 
 

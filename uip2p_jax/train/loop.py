@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from uip2p_jax import sharding as shd
+from uip2p_jax import sharding as shd, storage
 from uip2p_jax.train import config as run_config
 from uip2p_jax.train.checkpoint import EXIT_PREEMPTED, Checkpoints, Preemption, ResumeError
 from uip2p_jax.train.metric_writer import MetricWriter
@@ -81,7 +81,7 @@ def _resolve_data_dir(config, workdir: str) -> str:
   out = run_config.run_data_dir(config, workdir)
   if config.data.kind == "world" or config.data.dir != "sample":
     return out
-  if not os.path.isfile(os.path.join(builders.dataset_dir(out, "captions"), "dataset_info.json")):
+  if not storage.isfile(os.path.join(builders.dataset_dir(out, "captions"), "dataset_info.json")):
     if jax.process_index() == 0:
       builders.build_sample(out)
     if jax.process_count() > 1:
@@ -112,7 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                                              jax.process_count()))
   except (ValueError, FileNotFoundError) as e:
     raise DataError(f"config.data.dir={config.data.dir!r}: {e}") from None
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   checkpoints = preemption = writer = None
   try:
     models = build_models(**run_config.model_kwargs(config))
@@ -138,8 +138,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     is_writer = jax.process_index() == 0
     writer = MetricWriter(workdir, step, enabled=is_writer)
     if is_writer:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+      storage.write_text_atomic(os.path.join(workdir, "config.json"),
+                                config.to_json_best_effort(indent=2))
       _record_provenance(workdir, step)
     print(f"train: {config.objective} on {jax.device_count()} devices, mesh "
           f"{dict(mesh.shape)}, global batch {global_batch}, steps {step} -> "
@@ -246,10 +246,9 @@ def _record_provenance(workdir: str, step: int) -> None:
                                 timeout=10).stdout.strip())
   except (OSError, subprocess.SubprocessError):
     commit, dirty = "", False
-  with open(os.path.join(workdir, "provenance.jsonl"), "a") as f:
-    f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step,
-                        "argv": sys.argv, "commit": commit or None,
-                        "uncommitted_changes": dirty}) + "\n")
+  storage.append_text(os.path.join(workdir, "provenance.jsonl"), json.dumps(
+      {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step, "argv": sys.argv,
+       "commit": commit or None, "uncommitted_changes": dirty}) + "\n")
 
 
 def _first_images(config, workdir: str, count: int) -> list[np.ndarray]:

@@ -2,21 +2,25 @@
 
 Only process 0 writes. A resumed run first drops what an interrupted run logged after the
 restored step (metrics.jsonl rows are rewritten; TensorBoard is told to purge those steps), so
-each step appears once.
+each step appears once. A workdir in a bucket (gs://) is written through etils.epath, TensorBoard
+events included (`_BucketEventFiles`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+
+from uip2p_jax import storage
 
 
 def truncate_jsonl(path: str, last_step: int) -> int:
   """Keeps the rows of `path` with step <= last_step (atomically); returns how many it dropped."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     return 0
   kept, dropped = [], 0
-  with open(path) as f:
+  with storage.open_file(path) as f:
     for line in f:
       try:
         step = json.loads(line)["step"]
@@ -28,11 +32,37 @@ def truncate_jsonl(path: str, last_step: int) -> int:
       else:
         dropped += 1
   if dropped:
-    temporary = path + ".tmp"
-    with open(temporary, "w") as f:
-      f.writelines(kept)
-    os.replace(temporary, path)
+    storage.write_text_atomic(path, "".join(kept))
   return dropped
+
+
+class _BucketEventFile:
+  """A TensorBoard event file in a bucket. An object cannot be appended to: the file is kept in
+  memory and each flush (every flush_secs, and at close) uploads it whole, as tensorboardX's own
+  gs:// writer does (that one needs google-cloud-storage; this one the epath library)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.buffer = io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    storage.write_bytes(self.path, self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _BucketEventFiles:
+  """tensorboardX's writer factory (record_writer.register_writer_factory) for one URL scheme."""
+
+  def open(self, path: str) -> _BucketEventFile:
+    return _BucketEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    storage.makedirs(path)
 
 
 class MetricWriter:
@@ -44,6 +74,9 @@ class MetricWriter:
     self._tensorboard = None
     if enabled:
       from tensorboardX import SummaryWriter
+      if storage.is_remote(workdir):
+        from tensorboardX import record_writer
+        record_writer.register_writer_factory(workdir.split("://")[0], _BucketEventFiles())
       truncate_jsonl(self.jsonl, start_step)
       # purge_step: TensorBoard discards events at or after it (written by an interrupted run).
       self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
@@ -54,8 +87,7 @@ class MetricWriter:
       return
     for name, value in metrics.items():
       self._tensorboard.add_scalar(f"train/{name}", value, step)
-    with open(self.jsonl, "a") as f:
-      f.write(json.dumps({"step": step, **metrics}) + "\n")
+    storage.append_text(self.jsonl, json.dumps({"step": step, **metrics}) + "\n")
     mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
     print(f"step {step:6d} | loss {metrics['loss']:.4f} | lr {metrics['learning_rate']:.2e}"
           f" | grad {metrics['grad_norm']:.3f} | {metrics['images_per_second']:.1f} img/s"

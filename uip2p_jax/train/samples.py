@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from uip2p_jax import model_card, sharding as shd
-from uip2p_jax.image_io import sample_grid, to_pil
+from uip2p_jax import model_card, sharding as shd, storage
+from uip2p_jax.image_io import sample_grid, save_image_atomic, to_pil
 from uip2p_jax.schedules import NoiseSchedule
 from uip2p_jax.train.step import TrainState
 
@@ -113,8 +113,7 @@ def write_samples(run: RunContext, state: TrainState, sample_batch, step: int, w
   if jax.process_index() != 0:
     return
   grid = sample_grid(columns, captions)
-  os.makedirs(os.path.join(run.workdir, "samples"), exist_ok=True)
-  grid.save(os.path.join(run.workdir, "samples", f"step_{step:07d}.png"))
+  save_image_atomic(grid, os.path.join(run.workdir, "samples", f"step_{step:07d}.png"))
   writer.image("samples", np.asarray(grid), step)
 
 
@@ -153,8 +152,8 @@ def export(run: RunContext, state: TrainState, scale_images=None) -> str:
   An edit model (cec, ip2p) also gets its model card, README.md (`uip2p_jax.model_card`).
   A LoRA run's `unet/` is the merged UNet (base + scale * A B) and `lora/` holds the factors as
   `pytorch_lora_weights.safetensors`, which diffusers' `load_lora_weights` applies to the run's
-  base pipeline (`model.pretrained`)."""
-  from uip2p_jax import weights
+  base pipeline (`model.pretrained`).
+  A workdir in a bucket: the files are written to a local temporary folder and uploaded."""
   from uip2p_jax.train.step import trained_module
   trained = trained_module(run.config.objective)
   params = host_tree(evaluated_params(state))
@@ -168,6 +167,20 @@ def export(run: RunContext, state: TrainState, scale_images=None) -> str:
   module = merge_module(run.graphs[trained], jax.tree.map(np.asarray, params),
                         None if base is None else jax.tree.map(np.asarray, base))
   which = "EMA " if state.ema_params is not None else ""
+  with storage.local_folder(out) as folder:
+    _write_export(run, module, trained, folder, out, which, lora, scale_images)
+  if run.config.objective in model_card.EDIT_OBJECTIVES:  # (their trained module is the UNet)
+    model_card.write_training_record(out, run.config, step, run.workdir)
+    print(f"train: model card {model_card.write_card(out)} (after `uip2p eval`, `uip2p export "
+          f"card {out}` adds its table; --push-to-hub OWNER/NAME uploads the export)",
+          flush=True)
+  return out
+
+
+def _write_export(run: RunContext, module, trained: str, out: str, shown: str, which: str,
+                  lora: bool, scale_images) -> None:
+  """export's files in the local folder `out` (`shown`: where they end up, for messages)."""
+  from uip2p_jax import weights
   if trained == "vae":
     if scale_images is None:
       raise ValueError("exporting a VAE measures its latents' scale: pass scale_images")
@@ -175,14 +188,14 @@ def export(run: RunContext, state: TrainState, scale_images=None) -> str:
     latents = np.concatenate([np.asarray(encode(batch)) for batch in scale_images()])
     std = float(latents.std())
     weights.save_vae(module, os.path.join(out, "vae"), scaling_factor=1.0 / std)
-    print(f"train: exported the {which}VAE to {out}/vae (scaling factor 1/{std:.4f}, from "
+    print(f"train: exported the {which}VAE to {shown}/vae (scaling factor 1/{std:.4f}, from "
           f"{len(latents)} images)", flush=True)
-    return out
+    return
   if trained in ("clip", "probe"):
     save = weights.save_clip if trained == "clip" else weights.save_probe
     save(module, os.path.join(out, trained))
-    print(f"train: exported the {which}{trained} to {out}/{trained}", flush=True)
-    return out
+    print(f"train: exported the {which}{trained} to {shown}/{trained}", flush=True)
+    return
   base_pipeline = run.config.model.pretrained or run.config.model.init_from_sd
   if base_pipeline:
     root = weights.resolve_folder(base_pipeline)
@@ -201,21 +214,15 @@ def export(run: RunContext, state: TrainState, scale_images=None) -> str:
   if lora:
     from uip2p_jax.models.lora import merge_lora
     from uip2p_jax.train.config import lora_config
-    lora_file = weights.save_lora(module, os.path.join(out, "lora"), lora_config(run.config))
-    print(f"train: exported the {which}LoRA factors to {lora_file} (diffusers' "
-          "load_lora_weights format, for the run's base UNet)", flush=True)
+    weights.save_lora(module, os.path.join(out, "lora"), lora_config(run.config))
+    print(f"train: exported the {which}LoRA factors to {shown}/lora/{weights.LORA_WEIGHTS} "
+          "(diffusers' load_lora_weights format, for the run's base UNet)", flush=True)
     module = merge_lora(module)
   weights.save_unet(module, os.path.join(out, "unet"))
   merged = "LoRA-merged " if lora else ""
-  print(f"train: exported the {which}{merged}UNet (diffusers format) to {out}/unet"
+  print(f"train: exported the {which}{merged}UNet (diffusers format) to {shown}/unet"
         + (" with the base pipeline's other parts" if base_pipeline else
            " with the run's VAE, text encoder, tokenizer and scheduler"), flush=True)
-  if run.config.objective in model_card.EDIT_OBJECTIVES:
-    model_card.write_training_record(out, run.config, step, run.workdir)
-    print(f"train: model card {model_card.write_card(out)} (after `uip2p eval`, `uip2p export "
-          f"card {out}` adds its table; --push-to-hub OWNER/NAME uploads the export)",
-          flush=True)
-  return out
 
 
 def write_pipeline_parts(out: str, vae, text_encoder, tokenizer, schedule: NoiseSchedule) -> None:
@@ -236,5 +243,5 @@ def final_edit(run: RunContext, state: TrainState, sample_batch) -> None:
   edited = host_tree(edited)
   if jax.process_index() == 0:
     path = os.path.join(run.workdir, "final_edit.png")
-    to_pil(np.asarray(edited[0])).save(path)
+    save_image_atomic(to_pil(np.asarray(edited[0])), path)
     print(f"train: edited a sample image ({run.texts(ids)[0]!r}) -> {path}", flush=True)
