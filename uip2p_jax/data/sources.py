@@ -62,7 +62,7 @@ def validated_image(data: bytes, max_side: int = 0) -> bytes:
     image = PIL.Image.open(io.BytesIO(data))
     fmt = image.format
     image.load()  # a truncated file fails here, not at training time
-    rgb = image.convert("RGB")
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # (convert would copy)
   except Exception as e:  # PIL raises many types for bad data
     raise BadRecord(f"undecodable image ({type(e).__name__}: {e})") from None
   if min(rgb.size) < 8:
