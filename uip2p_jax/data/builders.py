@@ -28,6 +28,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import queue
 import shutil
 import signal
 import sqlite3
@@ -403,7 +404,7 @@ def _run_pool(jobs: list[_ShardJob], workers: int, on_tick: Callable, shard_done
     while True:
       try:
         index, n = progress_queue.get_nowait()
-      except Exception:  # queue.Empty
+      except queue.Empty:
         return
       on_tick(index, n)
   with concurrent.futures.ProcessPoolExecutor(
