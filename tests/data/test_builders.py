@@ -382,3 +382,128 @@ def test_own_pairs_from_parquet_with_column_names(tmp_path, capsys):
   assert cli.main(["data", "build", "captions", "--manifest", "m.jsonl", "--out", out,
                    "--columns", columns]) == 2
   assert "--columns is for `data build pairs` only, not captions" in capsys.readouterr().err
+
+
+def dataset_files(out, kind):
+  """{file name: bytes} of a built dataset's folder."""
+  target = builders.dataset_dir(out, kind)
+  return {name: open(os.path.join(target, name), "rb").read() for name in os.listdir(target)}
+
+
+def test_workers_give_the_same_dataset_and_skip_report(tmp_path, capsys):
+  """Shards (tar files) built by 3 spawned workers, through the CLI: the same files and skip
+  report as one process, ids repeated across shards dropped in input order."""
+  from uip2p_jax import cli
+  shards = tmp_path / "shards"
+  shards.mkdir()
+  samples = lambda *keys: {f"{k:09d}": {"jpg": jpeg(k) if k != 6 else TRUNCATED,
+                                        "txt": f"caption {k}".encode()} for k in keys}
+  write_tar(str(shards / "00000.tar"), samples(0, 1, 2))
+  write_tar(str(shards / "00001.tar"), samples(3, 1, 4))     # 1 again: a duplicate id
+  write_tar(str(shards / "00002.tar"), samples(5, 6, 7))     # 6: corrupt; 7: no instruction
+  write_tar(str(shards / "00003.tar"), samples(8))
+  rows = [{"key": f"{k:09d}", **{f: v for f, v in texts(k).items() if f != "input_caption"}}
+          for k in (0, 1, 2, 3, 4, 5, 6, 8, 9)]                # 9: no image in the shards
+  rows.insert(2, "{broken")
+  instructions = write_jsonl(str(tmp_path / "instructions.jsonl"), rows)
+  pattern = str(shards / "*.tar")
+  one = str(tmp_path / "one")
+  report = builders.build("captions", lambda: sources.webdataset_records(pattern, instructions),
+                          one, metadata={"source": pattern})
+  three = str(tmp_path / "three")
+  assert cli.main(["data", "build", "captions", "--webdataset", pattern, "--instructions",
+                   instructions, "--out", three, "--workers", "3", "--no-progress"]) == 3
+  assert "7 records written, 5 skipped" in capsys.readouterr().out
+  files = dataset_files(one, "captions")
+  assert files == dataset_files(three, "captions")
+  assert sorted(files)[-1] == "uip2p_captions-train.array_record-00003-of-00004"
+  assert [(skip.id, skip.where) for skip in report.skipped] == [
+      (None, "instructions.jsonl:3"), ("000000001", f"{shards}/00001.tar:000000001"),
+      ("000000006", f"{shards}/00002.tar:000000006"),
+      ("000000007", f"{shards}/00002.tar:000000007"), ("000000009", "instructions.jsonl:10")]
+  assert report.skipped[1].reason == f"duplicate id (first kept: {shards}/00000.tar:000000001)"
+  assert list(skipped_file(three, "captions")) == [skip.where for skip in report.skipped]
+  records, _ = read_all(three, "captions")
+  assert sorted(records) == [f"{k:09d}" for k in (0, 1, 2, 3, 4, 5, 8)]
+  assert records["000000001"]["input_caption"] == b"caption 1"
+
+
+def test_a_killed_build_resumes_at_its_first_unfinished_shard(tmp_path, monkeypatch, capsys):
+  """Stopped after two of four shards, with the third half written: the rerun builds shards
+  2 and 3 only and gives the uninterrupted build's files; a finished one needs overwrite."""
+  for i in range(4):
+    (tmp_path / f"{i}.jpg").write_bytes(jpeg(i))
+  rows = [{"image": f"{i % 4}.jpg", **texts(i), "id": f"r{i}"} for i in range(8)]
+  rows[5]["id"] = "r1"                                                  # across shards
+  rows[6]["image"] = "gone.jpg"
+  manifest = write_jsonl(str(tmp_path / "m.jsonl"), rows)
+  source = lambda: sources.manifest_records(manifest, lines_per_shard=2)
+  whole = str(tmp_path / "whole")
+  builders.build("captions", source, whole)
+  ran = []
+
+  def stop_after_two(index):
+    ran.append(index)
+    if len(ran) == 2:
+      raise KeyboardInterrupt
+  monkeypatch.setattr(builders, "_after_shard", stop_after_two)
+  out = str(tmp_path / "out")
+  with pytest.raises(KeyboardInterrupt):
+    builders.build("captions", source, out)
+  target = builders.dataset_dir(out, "captions")
+  third = os.path.join(target, "uip2p_captions-train.array_record-00002-of-00004")
+  for path in (third, third + ".partial"):   # killed while writing or committing shard 2
+    open(path, "wb").write(b"half written")
+  assert not os.path.exists(os.path.join(target, "dataset_info.json"))
+  ran.clear()
+  monkeypatch.setattr(builders, "_after_shard", ran.append)
+  report = builders.build("captions", source, out)
+  assert ran == [2, 3] and "resuming an unfinished build (2 of 4 shards" in capsys.readouterr().err
+  assert report.written == 6
+  assert [skip.where for skip in report.skipped] == ["m.jsonl:6", "m.jsonl:7"]
+  assert dataset_files(out, "captions") == dataset_files(whole, "captions")
+  with pytest.raises(FileExistsError, match="already holds a built dataset.*--overwrite"):
+    builders.build("captions", source, out)
+  # Other settings start over: an unfinished build is never mixed with another's shards.
+  monkeypatch.setattr(builders, "_after_shard", stop_after_two)
+  ran.clear()
+  with pytest.raises(KeyboardInterrupt):
+    builders.build("captions", source, out, overwrite=True)
+  monkeypatch.setattr(builders, "_after_shard", None)
+  builders.build("captions", lambda: sources.manifest_records(manifest, lines_per_shard=3), out)
+  assert "starting over" in capsys.readouterr().err
+  assert read_all(out, "captions")[0].keys() == read_all(whole, "captions")[0].keys()
+
+
+def test_inputs_and_output_through_epath_urls(tmp_path, monkeypatch):
+  """A gs:// build (inputs and output; fsspec's in-memory filesystem standing in for gcsfs)
+  writes the files a local build does."""
+  from etils import epath
+  from fsspec.implementations.memory import MemoryFileSystem
+  if epath.gpath._is_tf_installed():
+    pytest.skip("epath sends gs:// to TensorFlow's gfile when TensorFlow is installed")
+
+  class FakeGcs(MemoryFileSystem):   # gcsfs's path convention: 'bucket/key', no protocol
+    protocol, root_marker, store, pseudo_dirs = ("gs", "gcs"), "", {}, [""]
+
+    @classmethod
+    def _strip_protocol(cls, path):
+      return str(path).removeprefix("gs://").removeprefix("gcs://").rstrip("/")
+  fake = FakeGcs()
+  monkeypatch.setattr(epath.backend.fsspec_backend, "_get_filesystem", lambda name: fake)
+  bucket = epath.Path("gs://bucket/raw")
+  bucket.mkdir(parents=True)
+  for i in range(3):
+    (tmp_path / f"{i}.jpg").write_bytes(jpeg(i))
+    (bucket / f"{i}.jpg").write_bytes(jpeg(i))
+  rows = [{"image": f"{i % 3}.jpg", **texts(i)} for i in range(4)] + ["[]"]
+  rows[3]["id"] = "0.jpg@1"              # the first record's id, in the next shard: rewritten
+  manifest = write_jsonl(str(tmp_path / "m.jsonl"), rows)
+  (bucket / "m.jsonl").write_text(open(manifest).read())
+  local = str(tmp_path / "local")
+  builders.build("captions", lambda: sources.manifest_records(manifest, lines_per_shard=2), local)
+  builders.build("captions", lambda: sources.manifest_records("gs://bucket/raw/m.jsonl",
+                                                              lines_per_shard=2), "gs://bucket/out")
+  remote = epath.Path(builders.dataset_dir("gs://bucket/out", "captions"))
+  assert {p.name: p.read_bytes() for p in remote.iterdir()} == dataset_files(local, "captions")
+  assert list(skipped_file(local, "captions")) == ["m.jsonl:4", "m.jsonl:5"]

@@ -9,9 +9,14 @@ import sys
 
 from uip2p_jax.cli import common
 
-DESCRIPTION = ("Builds a TFDS (array_record) dataset; prints the records written and every "
-               "record skipped with its id and reason (also in skipped.jsonl beside the data). "
-               + common.EXIT_STATUS_HELP)
+DESCRIPTION = ("Builds a TFDS (array_record) dataset, one output file per input shard (tar, "
+               "parquet file, or block of JSONL lines), read by --workers processes; prints "
+               "the records written and every record skipped with its id and reason (also in "
+               "skipped.jsonl beside the data), the same whatever --workers is. A killed build "
+               "run again with the same inputs and settings resumes at the first shard not yet "
+               "committed. Inputs and --out may be gs:// URLs where etils.epath's filesystem "
+               "library (gcsfs, or TensorFlow) is installed. " + common.EXIT_STATUS_HELP
+               + " 75: interrupted by Ctrl-C (run it again to resume).")
 
 
 def add_parser(commands) -> None:
@@ -55,9 +60,21 @@ def add_parser(commands) -> None:
   p.add_argument("--edit-kinds", default=None, metavar="KIND[,KIND...]",
                  help="shapes: train records of these edit kinds only (of recolour, reshape, "
                       "background, add, remove; default all); the test set keeps every kind")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing built dataset")
+  p.add_argument("--workers", type=common.positive_int, default=1,
+                 help="processes building shards in parallel (default 1; captions, ip2p, pairs, "
+                      "magicbrush)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace a finished dataset (an unfinished build of the same inputs is "
+                      "resumed without it)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.set_defaults(run=run)
   _add_instruct_parser(data)
+
+
+def _where(path: str) -> str:
+  """A local path made absolute (a URL as it is), for the dataset's metadata."""
+  from uip2p_jax.data import sources
+  return path if sources.is_remote(path) else os.path.abspath(path)
 
 
 def _source(args: argparse.Namespace, metadata: dict):
@@ -70,7 +87,7 @@ def _source(args: argparse.Namespace, metadata: dict):
     if args.webdataset and not args.instructions:
       raise ValueError("captions --webdataset needs --instructions FILE.jsonl")
     if args.manifest:
-      metadata["source"] = os.path.abspath(args.manifest)
+      metadata["source"] = _where(args.manifest)
       return lambda: sources.manifest_records(args.manifest, args.max_side)
     metadata["source"] = args.webdataset
     return lambda: sources.webdataset_records(args.webdataset, args.instructions, args.max_side)
@@ -80,7 +97,7 @@ def _source(args: argparse.Namespace, metadata: dict):
                        "'DIR/*.parquet'")
     columns = sources.parse_columns(args.columns)
     # CEC needs a reverse instruction and both captions on every pair: the records decide.
-    metadata.update(source=os.path.abspath(args.manifest) if args.manifest else args.parquet,
+    metadata.update(source=_where(args.manifest) if args.manifest else args.parquet,
                     has_reverse=None, has_captions=None)
     if args.manifest:
       return lambda: sources.pairs_jsonl_records(args.manifest, columns, args.max_side)
@@ -121,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
   from uip2p_jax.data import builders, sources
   if args.columns and args.kind != "pairs":  # every other kind would ignore it
     raise ValueError(f"--columns is for `data build pairs` only, not {args.kind}")
+  if args.workers > 1 and args.kind in ("sample", "shapes"):
+    raise ValueError(f"--workers is for captions, ip2p, pairs and magicbrush builds; {args.kind} "
+                     "builds in one process")
   if args.kind == "shapes":
     return _run_shapes(args)
   if (args.train is not None or args.test is not None or args.seed is not None
@@ -133,8 +153,14 @@ def run(args: argparse.Namespace) -> int:
     metadata = {}
     source = _source(args, metadata)
     kind = "ip2p" if args.kind == "pairs" else args.kind
-    report = builders.build(kind, source, args.out, split=args.split, metadata=metadata,
-                            overwrite=args.overwrite)
+    try:
+      report = builders.build(kind, source, args.out, split=args.split, metadata=metadata,
+                              overwrite=args.overwrite, workers=args.workers,
+                              progress=not args.no_progress)
+    except KeyboardInterrupt:  # the shards committed so far stay: a rerun resumes after them
+      print(f"uip2p data build {args.kind}: interrupted (Ctrl-C): run the same command again to "
+            "resume", file=sys.stderr)
+      return common.INTERRUPTED
   print(f"uip2p data build {args.kind}: {report.summary()}")
   print(f"  dataset: {builders.dataset_dir(args.out, kind)}")
   if args.kind == "pairs":

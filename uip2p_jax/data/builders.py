@@ -1,6 +1,18 @@
-"""TFDS builders (array_record files) for the three record kinds (readers: ``sources.py``).
+"""TFDS dataset writer (array_record files) for the three record kinds (readers: ``sources.py``).
 
-``build`` writes the good records and returns a :class:`SkipReport` of the others, also written to
+``build`` reads a source's shards (``sources.ShardedSource``) in parallel worker processes
+(``workers``; spawned, so JAX is never imported there) and writes each input shard's good
+records to its own array_record file, ``<name>-<split>.array_record-<i>-of-<n>``, committed
+when the shard is complete: a rename locally, a copy from local scratch for a ``gs://`` output
+(any URL ``etils.epath`` opens). A per-shard marker in ``build_state/`` beside it holds what
+the shard wrote and skipped, so a killed build run again with the same inputs and settings
+resumes at the shards not yet committed. When every shard is done, ids repeated across shards
+are dropped (first kept, in input order) and ``dataset_info.json`` / ``features.json`` are
+written last: a folder with ``dataset_info.json`` is a finished dataset, which only
+``overwrite`` replaces. The records and the skip report depend on the inputs alone, in input
+order, whatever ``workers`` is.
+
+``build`` returns a :class:`SkipReport` of the records not written, also written to
 ``skipped.jsonl`` next to the data (``{"id", "where", "reason"}`` per line; ``id`` is null for a
 line that is not a JSON object). A build in which no record can be written raises
 :class:`NothingWritten` (still writing ``skipped.jsonl``). Exit status of ``uip2p data build``:
@@ -11,20 +23,27 @@ Images are validated (fully decoded) at build time and stored as their original 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-import glob
 import json
+import multiprocessing
 import os
+import queue
 import shutil
+import signal
+import sqlite3
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
-from uip2p_jax.data.sources import (TEXT_FIELDS, BadRecord, Record, manifest_records,
-                                    sample_manifest)
+from uip2p_jax.data.sources import (TEXT_FIELDS, BadRecord, Record, Shard, ShardedSource,
+                                    is_remote, manifest_records, sample_manifest)
 
 VERSION = "1.0.0"
 KINDS = ("captions", "ip2p", "magicbrush")
@@ -40,6 +59,8 @@ DATASET_NAME = {"captions": "uip2p_captions", "ip2p": "uip2p_ip2p_pairs",
 # when every written record has these text fields non-empty (what CEC training needs).
 DERIVED_FLAGS = {"has_reverse": ("reverse_instruction",),
                  "has_captions": ("input_caption", "edited_caption")}
+STATE_DIR = "build_state"   # an unfinished build's plan and shard markers (removed when done)
+PLAN_FORMAT = 1
 
 
 class SkippedRecord(NamedTuple):
@@ -91,120 +112,431 @@ def features(kind: str) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict(spec)
 
 
-class _NoRecords(Exception):
-  """Raised from inside the TFDS generator when the source ends with nothing written."""
-
-
-class _RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Writes one split from a record iterator; the iterator and kind come at construction."""
-
-  VERSION = tfds.core.Version(VERSION)
-
-  def __init__(self, *, kind: str, records: Iterator[Record], split: str,
-               report: SkipReport, metadata: dict, data_dir: str):
-    self.name = DATASET_NAME[kind]
-    self._kind, self._records, self._split = kind, records, split
-    self._report, self._metadata = report, metadata
-    super().__init__(data_dir=data_dir, file_format="array_record")
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=features(self._kind),
-                                 metadata=tfds.core.MetadataDict(self._metadata),
-                                 description=f"uip2p_jax {self._kind} records")
-
-  def _split_generators(self, dl_manager):
-    return {self._split: self._generate_examples()}
-
-  def _generate_examples(self):
-    first_seen = {}  # id -> where it was written
-    # Metadata flags left None are decided by the records written (every one has the fields).
-    derived = {flag: True for flag, value in self._metadata.items()
-               if value is None and flag in DERIVED_FLAGS}
-    for rid, where, fields in self._records:
-      if isinstance(fields, BadRecord):
-        self._report.add(rid, where, str(fields))
-      elif rid in first_seen:
-        self._report.add(rid, where, f"duplicate id (first kept: {first_seen[rid]})")
-      else:
-        first_seen[rid] = where
-        self._report.written += 1
-        for flag in derived:
-          derived[flag] = derived[flag] and all(fields[f] for f in DERIVED_FLAGS[flag])
-        yield rid, {"id": rid, **fields}
-    if not self._report.written:  # TFDS would fail with "No examples were yielded"
-      raise _NoRecords()
-    self.info.metadata.update(derived)  # TFDS writes dataset_info.json after the generation
-
-
 def dataset_dir(data_dir: str, kind: str) -> str:
   return os.path.join(data_dir, DATASET_NAME[kind], VERSION)
 
 
-def _write_skipped(target: str, report: SkipReport) -> str:
-  os.makedirs(target, exist_ok=True)
-  path = os.path.join(target, "skipped.jsonl")
-  with open(path, "w", encoding="utf-8") as f:
-    for skip in report.skipped:
-      f.write(json.dumps(skip._asdict()) + "\n")
-  return path
+def _write_skipped(target: epath.Path, report: SkipReport) -> str:
+  target.mkdir(parents=True, exist_ok=True)
+  path = target / "skipped.jsonl"
+  path.write_text("".join(json.dumps(skip._asdict()) + "\n" for skip in report.skipped),
+                  encoding="utf-8")
+  return str(path)
 
 
-def build(kind: str, records: Callable[[], Iterator[Record]], data_dir: str, *,
-          split: str | None = None, metadata: dict | None = None,
-          overwrite: bool = False) -> SkipReport:
+def _write_json(path: epath.Path, value) -> None:
+  """Whole or not at all: a local file is renamed into place (an object store's write is)."""
+  text = json.dumps(value)
+  if is_remote(path):
+    path.write_text(text)
+  else:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _copy(source: str, destination: str) -> None:
+  """A file from one filesystem to another (epath's copy wants both on one)."""
+  with epath.Path(source).open("rb") as reader, epath.Path(destination).open("wb") as writer:
+    shutil.copyfileobj(reader, writer, 16 << 20)
+
+
+def _read_json(path: epath.Path):
+  try:
+    return json.loads(path.read_text())
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# One shard, in a worker process (or in the main one when workers == 1).
+
+@dataclasses.dataclass(frozen=True)
+class _ShardJob:
+  index: int
+  shard: Shard
+  kind: str
+  data_file: str           # the committed array_record file
+  marker: str              # its marker, written after it
+  flags: tuple[str, ...]   # DERIVED_FLAGS the build decides from its records
+
+
+_worker: dict = {}   # per process: the progress queue and stop event (pool) or callback
+
+
+def _init_worker(progress_queue, stop_event) -> None:
+  signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to handle
+  _worker.update(queue=progress_queue, stop=stop_event)
+
+
+class _Stopped(Exception):
+  """The main process asked the workers to stop (an error elsewhere, or Ctrl-C)."""
+
+
+class _Ticker:
+  """Counts a shard's records for the progress bar: every half second to the main process."""
+
+  def __init__(self, index: int):
+    self.index, self.pending, self.last = index, 0, time.monotonic()
+
+  def tick(self, final: bool = False) -> None:
+    self.pending += not final
+    if "callback" in _worker:
+      _worker["callback"](self.pending)
+      self.pending = 0
+      return
+    if _worker["stop"].is_set():
+      raise _Stopped()
+    now = time.monotonic()
+    if final or now - self.last > 0.5:
+      if self.pending:
+        _worker["queue"].put((self.index, self.pending))
+      self.pending, self.last = 0, now
+
+
+_SERIALIZERS: dict = {}
+
+
+def _serializer(kind: str) -> Callable[[dict], bytes]:
+  if kind not in _SERIALIZERS:
+    from tensorflow_datasets.core import example_serializer
+    spec = features(kind)
+    encoder = example_serializer.ExampleSerializer(spec.get_serialized_info())
+    # deterministic: a tf.Example's feature map is otherwise written in an order that differs
+    # between processes, and a shard's bytes would depend on the worker that wrote it.
+    _SERIALIZERS[kind] = lambda example: encoder.get_tf_example(
+        spec.encode_example(example)).SerializeToString(deterministic=True)
+  return _SERIALIZERS[kind]
+
+
+def _build_shard(job: _ShardJob) -> dict:
+  """Writes the shard's good records; returns (and commits) its marker: the records written
+  ([position in the shard, id, where]), the skipped ones ([position, id, where, reason]), and
+  per derived flag the written records that lack its fields."""
+  from array_record.python import array_record_module
+  serialize, ticker = _serializer(job.kind), _Ticker(job.index)
+  if is_remote(job.data_file):  # array_record writes local files: copy it up when whole
+    fd, partial = tempfile.mkstemp(suffix=".array_record")
+    os.close(fd)
+  else:
+    partial = job.data_file + ".partial"
+  writer = array_record_module.ArrayRecordWriter(partial, "group_size:1")
+  written, skipped, lacking, num_bytes, count = [], [], {f: [] for f in job.flags}, 0, 0
+  try:
+    for count, (rid, where, fields) in enumerate(job.shard.read(*job.shard.args), 1):
+      ticker.tick()
+      if isinstance(fields, BadRecord):
+        skipped.append([count - 1, rid, where, str(fields)])
+        continue
+      data = serialize({"id": rid, **fields})
+      writer.write(data)
+      num_bytes += len(data)
+      for flag in job.flags:
+        if not all(fields[name] for name in DERIVED_FLAGS[flag]):
+          lacking[flag].append(len(written))
+      written.append([count - 1, rid, where])
+    writer.close()
+    if is_remote(job.data_file):
+      _copy(partial, job.data_file)
+    else:
+      os.replace(partial, job.data_file)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+  marker = {"records": count, "num_bytes": num_bytes, "written": written, "skipped": skipped,
+            "lacking": lacking}
+  _write_json(epath.Path(job.marker), marker)
+  ticker.tick(final=True)
+  return marker
+
+
+# ---------------------------------------------------------------------------------------------
+# The build.
+
+# Called in the main process after each shard is committed (tests stop a build with it).
+_after_shard: Callable[[int], None] | None = None
+
+
+def _data_file(target: epath.Path, kind: str, split: str, index: int, count: int) -> str:
+  return str(target / f"{DATASET_NAME[kind]}-{split}.array_record-{index:05d}-of-{count:05d}")
+
+
+def _marker(target: epath.Path, index: int) -> epath.Path:
+  return target / STATE_DIR / f"shard-{index:05d}.json"
+
+
+def _plan(kind: str, split: str, metadata: dict, source: ShardedSource) -> dict:
+  """What decides a build's records (as JSON reads it back): a rerun with another plan starts
+  over."""
+  return json.loads(json.dumps({
+      "format": PLAN_FORMAT, "kind": kind, "split": split, "metadata": metadata,
+      "settings": source.settings, "resumable": source.resumable,
+      "shards": [[shard.label, shard.num_bytes] for shard in source.shards]}))
+
+
+def _prepare_target(target: epath.Path, plan: dict) -> list[int]:
+  """Makes `target` ready for `plan`; returns the shards an earlier run of it committed (a
+  built dataset there is replaced: `build` has checked `overwrite`)."""
+  if target.is_dir() and not (target / "dataset_info.json").exists():
+    earlier = _read_json(target / STATE_DIR / "plan.json")
+    leftovers = {p.name for p in target.iterdir()} - {"skipped.jsonl", STATE_DIR}
+    if earlier is None and leftovers:
+      raise FileExistsError(f"{target} holds {sorted(leftovers)[:5]} but no dataset_info.json; "
+                            "it is not a dataset this code built: move it away first")
+    if earlier == plan and plan["resumable"]:
+      done = [i for i in range(len(plan["shards"])) if _marker(target, i).exists()]
+      if done:
+        print(f"{target}: resuming an unfinished build ({len(done)} of {len(plan['shards'])} "
+              "shards done)", file=sys.stderr)
+      return done
+    if earlier is not None and earlier != plan:
+      print(f"{target}: an unfinished build of other inputs or settings is there; starting over",
+            file=sys.stderr)
+  if target.exists():
+    target.rmtree()  # a built dataset (overwrite), an unresumable partial build, a skip list
+  (target / STATE_DIR).mkdir(parents=True, exist_ok=True)
+  _write_json(target / STATE_DIR / "plan.json", plan)
+  return []
+
+
+def build(kind: str, records: Callable[[], Iterator[Record] | ShardedSource], data_dir: str, *,
+          split: str | None = None, metadata: dict | None = None, overwrite: bool = False,
+          workers: int = 1, progress: bool = False) -> SkipReport:
   """Writes ``records()`` as a TFDS array_record dataset under ``data_dir``; returns the report.
 
   ``records()`` is called before anything is created or removed, so a missing input file is an
-  error that leaves ``data_dir`` as it was. A ``metadata`` flag of DERIVED_FLAGS set to None is
-  decided by the records written. TFDS writes into an ``incomplete.*`` folder and
-  renames it when done, so a killed build leaves no half dataset; leftovers of such a build are
-  removed here before building again. Raises :class:`NothingWritten` when no record could be
-  written (``skipped.jsonl`` still lists why).
+  error that leaves ``data_dir`` as it was. It returns a ``ShardedSource`` (its shards read by
+  ``workers`` processes) or any iterator of records (read here, and not resumable). A
+  ``metadata`` flag of DERIVED_FLAGS set to None is decided by the records written. Raises
+  :class:`NothingWritten` when no record could be written (``skipped.jsonl`` still lists why).
   """
   if kind not in KINDS:
     raise ValueError(f"unknown dataset kind {kind!r}; expected one of {KINDS}")
-  target = dataset_dir(data_dir, kind)
-  built = os.path.exists(os.path.join(target, "dataset_info.json"))
-  if built and not overwrite:
+  if workers < 1:
+    raise ValueError(f"workers must be >= 1, got {workers}")
+  target = epath.Path(dataset_dir(data_dir, kind))
+  if (target / "dataset_info.json").exists() and not overwrite:
     raise FileExistsError(f"{target} already holds a built dataset; pass overwrite "
                           "(--overwrite) to rebuild it")
   source = records()  # opens the inputs: fails here, before any folder changes
-  data_dir_existed = os.path.isdir(data_dir)
-  if os.path.isdir(target):
-    leftovers = set(os.listdir(target)) - {"skipped.jsonl"}
-    if not built and leftovers:
-      raise FileExistsError(f"{target} holds {sorted(leftovers)[:5]} but no dataset_info.json; "
-                            "it is not a dataset this code built: move it away first")
-    shutil.rmtree(target)  # a built dataset (overwrite) or the skip list of a failed build
-  parent = os.path.dirname(target)
-  for stale in glob.glob(os.path.join(parent, "incomplete.*")):
-    shutil.rmtree(stale, ignore_errors=True)
-  report = SkipReport()
-  builder = _RecordBuilder(kind=kind, records=source, split=split or DEFAULT_SPLIT[kind],
-                           report=report, metadata={"kind": kind, **(metadata or {})},
-                           data_dir=data_dir)
-  try:
-    with tempfile.TemporaryDirectory() as scratch:  # TFDS wants a download folder; unused
-      builder.download_and_prepare(
-          download_dir=scratch, download_config=tfds.download.DownloadConfig(
-              download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-  except _NoRecords:
-    for stale in glob.glob(os.path.join(parent, "incomplete.*")):
-      shutil.rmtree(stale, ignore_errors=True)
-    if not report.num_skipped:
-      for folder in [parent] + ([] if data_dir_existed else [data_dir]):
-        try:  # leave no empty folders behind for an empty source
-          os.rmdir(folder)
-        except OSError:
-          pass
-      raise NothingWritten(f"no {kind} records to write: the source is empty", report) from None
-    skipped_file = _write_skipped(target, report)
-    first = "; ".join(describe_skip(skip) for skip in report.skipped[:3])
-    raise NothingWritten(
-        f"all {report.num_skipped} {kind} records were skipped, nothing written; first: {first}"
-        f" (full list: {skipped_file})", report) from None
+  if not isinstance(source, ShardedSource):
+    source = ShardedSource([Shard("records", iter, (source,))], resumable=False)
+  split = split or DEFAULT_SPLIT[kind]
+  metadata = {"kind": kind, **(metadata or {})}
+  data_dir_existed = epath.Path(data_dir).is_dir()
+  done = set(_prepare_target(target, _plan(kind, split, metadata, source)))
+  for stale in target.parent.glob("incomplete.*"):  # what a killed TFDS-era build left
+    stale.rmtree(missing_ok=True)
+  flags = tuple(flag for flag, value in metadata.items()
+                if value is None and flag in DERIVED_FLAGS)
+  count = len(source.shards)
+  jobs = [_ShardJob(i, shard, kind, _data_file(target, kind, split, i, count),
+                    str(_marker(target, i)), flags)
+          for i, shard in enumerate(source.shards) if i not in done]
+  with tempfile.TemporaryDirectory() as scratch:
+    prelude = source.prepare(scratch)
+    _run_shards(jobs, source, done, target, workers if source.resumable else 1, progress, kind)
+    report, derived, lengths, num_bytes = _merge(target, kind, split, source, prelude, flags,
+                                                 scratch)
+  if not report.written:
+    raise _nothing_written(target, kind, report, data_dir, data_dir_existed)
+  metadata.update(derived)
   _write_skipped(target, report)
+  _write_info(target, kind, split, metadata, lengths, num_bytes)
+  (target / STATE_DIR).rmtree(missing_ok=True)
   return report
+
+
+def _run_shards(jobs: list[_ShardJob], source: ShardedSource, done: set[int],
+                target: epath.Path, workers: int, progress: bool, kind: str) -> None:
+  """Runs the jobs (in `workers` spawned processes, or here when 1), with a progress bar."""
+  from tqdm import tqdm
+  sizes = [shard.size for shard in source.shards]
+  records_done = {i: _read_json(_marker(target, i))["records"] for i in done}
+  ticked = dict.fromkeys(range(len(sizes)), 0)  # records counted so far, per running shard
+
+  def estimate_total():  # unknown sizes (tar shards): the mean of the finished ones
+    known = [records_done.get(i, size) for i, size in enumerate(sizes)]
+    measured = [records_done[i] for i, size in enumerate(sizes)
+                if size is None and i in records_done]
+    if None in known and not measured:
+      return None
+    mean = sum(measured) / max(1, len(measured))
+    return round(sum(mean if n is None else n for n in known))
+
+  bar = tqdm(total=estimate_total(), initial=sum(records_done.values()), unit="rec",
+             desc=f"build {kind}", disable=not progress,
+             mininterval=1.0 if sys.stderr.isatty() else 30.0, smoothing=0.05)
+
+  def shard_done(job: _ShardJob, marker: dict) -> None:
+    bar.update(marker["records"] - ticked.pop(job.index))
+    records_done[job.index] = marker["records"]
+    bar.total = estimate_total()
+    if _after_shard is not None:
+      _after_shard(job.index)
+
+  def on_tick(index: int, n: int) -> None:
+    if index in ticked:  # (a worker's last count can arrive after its shard's result)
+      ticked[index] += n
+      bar.update(n)
+
+  try:
+    if workers == 1 or len(jobs) <= 1:
+      for job in jobs:
+        _worker["callback"] = lambda n, index=job.index: on_tick(index, n)
+        try:
+          marker = _build_shard(job)
+        finally:
+          _worker.pop("callback", None)
+        shard_done(job, marker)
+    else:
+      _run_pool(jobs, workers, on_tick, shard_done)
+  finally:
+    bar.close()
+
+
+def _run_pool(jobs: list[_ShardJob], workers: int, on_tick: Callable, shard_done: Callable):
+  # spawn: a fork of a process that has JAX (or any threads) loaded is unsafe.
+  context = multiprocessing.get_context("spawn")
+  progress_queue, stop = context.Queue(), context.Event()
+
+  def drain():
+    while True:
+      try:
+        index, n = progress_queue.get_nowait()
+      except queue.Empty:
+        return
+      on_tick(index, n)
+  with concurrent.futures.ProcessPoolExecutor(
+      min(workers, len(jobs)), mp_context=context, initializer=_init_worker,
+      initargs=(progress_queue, stop)) as pool:
+    futures = {pool.submit(_build_shard, job): job for job in jobs}
+    try:
+      pending = set(futures)
+      while pending:
+        finished, pending = concurrent.futures.wait(
+            pending, timeout=0.5, return_when=concurrent.futures.FIRST_COMPLETED)
+        drain()
+        for future in sorted(finished, key=lambda f: futures[f].index):
+          shard_done(futures[future], future.result())
+    except BaseException:
+      stop.set()  # the running shards stop at their next record (their markers stay unwritten)
+      for future in futures:
+        future.cancel()
+      raise
+  drain()
+
+
+def _merge(target: epath.Path, kind: str, split: str, source: ShardedSource, prelude: list,
+           flags: tuple[str, ...], scratch: str) -> tuple[SkipReport, dict, list[int], int]:
+  """The report in input order, the derived flags, each shard's length and the bytes written.
+
+  Drops the records whose id an earlier record (in input order) was written with, rewriting
+  their shard files: within one shard or across shards, as a single pass over the input
+  would."""
+  report = SkipReport()
+  for rid, where, reason in prelude:
+    report.add(rid, where, str(reason))
+  ids = sqlite3.connect(os.path.join(scratch, "written.sqlite"))  # 12 M ids need not fit in RAM
+  ids.execute("CREATE TABLE written (id TEXT PRIMARY KEY, place TEXT)")
+  derived = dict.fromkeys(flags, True)
+  lengths, num_bytes, count = [], 0, len(source.shards)
+  for index in range(count):
+    marker = _read_json(_marker(target, index))
+    dropped, events = set(), [tuple(skip) for skip in marker["skipped"]]
+    with ids:
+      for position, (seq, rid, where) in enumerate(marker["written"]):
+        if not ids.execute("INSERT OR IGNORE INTO written VALUES (?, ?)", (rid, where)).rowcount:
+          first = ids.execute("SELECT place FROM written WHERE id = ?", (rid,)).fetchone()[0]
+          dropped.add(position)
+          events.append((seq, rid, where, f"duplicate id (first kept: {first})"))
+    for _, rid, where, reason in sorted(events, key=lambda event: event[0]):
+      report.add(rid, where, reason)
+    for flag in derived:
+      if any(position not in dropped for position in marker["lacking"][flag]):
+        derived[flag] = False
+    data_file = _data_file(target, kind, split, index, count)
+    shard_bytes = marker["num_bytes"]
+    if dropped:
+      shard_bytes = _drop_records(data_file, dropped, len(marker["written"]))
+    lengths.append(len(marker["written"]) - len(dropped))
+    num_bytes += shard_bytes
+  ids.close()
+  report.written = sum(lengths)
+  if source.unmatched:
+    def seen():
+      for index in range(count):
+        marker = _read_json(_marker(target, index))
+        for entry in marker["written"] + marker["skipped"]:
+          if entry[1] is not None:
+            yield entry[1]
+    for rid, where, reason in source.finish(seen()):
+      report.add(rid, where, str(reason))
+  return report, derived, lengths, num_bytes
+
+
+def _drop_records(data_file: str, positions: set[int], written: int) -> int:
+  """Rewrites a shard file without the records at `positions`; returns its bytes. Done already
+  (a build killed after it) when the file has `written - len(positions)` records."""
+  from array_record.python import array_record_module
+  with tempfile.TemporaryDirectory() as scratch:
+    local = data_file
+    if is_remote(data_file):
+      local = os.path.join(scratch, "shard")
+      _copy(data_file, local)
+    reader = array_record_module.ArrayRecordReader(local)
+    records = reader.read_all()
+    reader.close()
+    if len(records) == written - len(positions):
+      return sum(map(len, records))
+    if len(records) != written:
+      raise ValueError(f"{data_file} holds {len(records)} records; its marker says {written}")
+    kept = [record for position, record in enumerate(records) if position not in positions]
+    partial = os.path.join(scratch, "kept") if is_remote(data_file) else data_file + ".partial"
+    writer = array_record_module.ArrayRecordWriter(partial, "group_size:1")
+    for record in kept:
+      writer.write(record)
+    writer.close()
+    if is_remote(data_file):
+      _copy(partial, data_file)
+    else:
+      os.replace(partial, data_file)
+  return sum(map(len, kept))
+
+
+def _write_info(target: epath.Path, kind: str, split: str, metadata: dict, lengths: list[int],
+                num_bytes: int) -> None:
+  """dataset_info.json (written last: it marks the dataset finished) and features.json."""
+  name = DATASET_NAME[kind]
+  identity = tfds.core.DatasetIdentity(name=name, version=tfds.core.Version(VERSION),
+                                       data_dir=str(target), module_name=__name__)
+  info = tfds.core.DatasetInfo(builder=identity, features=features(kind),
+                               metadata=tfds.core.MetadataDict(metadata),
+                               description=f"uip2p_jax {kind} records")
+  template = tfds.core.ShardedFileTemplate(data_dir=target, dataset_name=name, split=split,
+                                           filetype_suffix="array_record")
+  info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
+      name=split, shard_lengths=lengths, num_bytes=num_bytes, filename_template=template)]))
+  info.set_file_format("array_record")
+  info.write_to_directory(target)
+
+
+def _nothing_written(target: epath.Path, kind: str, report: SkipReport, data_dir: str,
+                     data_dir_existed: bool) -> NothingWritten:
+  """The error of a build that wrote nothing, its folder left with the skip list alone."""
+  target.rmtree(missing_ok=True)
+  if not report.num_skipped:
+    for folder in [target.parent] + ([] if data_dir_existed else [epath.Path(data_dir)]):
+      try:  # leave no empty folders behind for an empty source
+        folder.rmdir()
+      except OSError:
+        pass
+    return NothingWritten(f"no {kind} records to write: the source is empty", report)
+  skipped_file = _write_skipped(target, report)
+  first = "; ".join(describe_skip(skip) for skip in report.skipped[:3])
+  return NothingWritten(
+      f"all {report.num_skipped} {kind} records were skipped, nothing written; first: {first}"
+      f" (full list: {skipped_file})", report)
 
 
 def open_split(data_dir: str, kind: str, split: str | None = None):
@@ -213,9 +545,9 @@ def open_split(data_dir: str, kind: str, split: str | None = None):
   ``data_dir`` is what was passed to ``build`` (or the dataset's version folder itself).
   """
   path = data_dir
-  if not os.path.isfile(os.path.join(path, "dataset_info.json")):
+  if not (epath.Path(path) / "dataset_info.json").is_file():
     path = dataset_dir(data_dir, kind)
-  if not os.path.isfile(os.path.join(path, "dataset_info.json")):
+  if not (epath.Path(path) / "dataset_info.json").is_file():
     raise FileNotFoundError(f"no built {kind} dataset in {data_dir} (looked for {path}); build it "
                             f"with `uip2p data build {kind} ... --out {data_dir}`")
   builder = tfds.builder_from_directory(path)

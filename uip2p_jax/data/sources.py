@@ -10,28 +10,37 @@
   instruction optional) from a folder + JSONL or from parquet with any column names, written as
   ``ip2p`` records.
 
-A source is a function that checks its input files when called (a missing manifest or no
-matching parquet file raises before anything is written) and returns an iterator of
-``(id, where, fields)`` or ``(id, where, BadRecord)``. ``where`` says where the record came
-from, so two records with the same id can be told apart: ``manifest.jsonl:12`` (JSONL file name
-and line), ``data/part-0.parquet:row 7`` (parquet path and row), ``shards/00001.tar:000010004``
-(shard path and key). Ids: a manifest line's ``id`` field, else ``<image path>@<line>`` (one
-image may carry several edits); the webdataset key; ``<parquet stem>-<row, 6 digits>`` for IP2P;
-``<img_id>-<turn>`` for MagicBrush. ``builders.build`` writes them.
+A source is a function that checks its input files when called (a missing manifest or no matching
+parquet file raises before anything is written) and returns a :class:`ShardedSource`: its records,
+``(id, where, fields)`` or ``(id, where, BadRecord)``, split into shards (a tar file, a parquet
+file, a block of JSONL lines) that ``builders.build`` reads in parallel worker processes;
+iterating it yields every record in order, as one process would. Paths may be local or any URL
+``etils.epath`` opens (``gs://...`` where its filesystem library is installed). ``where`` says
+where the record came from, so two records with the same id can be told apart:
+``manifest.jsonl:12`` (JSONL file name and line), ``data/part-0.parquet:row 7`` (parquet path and
+row), ``shards/00001.tar:000010004`` (shard path and key). Ids: a manifest line's ``id`` field,
+else ``<image path>@<line>`` (one image may carry several edits); the webdataset key; ``<parquet
+stem>-<row, 6 digits>`` for IP2P; ``<img_id>-<turn>`` for MagicBrush. ``builders.build`` writes
+them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import io
 import json
 import os
 import re
+import sqlite3
 import tarfile
-from collections.abc import Callable, Iterator
+import tempfile
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import PIL.Image
+from etils import epath
 
 TEXT_FIELDS = {
     "captions": ("input_caption", "instruction", "edited_caption", "reverse_instruction"),
@@ -53,7 +62,7 @@ def validated_image(data: bytes, max_side: int = 0) -> bytes:
     image = PIL.Image.open(io.BytesIO(data))
     fmt = image.format
     image.load()  # a truncated file fails here, not at training time
-    rgb = image.convert("RGB")
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # (convert would copy)
   except Exception as e:  # PIL raises many types for bad data
     raise BadRecord(f"undecodable image ({type(e).__name__}: {e})") from None
   if min(rgb.size) < 8:
@@ -97,7 +106,7 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict | None, str]]:
   """(line number from 1, the parsed object or None when the line is not a JSON object, the raw
   line without its newline) for each non-blank line of ``path``; ``jsonl_error(raw)`` says why a
   line gave None. Bad lines are yielded, not raised, so a caller can report and skip them."""
-  with open(path, encoding="utf-8") as f:
+  with epath.Path(path).open("r", encoding="utf-8") as f:
     for number, line in enumerate(f, 1):
       raw = line.rstrip("\r\n")
       if raw.strip():
@@ -107,6 +116,11 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict | None, str]]:
 def jsonl_error(raw: str) -> str:
   """Why a raw JSONL line is not a JSON object ("" if it is one)."""
   return _parse_jsonl_line(raw)[1]
+
+
+def is_remote(path: str) -> bool:
+  """A URL (gs://, s3://, ...) rather than a local path."""
+  return "://" in str(path)
 
 
 def expand_pattern(pattern: str) -> list[str]:
@@ -122,7 +136,14 @@ def expand_pattern(pattern: str) -> list[str]:
       options = body.split(",")
     return sorted({f for o in options
                    for f in expand_pattern(pattern[:match.start()] + o + pattern[match.end():])})
-  return sorted(glob.glob(os.path.expanduser(pattern)))
+  if not is_remote(pattern):
+    return sorted(glob.glob(os.path.expanduser(pattern)))
+  parts = pattern.split("/")
+  magic = next((i for i, part in enumerate(parts) if re.search(r"[*?[]", part)), None)
+  if magic is None:
+    return [pattern] if epath.Path(pattern).exists() else []
+  root = epath.Path("/".join(parts[:magic]))
+  return sorted(str(p) for p in root.glob("/".join(parts[magic:])))
 
 
 def _files(pattern: str, what: str) -> list[str]:
@@ -133,54 +154,204 @@ def _files(pattern: str, what: str) -> list[str]:
 
 
 def _require_file(path: str, what: str) -> None:
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f"{what} not found: {path}")
 
 
+def _folder_of(path: str) -> str:
+  """The folder of a file (local: absolute), that its relative image paths start from."""
+  return path.rsplit("/", 1)[0] if is_remote(path) else os.path.dirname(os.path.abspath(path))
+
+
+def _size(path: str) -> int:
+  return epath.Path(path).stat().length
+
+
 # ---------------------------------------------------------------------------------------------
-# Sources: each checks its inputs when called, then yields (id, where, fields | BadRecord).
+# Sharded sources: what `builders.build` runs in parallel, one shard per worker task.
 
 Record = tuple["str | None", str, "dict | BadRecord"]
 
 
-def _jsonl_table(path: str, key_of: Callable[[dict], object | None], missing: str
-                 ) -> tuple[dict, list[Record]]:
-  """({key: (object, where)} of a side JSONL (first occurrence kept), [skip records])."""
-  name = os.path.basename(path)
-  table, bad = {}, []
-  for number, obj, raw in read_jsonl(path):
-    where = f"{name}:{number}"
-    key = key_of(obj) if obj is not None else None
-    if obj is None or key is None:
-      bad.append((None, where, BadRecord(jsonl_error(raw) if obj is None else missing)))
-    elif key in table:
-      bad.append((None, where, BadRecord(f"duplicate of {table[key][1]} (first kept)")))
-    else:
-      table[key] = (obj, where)
-  return table, bad
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  """One input shard: ``read(*args)`` yields its records. Both are pickled to a worker process:
+  ``read`` is a module-level function."""
+  label: str                           # the input it covers: a file, or 'file lines 1-4096'
+  read: Callable[..., Iterator[Record]]
+  args: tuple
+  num_bytes: int = 0                   # its input's size (a resumed build checks it)
+  size: int | None = None              # records it yields, when known before reading it
 
 
-def manifest_records(manifest: str, max_side: int = 0) -> Iterator[Record]:
+@dataclasses.dataclass
+class ShardedSource:
+  """A source's records as shards, plus what is reported before and after them (a side file's
+  bad lines; its keys no shard record matched). Iterating it yields every record in order."""
+  shards: list[Shard]
+  side: "SideTable | None" = None      # indexed by `prepare` before any shard is read
+  unmatched: str | None = None         # if set: the side keys no record had, with this reason
+  settings: dict = dataclasses.field(default_factory=dict)  # what else decides the records
+  resumable: bool = True               # False: one in-process iterator, read from the start
+
+  def prepare(self, folder: str) -> list[Record]:
+    """Indexes the side file into `folder`; returns its bad lines (reported first)."""
+    return self.side.index(folder) if self.side else []
+
+  def finish(self, seen: Iterable[str]) -> Iterator[Record]:
+    """What is reported after the shards, given the ids of every record they yielded."""
+    if self.unmatched:
+      for key, where in self.side.unmatched(seen):
+        yield key, where, BadRecord(self.unmatched)
+
+  def __iter__(self) -> Iterator[Record]:
+    with tempfile.TemporaryDirectory() as folder:
+      yield from self.prepare(folder)
+      seen = []
+      for shard in self.shards:
+        for record in shard.read(*shard.args):
+          if record[0] is not None:
+            seen.append(record[0])
+          yield record
+      yield from self.finish(seen)
+
+
+def _db_key(key) -> str:
+  return key if isinstance(key, str) else "\0" + json.dumps(list(key))
+
+
+class SideTable:
+  """A side JSONL's objects by key (first occurrence kept), indexed in an SQLite file: every
+  worker of a build reads the one copy on disk (12 M instructions held in memory by each worker
+  would not fit). Pickles as the index file's path alone."""
+
+  def __init__(self, path: str, key_of: Callable[[dict], object | None], missing: str):
+    self.path, self._key_of, self._missing = path, key_of, missing
+    self.db: str | None = None
+    self._conn: sqlite3.Connection | None = None
+
+  def __getstate__(self):
+    return {"db": self.db}
+
+  def __setstate__(self, state):
+    self.path = self._key_of = self._missing = None
+    self.db, self._conn = state["db"], None
+
+  def index(self, folder: str) -> list[Record]:
+    """Reads the JSONL into an index in `folder`; returns its bad lines as records."""
+    fd, self.db = tempfile.mkstemp(suffix=".sqlite", dir=folder)
+    os.close(fd)
+    conn = self._conn = sqlite3.connect(self.db)
+    conn.execute("CREATE TABLE rows (key TEXT PRIMARY KEY, line TEXT, place TEXT)")
+    name, bad = os.path.basename(self.path), []
+    with conn:  # one transaction
+      for number, obj, raw in read_jsonl(self.path):
+        where = f"{name}:{number}"
+        key = self._key_of(obj) if obj is not None else None
+        if obj is None or key is None:
+          bad.append((None, where, BadRecord(jsonl_error(raw) if obj is None else self._missing)))
+        elif not conn.execute("INSERT OR IGNORE INTO rows VALUES (?, ?, ?)",
+                              (_db_key(key), raw, where)).rowcount:
+          first = conn.execute("SELECT place FROM rows WHERE key = ?", (_db_key(key),)).fetchone()
+          bad.append((None, where, BadRecord(f"duplicate of {first[0]} (first kept)")))
+    return bad
+
+  def _connection(self) -> sqlite3.Connection:
+    if self._conn is None:  # a worker: read-only
+      self._conn = sqlite3.connect(f"file:{urllib.parse.quote(self.db)}?mode=ro", uri=True)
+    return self._conn
+
+  def get(self, key) -> tuple[dict, str] | None:
+    """(the object, 'file:line') of a key, or None."""
+    row = self._connection().execute("SELECT line, place FROM rows WHERE key = ?",
+                                     (_db_key(key),)).fetchone()
+    return (json.loads(row[0]), row[1]) if row else None
+
+  def unmatched(self, seen: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(key, 'file:line') of the string keys not in `seen`, sorted by key."""
+    conn = self._connection()
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY)")
+    conn.execute("DELETE FROM seen")
+    conn.executemany("INSERT OR IGNORE INTO seen VALUES (?)", ((key,) for key in seen))
+    yield from conn.execute("SELECT key, place FROM rows WHERE key NOT IN (SELECT key FROM seen)"
+                            " AND substr(key, 1, 1) != char(0) ORDER BY key")
+
+
+# A JSONL input is read in blocks of this many lines, one shard each.
+JSONL_SHARD_LINES = 4096
+
+
+def _jsonl_shards(path: str, read: Callable, args: tuple, lines_per_shard: int) -> list[Shard]:
+  """Shards of ``lines_per_shard`` lines; ``read(path, offset, first line, lines, *args)``."""
+  shards, name = [], os.path.basename(path)
+  offset = start = first = lines = records = 0
+
+  def close():
+    shards.append(Shard(f"{name} lines {first}-{first + lines - 1}", read,
+                        (path, start, first, lines) + args, offset - start, records))
+  with epath.Path(path).open("rb") as f:
+    for number, line in enumerate(f, 1):
+      if lines == lines_per_shard:
+        close()
+        start, lines, records = offset, 0, 0
+      if not lines:
+        first = number
+      lines += 1
+      records += bool(line.strip())
+      offset += len(line)
+  if lines:
+    close()
+  return shards
+
+
+def _jsonl_block(path: str, offset: int, first: int, lines: int
+                 ) -> Iterator[tuple[int, dict | None, str]]:
+  """`read_jsonl` over lines first..first+lines-1 (starting at byte `offset`); a line that is not
+  UTF-8 gives (number, None, why)."""
+  with epath.Path(path).open("rb") as f:
+    f.seek(offset)
+    for number in range(first, first + lines):
+      line = f.readline()
+      try:
+        raw = line.decode("utf-8").rstrip("\r\n")
+      except UnicodeDecodeError as e:
+        yield number, None, f"not UTF-8 text ({e.reason} at byte {e.start})"
+        continue
+      if raw.strip():
+        obj, error = _parse_jsonl_line(raw)
+        yield number, obj, error
+
+
+def _file_shards(files: list[str], read: Callable, args: tuple,
+                 sizes: list[int | None] | None = None) -> list[Shard]:
+  """One shard per file; ``read(file, *args)``."""
+  sizes = sizes or [None] * len(files)
+  return [Shard(path, read, (path,) + args, _size(path), size) for path, size in zip(files, sizes)]
+
+
+def manifest_records(manifest: str, max_side: int = 0,
+                     lines_per_shard: int = JSONL_SHARD_LINES) -> ShardedSource:
   """A folder of images + JSONL manifest; image paths relative to the manifest's folder."""
   _require_file(manifest, "manifest")
-  root = os.path.dirname(os.path.abspath(manifest))
-  name = os.path.basename(manifest)
+  return ShardedSource(_jsonl_shards(manifest, _manifest_block, (max_side,), lines_per_shard),
+                       settings={"max_side": max_side})
 
-  def records():
-    for number, obj, raw in read_jsonl(manifest):
-      where = f"{name}:{number}"
-      if obj is None:
-        yield None, where, BadRecord(jsonl_error(raw))
-        continue
-      rel = obj.get("image")
-      rid = _line_id(obj.get("id"), rel, number, where)
-      try:
-        image = _image_file(root, rel, max_side)
-        yield rid, where, {"image": image,
-                           **{k: _text(obj, k) for k in TEXT_FIELDS["captions"]}}
-      except BadRecord as e:
-        yield rid, where, e
-  return records()
+
+def _manifest_block(manifest: str, offset: int, first: int, lines: int,
+                    max_side: int) -> Iterator[Record]:
+  root, name = _folder_of(manifest), os.path.basename(manifest)
+  for number, obj, error in _jsonl_block(manifest, offset, first, lines):
+    where = f"{name}:{number}"
+    if obj is None:
+      yield None, where, BadRecord(error)
+      continue
+    rel = obj.get("image")
+    rid = _line_id(obj.get("id"), rel, number, where)
+    try:
+      image = _image_file(root, rel, max_side)
+      yield rid, where, {"image": image, **{k: _text(obj, k) for k in TEXT_FIELDS["captions"]}}
+    except BadRecord as e:
+      yield rid, where, e
 
 
 def _line_id(given, image_path, number: int, where: str) -> str:
@@ -196,11 +367,10 @@ def _image_file(root: str, rel, max_side: int = 0, what: str = "image") -> bytes
   if not isinstance(rel, str) or not rel:
     raise BadRecord(f"{what} path is missing")
   path = os.path.join(root, rel)
-  if not os.path.isfile(path):
+  file = epath.Path(path)
+  if not file.is_file():
     raise BadRecord(f"{what} file not found: {path}")
-  with open(path, "rb") as f:
-    data = f.read()
-  return _named_image(data, max_side, what)
+  return _named_image(file.read_bytes(), max_side, what)
 
 
 def _named_image(data, max_side: int, what: str) -> bytes:
@@ -225,7 +395,7 @@ def _tar_samples(path: str, extensions: tuple[str, ...] | None = None
   """Groups consecutive members of a webdataset shard by key; with ``extensions``, reads only
   those members (the others are skipped over, not read: captions without the images)."""
   key, sample = None, {}
-  with tarfile.open(path) as tar:
+  with epath.Path(path).open("rb") as f, tarfile.open(fileobj=f) as tar:
     for member in tar:
       if not member.isfile():
         continue
@@ -251,7 +421,11 @@ def sample_caption(sample: dict[str, bytes]) -> str | None:
   return caption
 
 
-def webdataset_records(shards: str, instructions: str, max_side: int = 0) -> Iterator[Record]:
+def _instruction_key(obj: dict) -> str | None:
+  return str(obj["key"]) if isinstance(obj.get("key"), (str, int)) else None
+
+
+def webdataset_records(shards: str, instructions: str, max_side: int = 0) -> ShardedSource:
   """img2dataset output (jpg + txt/json per key) joined by key with generated instructions.
 
   ``instructions`` JSONL: ``{"key": ..., "instruction": ..., "edited_caption": ...,
@@ -259,47 +433,48 @@ def webdataset_records(shards: str, instructions: str, max_side: int = 0) -> Ite
   """
   _require_file(instructions, "instructions file")
   shard_files = _files(shards, "webdataset shard")
+  table = SideTable(instructions, _instruction_key, "no 'key' field")
+  return ShardedSource(_file_shards(shard_files, _webdataset_shard, (table, max_side)), side=table,
+                       unmatched="instruction record has no image in the shards",
+                       settings={"instructions": instructions, "max_side": max_side,
+                                 "instructions_bytes": _size(instructions)})
 
-  def records():
-    key_of = lambda obj: str(obj["key"]) if isinstance(obj.get("key"), (str, int)) else None
-    table, bad = _jsonl_table(instructions, key_of, "no 'key' field")
-    yield from bad
-    seen = set()
-    for shard in shard_files:
-      try:
-        samples = list(_tar_samples(shard))
-      except (tarfile.TarError, OSError, EOFError) as e:
-        yield None, shard, BadRecord(f"unreadable shard ({e})")
-        continue
-      for key, sample in samples:
-        short_key = os.path.basename(key)
-        where = f"{shard}:{key}"
-        seen.add(short_key)
-        try:
-          extra = table.get(short_key, (None,))[0]
-          if extra is None:
-            raise BadRecord("no instruction record for this key")
-          image_ext = next((e for e in _IMAGE_EXTENSIONS if e in sample), None)
-          if image_ext is None:
-            raise BadRecord(f"no image in the sample (members: {sorted(sample)})")
-          caption = extra.get("input_caption") or sample_caption(sample)
-          fields = {**extra, "input_caption": caption}
-          yield short_key, where, {"image": validated_image(sample[image_ext], max_side),
-                                   **{k: _text(fields, k) for k in TEXT_FIELDS["captions"]}}
-        except BadRecord as e:
-          yield short_key, where, e
-    for key in sorted(set(table) - seen):
-      yield key, table[key][1], BadRecord("instruction record has no image in the shards")
-  return records()
+
+def _webdataset_shard(shard: str, table: SideTable, max_side: int) -> Iterator[Record]:
+  try:
+    samples = list(_tar_samples(shard))
+  except (tarfile.TarError, OSError, EOFError) as e:
+    yield None, shard, BadRecord(f"unreadable shard ({e})")
+    return
+  for key, sample in samples:
+    short_key = os.path.basename(key)
+    where = f"{shard}:{key}"
+    try:
+      match = table.get(short_key)
+      if match is None:
+        raise BadRecord("no instruction record for this key")
+      image_ext = next((e for e in _IMAGE_EXTENSIONS if e in sample), None)
+      if image_ext is None:
+        raise BadRecord(f"no image in the sample (members: {sorted(sample)})")
+      caption = match[0].get("input_caption") or sample_caption(sample)
+      fields = {**match[0], "input_caption": caption}
+      yield short_key, where, {"image": validated_image(sample[image_ext], max_side),
+                               **{k: _text(fields, k) for k in TEXT_FIELDS["captions"]}}
+    except BadRecord as e:
+      yield short_key, where, e
+
+
+def _parquet_file(path: str):
+  import pyarrow.parquet as pq
+  return pq.ParquetFile(epath.Path(path).open("rb") if is_remote(path) else path)
 
 
 def _parquet_files(pattern: str, columns: list[str]) -> list[str]:
   """The files matching ``pattern``, each checked to be parquet with ``columns``."""
-  import pyarrow.parquet as pq
   files = _files(pattern, "parquet")
   for path in files:
     try:
-      names = pq.read_schema(path).names
+      names = _parquet_file(path).schema_arrow.names
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-parquet files
       raise ValueError(f"{path}: not a readable parquet file ({e})") from None
     missing = [c for c in columns if c not in names]
@@ -308,12 +483,16 @@ def _parquet_files(pattern: str, columns: list[str]) -> list[str]:
   return files
 
 
+def _parquet_shards(files: list[str], read: Callable, args: tuple) -> list[Shard]:
+  """One shard per parquet file, its size its number of rows."""
+  return _file_shards(files, read, args, [_parquet_file(f).metadata.num_rows for f in files])
+
+
 def _parquet_rows(files: list[str], columns: list[str]) -> Iterator[tuple[str, int, dict]]:
   """(path, row within the file, {column: value})."""
-  import pyarrow.parquet as pq
   for path in files:
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=64, columns=columns):
+    for batch in _parquet_file(path).iter_batches(batch_size=64, columns=columns):
       for values in batch.to_pylist():
         yield path, row, values
         row += 1
@@ -326,52 +505,59 @@ def _image_bytes(value) -> bytes | None:
   return value
 
 
+IP2P_COLUMNS = ["original_prompt", "original_image", "edit_prompt", "edited_prompt",
+                "edited_image"]
+
+
+def _reverse_key(obj: dict):
+  """A reverse instruction's key: its id, or (input caption, instruction)."""
+  reverse = obj.get("reverse_instruction")
+  if not isinstance(reverse, str) or not reverse.strip():
+    return None
+  if obj.get("id"):
+    return str(obj["id"])
+  return (str(obj.get("input_caption", "")).strip(), str(obj.get("instruction", "")).strip())
+
+
 def ip2p_records(parquet: str, reverse_instructions: str | None = None,
-                 max_side: int = 0) -> Iterator[Record]:
+                 max_side: int = 0) -> ShardedSource:
   """timbrooks/instructpix2pix-clip-filtered rows; ids are '<file stem>-<row, 6 digits>'.
 
   ``reverse_instructions`` JSONL: ``{"id": ..., "reverse_instruction": ...}`` or, keyed by text,
   ``{"input_caption": ..., "instruction": ..., "reverse_instruction": ...}``. When given, rows
   without a reverse instruction are skipped (CEC training needs one).
   """
-  columns = ["original_prompt", "original_image", "edit_prompt", "edited_prompt", "edited_image"]
-  files = _parquet_files(parquet, columns)
+  files = _parquet_files(parquet, IP2P_COLUMNS)
+  table, settings = None, {"max_side": max_side}
   if reverse_instructions:
     _require_file(reverse_instructions, "reverse instructions file")
+    table = SideTable(reverse_instructions, _reverse_key,
+                      "'reverse_instruction' is missing or empty")
+    settings.update(reverse_instructions=reverse_instructions,
+                    reverse_bytes=_size(reverse_instructions))
+  return ShardedSource(_parquet_shards(files, _ip2p_file, (table, max_side)), side=table,
+                       settings=settings)
 
-  def records():
-    reverse_by = {}
-    if reverse_instructions:
-      def key_of(obj):  # by id, or by (input caption, instruction)
-        reverse = obj.get("reverse_instruction")
-        if not isinstance(reverse, str) or not reverse.strip():
-          return None
-        if obj.get("id"):
-          return str(obj["id"])
-        return (str(obj.get("input_caption", "")).strip(),
-                str(obj.get("instruction", "")).strip())
-      reverse_by, bad = _jsonl_table(reverse_instructions, key_of,
-                                     "'reverse_instruction' is missing or empty")
-      yield from bad
-    for path, row, values in _parquet_rows(files, columns):
-      rid = f"{os.path.splitext(os.path.basename(path))[0]}-{row:06d}"
-      where = f"{path}:row {row}"
-      try:
-        fields = {"input_caption": _text(values, "original_prompt"),
-                  "instruction": _text(values, "edit_prompt"),
-                  "edited_caption": _text(values, "edited_prompt")}
-        match = (reverse_by.get(rid)
-                 or reverse_by.get((fields["input_caption"], fields["instruction"])))
-        if reverse_instructions and not match:
-          raise BadRecord("no reverse instruction for this record")
-        fields["reverse_instruction"] = match[0]["reverse_instruction"].strip() if match else ""
-        yield rid, where, {
-            "image": validated_image(_image_bytes(values["original_image"]), max_side),
-            "edited_image": validated_image(_image_bytes(values["edited_image"]), max_side),
-            **fields}
-      except BadRecord as e:
-        yield rid, where, e
-  return records()
+
+def _ip2p_file(path: str, reverse: SideTable | None, max_side: int) -> Iterator[Record]:
+  for path, row, values in _parquet_rows([path], IP2P_COLUMNS):
+    rid = f"{os.path.splitext(os.path.basename(path))[0]}-{row:06d}"
+    where = f"{path}:row {row}"
+    try:
+      fields = {"input_caption": _text(values, "original_prompt"),
+                "instruction": _text(values, "edit_prompt"),
+                "edited_caption": _text(values, "edited_prompt")}
+      match = reverse and (reverse.get(rid)
+                           or reverse.get((fields["input_caption"], fields["instruction"])))
+      if reverse and not match:
+        raise BadRecord("no reverse instruction for this record")
+      fields["reverse_instruction"] = match[0]["reverse_instruction"].strip() if match else ""
+      yield rid, where, {
+          "image": validated_image(_image_bytes(values["original_image"]), max_side),
+          "edited_image": validated_image(_image_bytes(values["edited_image"]), max_side),
+          **fields}
+    except BadRecord as e:
+      yield rid, where, e
 
 
 # Your own pairs: the fields of a record and the names they have in the input.
@@ -410,43 +596,45 @@ def _pair_fields(values: dict, columns: dict[str, str], image_of: Callable) -> d
 
 
 def pairs_jsonl_records(manifest: str, columns: dict[str, str] | None = None,
-                        max_side: int = 0) -> Iterator[Record]:
+                        max_side: int = 0,
+                        lines_per_shard: int = JSONL_SHARD_LINES) -> ShardedSource:
   """Your own pairs: a JSONL file, one object per pair with the input and edited image paths
   (relative to the file's folder) and the instruction; captions and the reverse instruction
   are optional. Keys are PAIR_FIELDS' names unless `columns` (`parse_columns`) renames them.
   Ids: the line's id, else '<input image path>@<line>'."""
   _require_file(manifest, "pairs JSONL file")
   columns = {field: (columns or {}).get(field, field) for field in PAIR_FIELDS}
-  root = os.path.dirname(os.path.abspath(manifest))
-  name = os.path.basename(manifest)
-  image_of = lambda value, what: _image_file(root, value, max_side, what)
+  return ShardedSource(_jsonl_shards(manifest, _pairs_block, (columns, max_side), lines_per_shard),
+                       settings={"columns": columns, "max_side": max_side})
 
-  def records():
-    for number, obj, raw in read_jsonl(manifest):
-      where = f"{name}:{number}"
-      if obj is None:
-        yield None, where, BadRecord(jsonl_error(raw))
-        continue
-      rid = _line_id(obj.get(columns["id"]), obj.get(columns["input_image"]), number, where)
-      try:
-        yield rid, where, _pair_fields(obj, columns, image_of)
-      except BadRecord as e:
-        yield rid, where, e
-  return records()
+
+def _pairs_block(manifest: str, offset: int, first: int, lines: int, columns: dict[str, str],
+                 max_side: int) -> Iterator[Record]:
+  root, name = _folder_of(manifest), os.path.basename(manifest)
+  image_of = lambda value, what: _image_file(root, value, max_side, what)
+  for number, obj, error in _jsonl_block(manifest, offset, first, lines):
+    where = f"{name}:{number}"
+    if obj is None:
+      yield None, where, BadRecord(error)
+      continue
+    rid = _line_id(obj.get(columns["id"]), obj.get(columns["input_image"]), number, where)
+    try:
+      yield rid, where, _pair_fields(obj, columns, image_of)
+    except BadRecord as e:
+      yield rid, where, e
 
 
 def pairs_parquet_records(parquet: str, columns: dict[str, str] | None = None,
-                          max_side: int = 0) -> Iterator[Record]:
+                          max_side: int = 0) -> ShardedSource:
   """Your own pairs from parquet files (e.g. a Hugging Face IP2P-style set: `columns` maps
   input_image=original_image, edited_image=edited_image, instruction=edit_prompt), images as
   bytes or {bytes, path} structs. Ids: the id column when mapped, else
   '<file stem>-<row, 6 digits>'."""
-  import pyarrow.parquet as pq
   explicit = dict(columns or {})
   columns = {field: explicit.get(field, field) for field in PAIR_FIELDS}
   files = _files(parquet, "parquet")
   try:
-    available = pq.read_schema(files[0]).names
+    available = _parquet_file(files[0]).schema_arrow.names
   except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-parquet files
     raise ValueError(f"{files[0]}: not a readable parquet file ({e})") from None
   # Required and explicitly mapped columns must exist; the other optional fields are read when
@@ -454,19 +642,22 @@ def pairs_parquet_records(parquet: str, columns: dict[str, str] | None = None,
   wanted = sorted({columns[f] for f in PAIR_FIELDS
                    if f in REQUIRED_PAIR_FIELDS or f in explicit or columns[f] in available})
   files = _parquet_files(parquet, wanted)
-  image_of = lambda value, what: _named_image(_image_bytes(value), max_side, what)
+  return ShardedSource(_parquet_shards(files, _pairs_parquet_file, (columns, wanted, max_side)),
+                       settings={"columns": columns, "max_side": max_side})
 
-  def records():
-    for path, row, values in _parquet_rows(files, wanted):
-      given = values.get(columns["id"])
-      rid = (str(given) if given not in (None, "") else
-             f"{os.path.splitext(os.path.basename(path))[0]}-{row:06d}")
-      where = f"{path}:row {row}"
-      try:
-        yield rid, where, _pair_fields(values, columns, image_of)
-      except BadRecord as e:
-        yield rid, where, e
-  return records()
+
+def _pairs_parquet_file(path: str, columns: dict[str, str], wanted: list[str],
+                        max_side: int) -> Iterator[Record]:
+  image_of = lambda value, what: _named_image(_image_bytes(value), max_side, what)
+  for path, row, values in _parquet_rows([path], wanted):
+    given = values.get(columns["id"])
+    rid = (str(given) if given not in (None, "") else
+           f"{os.path.splitext(os.path.basename(path))[0]}-{row:06d}")
+    where = f"{path}:row {row}"
+    try:
+      yield rid, where, _pair_fields(values, columns, image_of)
+    except BadRecord as e:
+      yield rid, where, e
 
 
 def _magicbrush_descriptions(path: str | None) -> dict[tuple[str, int], tuple[str, str]]:
@@ -478,11 +669,10 @@ def _magicbrush_descriptions(path: str | None) -> dict[tuple[str, int], tuple[st
   if not path:
     return {}
   _require_file(path, "descriptions file")
-  with open(path, encoding="utf-8") as f:
-    try:
-      table = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: invalid JSON ({e})") from None
+  try:
+    table = json.loads(epath.Path(path).read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: invalid JSON ({e})") from None
   if not isinstance(table, dict):
     raise ValueError(f"{path}: expected a JSON object {{img_id: {{file name: caption}}}}, got "
                      f"{type(table).__name__}")
@@ -499,43 +689,47 @@ def _magicbrush_descriptions(path: str | None) -> dict[tuple[str, int], tuple[st
   return out
 
 
+MAGICBRUSH_COLUMNS = ["img_id", "turn_index", "source_img", "target_img", "instruction"]
+
+
 def magicbrush_records(parquet: str, descriptions: str | None = None,
-                       max_side: int = 0) -> Iterator[Record]:
+                       max_side: int = 0) -> ShardedSource:
   """MagicBrush parquet rows (img_id, turn_index, source_img, target_img, instruction)."""
-  columns = ["img_id", "turn_index", "source_img", "target_img", "instruction"]
-  files = _parquet_files(parquet, columns)
+  files = _parquet_files(parquet, MAGICBRUSH_COLUMNS)
   captions = _magicbrush_descriptions(descriptions)
-
-  def records():
-    for path, row, values in _parquet_rows(files, columns):
-      img_id, turn = str(values["img_id"]), values["turn_index"]
-      rid, where = f"{img_id}-{turn}", f"{path}:row {row}"
-      try:
-        if not isinstance(turn, (int, np.integer)) or turn < 1:
-          raise BadRecord(f"turn_index must be a positive integer, got {turn!r}")
-        input_caption, edited_caption = captions.get((img_id, int(turn)), ("", ""))
-        if descriptions and not edited_caption:
-          raise BadRecord("no global description for this turn")
-        yield rid, where, {
-            "image": validated_image(_image_bytes(values["source_img"]), max_side),
-            "target_image": validated_image(_image_bytes(values["target_img"]), max_side),
-            "instruction": _text(values, "instruction"), "img_id": img_id,
-            "turn_index": int(turn), "input_caption": input_caption,
-            "edited_caption": edited_caption}
-      except BadRecord as e:
-        yield rid, where, e
-  return records()
+  return ShardedSource(
+      _parquet_shards(files, _magicbrush_file, (captions, bool(descriptions), max_side)),
+      settings={"descriptions": descriptions, "max_side": max_side})
 
 
-# ---------------------------------------------------------------------------------------------
-# The TFDS builder.
+def _magicbrush_file(path: str, captions: dict, need_captions: bool,
+                     max_side: int) -> Iterator[Record]:
+  for path, row, values in _parquet_rows([path], MAGICBRUSH_COLUMNS):
+    img_id, turn = str(values["img_id"]), values["turn_index"]
+    rid, where = f"{img_id}-{turn}", f"{path}:row {row}"
+    try:
+      if not isinstance(turn, (int, np.integer)) or turn < 1:
+        raise BadRecord(f"turn_index must be a positive integer, got {turn!r}")
+      input_caption, edited_caption = captions.get((img_id, int(turn)), ("", ""))
+      if need_captions and not edited_caption:
+        raise BadRecord("no global description for this turn")
+      yield rid, where, {
+          "image": validated_image(_image_bytes(values["source_img"]), max_side),
+          "target_image": validated_image(_image_bytes(values["target_img"]), max_side),
+          "instruction": _text(values, "instruction"), "img_id": img_id,
+          "turn_index": int(turn), "input_caption": input_caption,
+          "edited_caption": edited_caption}
+    except BadRecord as e:
+      yield rid, where, e
+
 
 def sample_manifest() -> str:
   """The manifest of the CC0/public-domain sample photos shipped with the package."""
   return os.path.join(os.path.dirname(__file__), "sample", "manifest.jsonl")
 
 
-__all__ = ["TEXT_FIELDS", "BadRecord", "Record", "expand_pattern", "ip2p_records", "jsonl_error",
-           "magicbrush_records", "manifest_records", "pairs_jsonl_records",
-           "pairs_parquet_records", "parse_columns", "read_jsonl", "sample_caption",
-           "sample_manifest", "validated_image", "webdataset_records"]
+__all__ = ["TEXT_FIELDS", "BadRecord", "Record", "Shard", "ShardedSource", "SideTable",
+           "expand_pattern", "ip2p_records", "is_remote", "jsonl_error", "magicbrush_records",
+           "manifest_records", "pairs_jsonl_records", "pairs_parquet_records", "parse_columns",
+           "read_jsonl", "sample_caption", "sample_manifest", "validated_image",
+           "webdataset_records"]
