@@ -73,8 +73,8 @@ def add_parser(commands) -> None:
 
 def _where(path: str) -> str:
   """A local path made absolute (a URL as it is), for the dataset's metadata."""
-  from uip2p_jax.data import sources
-  return path if sources.is_remote(path) else os.path.abspath(path)
+  from uip2p_jax import storage
+  return path if storage.is_remote(path) else os.path.abspath(path)
 
 
 def _source(args: argparse.Namespace, metadata: dict):

@@ -42,8 +42,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from uip2p_jax import storage
 from uip2p_jax.data.sources import (TEXT_FIELDS, BadRecord, Record, Shard, ShardedSource,
-                                    is_remote, manifest_records, sample_manifest)
+                                    manifest_records, sample_manifest)
+from uip2p_jax.storage import is_remote
 
 VERSION = "1.0.0"
 KINDS = ("captions", "ip2p", "magicbrush")
@@ -122,17 +124,6 @@ def _write_skipped(target: epath.Path, report: SkipReport) -> str:
   path.write_text("".join(json.dumps(skip._asdict()) + "\n" for skip in report.skipped),
                   encoding="utf-8")
   return str(path)
-
-
-def _write_json(path: epath.Path, value) -> None:
-  """Whole or not at all: a local file is renamed into place (an object store's write is)."""
-  text = json.dumps(value)
-  if is_remote(path):
-    path.write_text(text)
-  else:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def _copy(source: str, destination: str) -> None:
@@ -245,7 +236,7 @@ def _build_shard(job: _ShardJob) -> dict:
       os.remove(partial)
   marker = {"records": count, "num_bytes": num_bytes, "written": written, "skipped": skipped,
             "lacking": lacking}
-  _write_json(epath.Path(job.marker), marker)
+  storage.write_text_atomic(job.marker, json.dumps(marker))
   ticker.tick(final=True)
   return marker
 
@@ -295,7 +286,7 @@ def _prepare_target(target: epath.Path, plan: dict) -> list[int]:
   if target.exists():
     target.rmtree()  # a built dataset (overwrite), an unresumable partial build, a skip list
   (target / STATE_DIR).mkdir(parents=True, exist_ok=True)
-  _write_json(target / STATE_DIR / "plan.json", plan)
+  storage.write_text_atomic(target / STATE_DIR / "plan.json", json.dumps(plan))
   return []
 
 

@@ -42,6 +42,8 @@ import numpy as np
 import PIL.Image
 from etils import epath
 
+from uip2p_jax.storage import is_remote
+
 TEXT_FIELDS = {
     "captions": ("input_caption", "instruction", "edited_caption", "reverse_instruction"),
     "ip2p": ("input_caption", "instruction", "edited_caption", "reverse_instruction"),
@@ -116,11 +118,6 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict | None, str]]:
 def jsonl_error(raw: str) -> str:
   """Why a raw JSONL line is not a JSON object ("" if it is one)."""
   return _parse_jsonl_line(raw)[1]
-
-
-def is_remote(path: str) -> bool:
-  """A URL (gs://, s3://, ...) rather than a local path."""
-  return "://" in str(path)
 
 
 def expand_pattern(pattern: str) -> list[str]:
