@@ -2,11 +2,16 @@
 
   python bench/lora_step.py                      # experiments/smoke.py (CEC, tiny, 64 px, batch 4)
   python bench/lora_step.py --rank 16 --targets attn,ff,conv --rounds 7
+  # one config exactly as written, random weights of its preset (bench/device.sh, on a GPU):
+  python bench/lora_step.py --config experiments/finetune.py:method=full --as-configured \
+      --random-weights
 
 Both steps are compiled first (default XLA options, as `uip2p train` does), then timed in
 alternating rounds of `--steps` steps each (the dev VM's timings drift; alternation keeps the
 comparison fair) and the median step of each is reported, with the trained parameter count and
-the bytes of parameters + optimizer state + EMA the step carries. Random synthetic batches.
+the bytes of parameters + optimizer state + EMA the step carries, and the device's peak memory
+where it reports one (a GPU; with `--as-configured` the process holds only that one step, so the
+peak is that step's). Random synthetic batches.
 """
 
 import argparse
@@ -53,23 +58,32 @@ def main():
   parser.add_argument("--targets", default="attn")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=5, help="steps per round and variant")
+  parser.add_argument("--as-configured", action="store_true",
+                      help="time only the config as written (its own LoRA or full fine-tuning)")
+  parser.add_argument("--random-weights", action="store_true",
+                      help="the preset's random weights instead of config.model.pretrained "
+                           "(timing and memory need no download)")
   args = parser.parse_args()
 
   runs = {}
-  for name in ("full", "lora"):
+  for name in ("configured",) if args.as_configured else ("full", "lora"):
     config = run_config.load_config(args.config)
     if name == "lora":
       run_config.apply_override(config, f"lora.rank={args.rank}")
       run_config.apply_override(config, f"lora.targets={args.targets}")
     run_config.check(config)
+    if args.random_weights:  # after the check: it refuses LoRA on a random base, rightly
+      config.model.pretrained = None
     runs[name] = compiled_step(config)
     run = runs[name]
     run["state"], metrics = run["step"](run["state"], run["frozen"], run["batch"])  # warm-up
     jax.block_until_ready(metrics)
   print(f"{os.path.relpath(args.config, ROOT)}: {config.objective}, preset "
         f"{config.model.preset}, {config.data.resolution} px, batch {config.batch_size}, "
-        f"{config.model.compute_dtype}, remat {config.model.remat}; LoRA rank {args.rank} on "
-        f"{args.targets}; {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs", flush=True)
+        f"{config.model.compute_dtype}, remat {config.model.remat}; "
+        + (f"LoRA rank {config.lora.rank}" if args.as_configured else
+           f"LoRA rank {args.rank} on {args.targets}")
+        + f"; {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs", flush=True)
   for _ in range(args.rounds):
     for run in runs.values():
       for _ in range(args.steps):
@@ -80,9 +94,15 @@ def main():
   median = {name: statistics.median(run["times"]) for name, run in runs.items()}
   for name, run in runs.items():
     print(f"  {name:4s}: step {median[name] * 1000:.1f} ms (median of {len(run['times'])}), "
-          f"compile {run['compile_s']:.1f} s, trained parameters {run['trained']:,}, "
-          f"parameters + optimizer + EMA {run['carried'] / 2 ** 20:.2f} MiB")
-  print(f"  LoRA / full step time: {median['lora'] / median['full']:.2f}")
+          f"{config.batch_size / median[name]:.2f} images/s, compile {run['compile_s']:.1f} s, "
+          f"trained parameters {run['trained']:,}, parameters + optimizer + EMA "
+          f"{run['carried'] / 2 ** 20:.2f} MiB")
+  peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+  if peak is not None:
+    print(f"  device peak memory {peak / 2 ** 30:.2f} GiB"
+          + ("" if args.as_configured else " (both steps' state held in this process)"))
+  if not args.as_configured:
+    print(f"  LoRA / full step time: {median['lora'] / median['full']:.2f}")
 
 
 if __name__ == "__main__":
