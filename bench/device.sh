@@ -14,8 +14,8 @@ cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python -m pip install -q -r requirements.txt "jax[cuda12]==0.10.2" >/dev/null 2>&1 || true
 python -m pip install -q --no-deps -r requirements-nodeps.txt -e . >/dev/null 2>&1 || true
-timeout 150 python bench/gpu_edit.py --preset sd15 --resolution 512 --steps 20 --batches 1 4
-timeout 150 python bench/train_step.py --preset sd15 --resolution 256 --batch 8 --steps 10
+timeout 130 python bench/gpu_edit.py --preset sd15 --resolution 512 --steps 20 --batches 1 4
+timeout 130 python bench/train_step.py --preset sd15 --resolution 256 --batch 8 --steps 10
 for method in lora full; do
   timeout 110 python bench/lora_step.py --config "experiments/finetune.py:method=$method" \
       --as-configured --random-weights --rounds 2 --steps 5
