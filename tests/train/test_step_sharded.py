@@ -55,13 +55,18 @@ def test_sharded_step_equals_single_device_step(tmp_path, step_setup):
   for key in ("loss", "loss_clip", "loss_sim", "loss_attn", "loss_recon", "grad_norm"):
     np.testing.assert_allclose(sharded[f"metric_{key}"], metrics[key], rtol=2e-4, err_msg=key)
   # Gradients (Adam's first moment after one step is 0.1 * g) agree closely. Parameters agree
-  # within half an update: Adam's first update is ~lr * g / |g| (lr 1e-3), whose sign flips
-  # where |g| is tiny and the two programs add in different orders.
-  trees = {"mu": state.opt_state[1][0].mu, "params": state.params, "ema": state.ema_params}
-  for name, tree in trees.items():
+  # within half an update, except where the two programs' g have opposite signs: Adam's first
+  # update is ~lr * g / |g| (lr 1e-3), so there they differ by up to 2 lr. Summed in different
+  # orders, g can flip only where it is at the rounding level of its leaf's largest gradients:
+  # such elements are allowed the flip, and must be few.
+  mu = jax.tree.leaves(jax.device_get(state.opt_state[1][0].mu))
+  for i, leaf in enumerate(mu):
+    np.testing.assert_allclose(sharded[f"mu_{i}"], leaf, rtol=1e-3,
+                               atol=1e-3 * np.abs(leaf).max())
+  for name, tree in {"params": state.params, "ema": state.ema_params}.items():
     for i, leaf in enumerate(jax.tree.leaves(jax.device_get(tree))):
-      other = sharded[f"{name}_{i}"]
-      if name == "mu":
-        np.testing.assert_allclose(other, leaf, rtol=1e-3, atol=1e-3 * np.abs(leaf).max())
-      else:
-        np.testing.assert_allclose(other, leaf, atol=5e-4)
+      difference = np.abs(sharded[f"{name}_{i}"] - leaf)
+      flipped = difference > 5e-4
+      near_zero = np.abs(mu[i]) <= 1e-5 * np.abs(mu[i]).max()
+      assert not (flipped & ~near_zero).any(), (name, i, difference[~near_zero].max())
+      assert (difference <= 2.2e-3).all() and flipped.mean() < 1e-3, (name, i, flipped.sum())
