@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Device checks, run as one script on a lent GPU machine (each part under its own timeout: at
-# most 10 minutes in all, the device tool's limit for one command):
+# Device checks, run as one script on a lent GPU machine (each benchmark under its own timeout,
+# 9 minutes of them in all, so that with the installs it fits the device tool's 10-minute call):
 #   bash bench/device.sh
 # 1. Our jitted edit: SD 1.5-size UNet (random weights), 512 px, 20 steps, bf16, batch 1 and 4.
 # 2. The SD 1.5-size CEC train step: 256 px, 8 images, bf16 compute, remat per block, K = 1:

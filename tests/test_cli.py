@@ -77,6 +77,10 @@ def test_demo_runs_every_model_and_the_edit(tmp_path, capsys):
     (["edit", "--batch", "r.jsonl", "--resolution", "32"],
      "argument --resolution: 32: expected a resolution in pixels of at least 64"),
     (["app", "--port", "0"], "argument --port: 0: expected a port number of at least 1"),
+    # Outputs in a bucket are checked before any work (gs:// needs gcsfs, absent in the tests).
+    (["eval", "shapes", "--data", "d", "--out", "ftp://b/x"], "argument --out: ftp:// is not"),
+    (["eval", "shapes", "--data", "d", "--out", "gs://b/x"], "--out: gs:// is read and written "
+     "with gcsfs, which is not installed here"),
 ])
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
   with pytest.raises(SystemExit) as exit_info:

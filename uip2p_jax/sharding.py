@@ -34,20 +34,26 @@ def maybe_initialize_distributed() -> None:
                 (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
                 if var in os.environ}
     jax.distributed.initialize(**explicit)
-    use_distributed_barriers()
+    if jax.default_backend() == "cpu":  # gloo's limit; NCCL and TPU collectives wait as long
+      use_distributed_barriers()
 
 
 def use_distributed_barriers() -> None:
-  """Orbax's barriers through the coordination service (5 min timeout) instead of a collective:
-  a new gloo/NCCL communicator waits only 30 s for its peers, and hosts that compile at
-  different speeds reach orbax's first barrier further apart than that (seen on this 2-core
-  machine: "Gloo context initialization failed: DEADLINE_EXCEEDED"). The switch is an absl flag;
-  reading it needs absl's flags marked parsed, and our CLI parses none of them."""
+  """Orbax's barriers through the coordination service (orbax's 5-minute timeout) instead of a
+  collective, for CPU processes: a new gloo communicator waits only 30 s for its peers, and
+  processes that compile at different speeds reach orbax's first barrier further apart than
+  that (seen on a 2-core machine: "Gloo context initialization failed: DEADLINE_EXCEEDED").
+  The switch is an absl flag of orbax's; reading it needs absl's flags marked parsed, and our
+  CLI parses none of them."""
   from absl import flags
   from orbax.checkpoint._src.multihost import multihost
+  holder = getattr(multihost, "EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER", None)
+  if holder is None:
+    raise RuntimeError("orbax.checkpoint no longer has EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER "
+                       "(uip2p_jax/sharding.py relies on it for multi-process CPU runs): check "
+                       "the installed orbax-checkpoint against requirements.txt")
   flags.FLAGS.mark_as_parsed()
-  flags.FLAGS[multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.name].value = True
-  assert multihost.EXPERIMENTAL_ORBAX_USE_DISTRIBUTED_BARRIER.value
+  flags.FLAGS[holder.name].value = True
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:

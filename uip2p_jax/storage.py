@@ -56,9 +56,12 @@ def url_problem(path: str | os.PathLike) -> str | None:
 
 
 def absolute(path: str | os.PathLike) -> str:
-  """os.path.abspath for a local path; a URL unchanged (it is absolute already)."""
+  """os.path.abspath for a local path; a URL as it is (absolute already), less a trailing slash
+  as abspath drops one (`gs://b/run/export/` names the folder `export`, not '')."""
   path = os.fspath(path)
-  return path if is_remote(path) else os.path.abspath(path)
+  if not is_remote(path):
+    return os.path.abspath(path)
+  return path if path.endswith("://") else path.rstrip("/")
 
 
 def exists(path: str | os.PathLike) -> bool:

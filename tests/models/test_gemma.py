@@ -67,3 +67,24 @@ def test_load_gemma2_refuses_what_it_cannot_load(tiny_gemma, tmp_path):
   os.remove(bad / "model.safetensors")
   with pytest.raises(weights.CheckpointError, match="no model.safetensors"):
     weights.load_gemma2(str(bad))
+
+
+def test_null_soft_caps_mean_off(tmp_path):
+  """transformers reads null soft-caps as "off" (exports for flash attention have them); so must
+  we, not as our defaults 50 and 30."""
+  from transformers import Gemma2Config, Gemma2ForCausalLM
+
+  from conftest import GEMMA_CONFIG, seeded
+  seeded(12)
+  config = dict(GEMMA_CONFIG, attn_logit_softcapping=None, final_logit_softcapping=None)
+  reference_model = Gemma2ForCausalLM(Gemma2Config(**config, attn_implementation="eager")).eval()
+  with torch.no_grad():
+    for name, p in reference_model.named_parameters():
+      p.normal_(0.0, 0.5 if "norm" in name else 0.3)
+  reference_model.save_pretrained(tmp_path)
+  ours = weights.load_gemma2(str(tmp_path))
+  assert (ours.config.attn_logit_softcapping, ours.config.final_logit_softcapping) == (None, None)
+  ids = np.random.default_rng(1).integers(7, 512, (1, 24))
+  with torch.no_grad():
+    reference = reference_model(torch.from_numpy(ids)).logits.numpy()
+  assert max_rel_error(nnx.jit(lambda m, x: m(x))(ours, jnp.asarray(ids)), reference) < 1e-5

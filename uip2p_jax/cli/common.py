@@ -53,6 +53,26 @@ DTYPE_HELP = ("compute and weight dtype of the edit models; auto (default): bflo
               "TPU, float32 on a CPU")
 
 
+def output_location(text: str) -> str:
+  """An output folder or file: a local path, or a URL whose filesystem library is installed
+  (refused here, before any work, rather than at the first write)."""
+  from uip2p_jax import storage
+  problem = storage.url_problem(text)
+  if problem:
+    raise argparse.ArgumentTypeError(problem)
+  return text
+
+
+def local_location(text: str) -> str:
+  """An output that this command writes with local file operations only: URLs are refused (not
+  written into a folder named `gs:` here)."""
+  from uip2p_jax import storage
+  if storage.is_remote(text):
+    raise argparse.ArgumentTypeError(f"{text!r}: this output must be a local path (write it "
+                                     "locally, then copy it to the bucket)")
+  return text
+
+
 def compute_dtype(text: str, platform: str | None = None) -> str:
   """An argparse `type=` for `--dtype`: "float32", "bfloat16", or "auto", which is bfloat16 on a
   GPU or TPU (their matrix units' native precision; softmax and norms stay float32) and float32

@@ -246,7 +246,7 @@ def add_parser(commands) -> None:
       dest="eval_command", required=True)
   common_args = argparse.ArgumentParser(add_help=False)
   common_args.add_argument("--data", required=True, metavar="DATA_DIR")
-  common_args.add_argument("--out", required=True, metavar="DIR")
+  common_args.add_argument("--out", required=True, metavar="DIR", type=common.output_location)
   common_args.add_argument("--steps", type=common.positive_int, default=20)
   common_args.add_argument("--resolution", type=common.resolution, default=512)
   common_args.add_argument("--batch-size", type=common.positive_int, default=4)
@@ -286,7 +286,7 @@ def add_parser(commands) -> None:
       "shapes", description=eval_shapes.__doc__, help="ShapesWorld: edit accuracy, preservation")
   p.add_argument("--data", required=True, metavar="DATA_DIR",
                  help="a `uip2p data build shapes` folder (its scenes_test.jsonl)")
-  p.add_argument("--out", required=True, metavar="DIR")
+  p.add_argument("--out", required=True, metavar="DIR", type=common.output_location)
   p.add_argument("--model", default="shapes-ip2p",
                  help="an IP2P folder, or identity | shapes-sdedit | shapes-ip2p | shapes-cec "
                       "(the shipped models, or --world's)")
@@ -307,7 +307,8 @@ def add_parser(commands) -> None:
   p = evaluation.add_parser("shapes-compare", description=eval_shapes_compare.__doc__,
                             help="several ShapesWorld evaluations in one table")
   p.add_argument("runs", nargs="+", metavar="RUN", help="`eval shapes` output folders")
-  p.add_argument("--out", default=None, help="also write the table to this file")
+  p.add_argument("--out", default=None, type=common.output_location,
+                 help="also write the table to this file")
   p.set_defaults(run=eval_shapes_compare)
 
   p = evaluation.add_parser("compare", description=eval_compare.__doc__,

@@ -88,7 +88,11 @@ class Gemma2Config:
       raise ValueError("tie_word_embeddings is false: Gemma 2 ties its output projection to "
                        "the embeddings, and so does this model")
     fields = {f.name for f in dataclasses.fields(cls)}
-    known = {k: v for k, v in config.items() if k in fields and v is not None}
+    # null means "off" in transformers for these (no soft-capping, no window); for the others it
+    # means "the default".
+    nullable = {"sliding_window", "attn_logit_softcapping", "final_logit_softcapping"}
+    known = {k: v for k, v in config.items()
+             if k in fields and (v is not None or k in nullable)}
     if "hidden_activation" not in known and config.get("hidden_act"):
       known["hidden_activation"] = config["hidden_act"]
     known["rope_theta"] = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))

@@ -338,11 +338,11 @@ def run_data_dir(config, workdir: str) -> str:
       raise ConfigError("config.data.dir is empty: give a built dataset folder "
                         "(uip2p data build ... --out DIR) or 'sample'")
     return config.data.dir
-  if storage.is_remote(workdir):  # the dataset builders write local folders only
+  if storage.is_remote(workdir):  # every host of a pod would build it into the bucket at once
     raise ConfigError(f"config.data.dir='sample' builds the sample photos into the workdir, and "
-                      f"--workdir {workdir} is a URL: build them once (`uip2p data build sample "
-                      "--out DIR`, DIR on storage every host reads) and give "
-                      "--config.data.dir=DIR")
+                      f"--workdir {workdir} is a URL (shared by every host): build them once "
+                      "(`uip2p data build sample --out DIR`, DIR on storage every host reads) "
+                      "and give --config.data.dir=DIR")
   return os.path.join(workdir, "data")
 
 
