@@ -57,8 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.profile_steps = ""                 # "START,COUNT": a jax.profiler trace in workdir/profile
 
   # vae / text_encoder: folders replacing the preset's random VAE / text encoder (a world's own).
+  # prediction_type: what the UNet outputs, for training, samples and the export's scheduler:
+  # "auto" (the initial model's scheduler config; a preset's: epsilon) | "epsilon" |
+  # "v_prediction" (an epsilon model fine-tuned into a v model; docs/method.md, "Loss weighting").
   c.model = dict(preset="sd15", pretrained="", init_from_sd="", clip="", vae="", text_encoder="",
-                 seed=0,
+                 seed=0, prediction_type="auto",
                  attention_backend="auto", compute_dtype="bfloat16", frozen_dtype="bfloat16",
                  remat="full")
   c.data = dict(dir="", kind="captions", resolution=256, num_workers=8, min_scale=1.0,
@@ -72,7 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
                  attention_resolution=16, conditioning_dropout=0.0, noise_offset=0.0)
   c.loss = dict(clip=1.0, sim=1.0, attn=1.0, recon=1.0, sim_kind="reconstruction",
                 recon_kind="l1")
-  # loss_weighting: "epsilon" (IP2P's noise MSE) | "v" (the v-prediction loss; docs/method.md)
+  # loss_weighting: "epsilon" (IP2P's noise MSE) | "v" (the v-prediction loss; docs/method.md);
+  # a v_prediction model trains on "v" only (its plain MSE to v).
   c.ip2p = dict(conditioning_dropout=0.05, noise_offset=0.0, loss_weighting="epsilon")
   c.pretrain = dict(vae_kl=1e-6, vae_l2=1.0, caption_dropout=0.1,  # objectives vae, t2i, probe
                     probe_degrade=0.5)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uip2p_jax import losses
+from uip2p_jax import losses, schedules
 from uip2p_jax.cycle import (CycleConfig, LossConfig, attention_resolution, cycle_losses,
                              ip2p_losses)
 from uip2p_jax.models.vae import DiagonalGaussian
@@ -528,3 +528,76 @@ def test_ip2p_v_weighting_divides_each_examples_noise_mse_by_alpha_bar():
   with pytest.raises(ValueError, match="ip2p.loss_weighting='x0'"):
     ip2p_losses(unet, vae, StubTextEncoder(), batch, jax.random.key(0), ALPHAS,
                 empty_ids=EMPTY_IDS, loss_weighting="x0")
+
+
+# ---------------------------------------------------------------------------------------------
+# v-prediction: the losses train the run's prediction type; the CEC edits read the UNet by it.
+
+def test_v_target_is_the_output_the_conversions_invert():
+  rng = np.random.default_rng(3)
+  x0, noise = (jnp.asarray(rng.normal(size=(3, 4, 4, 4)), jnp.float32) for _ in range(2))
+  alpha = ALPHAS[jnp.asarray([0, 500, 999])][:, None, None, None]
+  noisy = jnp.sqrt(alpha) * x0 + jnp.sqrt(1 - alpha) * noise
+  v = schedules.v_target(alpha, x0, noise)
+  np.testing.assert_allclose(v, jnp.sqrt(alpha) * noise - jnp.sqrt(1 - alpha) * x0, atol=1e-6)
+  np.testing.assert_allclose(schedules.predict_x0(alpha, noisy, v, "v_prediction"), x0,
+                             atol=1e-5)
+  np.testing.assert_allclose(schedules.predict_epsilon(alpha, noisy, v, "v_prediction"), noise,
+                             atol=1e-5)
+  np.testing.assert_array_equal(schedules.training_target(alpha, x0, noise, "v_prediction"), v)
+  np.testing.assert_array_equal(schedules.training_target(alpha, x0, noise, "epsilon"), noise)
+
+
+def test_ip2p_loss_of_a_v_model_is_the_mse_to_v():
+  batch = make_batch(batch_size=8)
+  batch["edited_image"] = -batch["image"]
+  unet, vae = RecordingUNet(), StubVAE()
+  value, metrics = ip2p_losses(unet, vae, StubTextEncoder(), batch, jax.random.key(0), ALPHAS,
+                               conditioning_dropout=0.0, empty_ids=EMPTY_IDS,
+                               loss_weighting="v", prediction_type="v_prediction")
+  jax.effects_barrier()
+  (call,) = unet.calls
+  root_a, root_1ma = sqrt_alpha(call["t"])
+  x0 = np.asarray(vae.samples[0], np.float64) * SCALING
+  noise = (call["noisy"] - root_a * x0) / root_1ma
+  v_prediction = np.asarray(stub_eps(call["noisy"], call["condition"], call["text"]), np.float64)
+  np.testing.assert_allclose(float(value),
+                             np.mean((v_prediction - (root_a * noise - root_1ma * x0)) ** 2),
+                             rtol=1e-3)
+  # The same number as the epsilon model's "v" weighting of the equivalent noise prediction.
+  eps = root_a * v_prediction + root_1ma * call["noisy"]
+  per_example = np.mean((eps - noise) ** 2, axis=(1, 2, 3))
+  np.testing.assert_allclose(float(value), np.mean(per_example / root_a.reshape(-1) ** 2),
+                             rtol=1e-3)
+  np.testing.assert_allclose(float(metrics["noise_mse"]), np.mean(per_example), rtol=1e-3)
+  # "epsilon" would be a different loss (alpha_bar times this one): refused, not reinterpreted.
+  with pytest.raises(ValueError, match="loss_weighting='epsilon' with a v_prediction model"):
+    ip2p_losses(unet, vae, StubTextEncoder(), batch, jax.random.key(0), ALPHAS,
+                empty_ids=EMPTY_IDS, prediction_type="v_prediction")
+
+
+class CopyImageVUNet:
+  """A v-prediction UNet that knows the answer: the exact v of x0 = its image condition
+  (scaled), whatever the noisy latent."""
+  config = types.SimpleNamespace(block_out_channels=(8, 8, 8))
+
+  def __call__(self, sample, timesteps, encoder_hidden_states, *, capture=None):
+    noisy, condition = sample[..., :4], sample[..., 4:]
+    alpha = schedules.alpha_at(ALPHAS, timesteps)
+    return (jnp.sqrt(alpha) * noisy - condition * SCALING) / jnp.sqrt(1 - alpha)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_cec_edits_read_a_v_unet_as_v(k):
+  cycle = CycleConfig(num_steps_min=k, num_steps_max=k, attention_resolution=4)
+  loss = LossConfig(**ONLY["recon"], recon_kind="latent")
+  batch = make_batch()
+
+  def recon(prediction_type):
+    _, metrics = cycle_losses(CopyImageVUNet(), StubVAE(), StubTextEncoder(), StubCLIP(), batch,
+                              jax.random.key(1), ALPHAS, cycle, loss, empty_ids=EMPTY_IDS,
+                              prediction_type=prediction_type)
+    return float(metrics["loss_recon"])
+  # Both edits return the scaled condition exactly: the reverse edit gives back z_x's mode.
+  assert recon("v_prediction") < 1e-5
+  assert recon("epsilon") > 1e-2  # the same outputs read as noise are not an x0

@@ -176,9 +176,10 @@ def attention_resolution(cycle: CycleConfig, latent_size: int, num_levels: int) 
 
 
 def _ddim_denoise(unet, alphas_cumprod, latents, image_latents, context, timesteps, num_steps,
-                  capture):
-  """K deterministic DDIM steps from per-example `timesteps` (B,) to 0 (epsilon prediction);
-  returns the final x0 prediction and the cross-attention captured in the first UNet call."""
+                  capture, prediction_type="epsilon"):
+  """K deterministic DDIM steps from per-example `timesteps` (B,) to 0, the UNet's output read
+  as `prediction_type`; returns the final x0 prediction and the cross-attention captured in the
+  first UNet call."""
   captures = None
   x0 = latents
   for k in range(num_steps):
@@ -186,23 +187,26 @@ def _ddim_denoise(unet, alphas_cumprod, latents, image_latents, context, timeste
     t_next = jnp.floor(timesteps * (num_steps - k - 1) / num_steps).astype(jnp.int32)
     unet_input = jnp.concatenate([latents, image_latents], axis=-1)
     if k == 0 and capture is not None:
-      eps, captures = unet(unet_input, t, context, capture=capture)
+      output, captures = unet(unet_input, t, context, capture=capture)
     else:
-      eps = unet(unet_input, t, context)
+      output = unet(unet_input, t, context)
       captures = {} if k == 0 else captures
-    x0 = schedules.predict_x0(schedules.alpha_at(alphas_cumprod, t), latents, eps)
+    alpha = schedules.alpha_at(alphas_cumprod, t)
+    x0 = schedules.predict_x0(alpha, latents, output, prediction_type)
     if k < num_steps - 1:
+      eps = schedules.predict_epsilon(alpha, latents, output, prediction_type)
       latents = schedules.ddim_renoise(schedules.alpha_at(alphas_cumprod, t_next), x0, eps)
   return x0, captures
 
 
 def edit_with_k_steps(unet, alphas_cumprod, latents, image_latents, context, timesteps, key,
-                      config: CycleConfig, capture):
+                      config: CycleConfig, capture, prediction_type: str = "epsilon"):
   """The forward or reverse edit; K fixed, or drawn from `key` (one K for the batch) and run
-  with `lax.switch` (one compiled branch per K, no recompilation between steps)."""
+  with `lax.switch` (one compiled branch per K, no recompilation between steps).
+  `prediction_type`: what the UNet outputs ("epsilon" | "v_prediction", the run's schedule)."""
   lo, hi = config.num_steps_min, config.num_steps_max
   branches = [lambda args, k=k: _ddim_denoise(unet, alphas_cumprod, *args, num_steps=k,
-                                              capture=capture)
+                                              capture=capture, prediction_type=prediction_type)
               for k in range(lo, hi + 1)]
   args = (latents, image_latents, context, timesteps)
   if lo == hi:
@@ -259,14 +263,15 @@ def _one_call(fn, batches: list[jax.Array]) -> list[jax.Array]:
 def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
                  text_encoder: CLIPTextTransformer, clip: CLIPModel, batch: dict[str, jax.Array],
                  key: jax.Array, alphas_cumprod: jax.Array, cycle: CycleConfig, loss: LossConfig,
-                 *, empty_ids: jax.Array):
+                 *, empty_ids: jax.Array, prediction_type: str = "epsilon"):
   """The weighted CEC loss of a batch and its metrics.
 
   batch: image (B, H, W, 3) in [-1, 1]; input_caption_ids, instruction_ids, edited_caption_ids,
   reverse_instruction_ids (B, 77) int32. alphas_cumprod: (T,) float32 training schedule.
   empty_ids: (1, 77) or (77,) int32, the run's tokenizer's ids of "" (`tokenize(tokenizer,
   [""])`): the unconditional text of conditioning dropout, and its EOS id (position 1) bounds
-  the instruction tokens of L_attn.
+  the instruction tokens of L_attn. prediction_type: what the UNet outputs (the run's
+  schedule's "epsilon" | "v_prediction"), converted to x0 and epsilon by the edits.
   Returns (scalar loss, {name: scalar}): each computed loss, its weighted total and, when L_clip
   is computed, the CLIP direction similarity. A zero-weight loss is not computed at all.
   """
@@ -325,7 +330,7 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   # Forward edit: (z_t, c_x, T_f) -> z_e.
   edited_latent, forward_maps = edit_with_k_steps(
       unet, alphas_cumprod, start_latent(input_latent, noise), forward_condition, forward_text,
-      timesteps, keys["k"], cycle, capture)
+      timesteps, keys["k"], cycle, capture, prediction_type)
   if capture is not None and not forward_maps:
     selected = (f"attention_level={cycle.attention_level}" if cycle.attention_select == "level"
                 else f"attention_resolution={cycle.attention_resolution}")
@@ -346,7 +351,8 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
         keys["drop_r"], reverse_text, empty[0], reverse_condition, cycle.conditioning_dropout)
   reconstructed_latent, reverse_maps = edit_with_k_steps(
       unet, alphas_cumprod, start_latent(edited_latent, reverse_noise), reverse_condition,
-      reverse_text, timesteps, keys["k"] if cycle.same_k else keys["k_r"], cycle, capture)
+      reverse_text, timesteps, keys["k"] if cycle.same_k else keys["k_r"], cycle, capture,
+      prediction_type)
 
   need_edited_image = "clip" in active or ("sim" in active and loss.sim_kind == "edit_text")
   need_reconstruction = (("recon" in active and loss.recon_kind != "latent")
@@ -411,11 +417,26 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   return total, metrics
 
 
+def check_ip2p_loss_weighting(loss_weighting: str, prediction_type: str) -> None:
+  """ValueError unless `loss_weighting` names a loss `ip2p_losses` computes for a model of
+  `prediction_type`: an epsilon model trains on either; a v_prediction model's plain MSE to its
+  target v already is the "v" loss, and its "epsilon" loss (alpha_bar times that) is not
+  offered, so that a v model given the default weighting fails loudly instead of silently
+  training with the epsilon model's weighting."""
+  if loss_weighting not in IP2P_LOSS_WEIGHTINGS:
+    raise ValueError(f"ip2p.loss_weighting={loss_weighting!r}; expected one of "
+                     f"{IP2P_LOSS_WEIGHTINGS}")
+  if prediction_type == "v_prediction" and loss_weighting != "v":
+    raise ValueError(f"ip2p.loss_weighting={loss_weighting!r} with a v_prediction model: its "
+                     "loss is the plain MSE to v, which is the 'v' loss; set "
+                     "ip2p.loss_weighting='v'")
+
+
 def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
                 text_encoder: CLIPTextTransformer, batch: dict[str, jax.Array], key: jax.Array,
                 alphas_cumprod: jax.Array, conditioning_dropout: float = 0.05, *,
                 empty_ids: jax.Array, noise_offset: float = 0.0,
-                loss_weighting: str = "epsilon"):
+                loss_weighting: str = "epsilon", prediction_type: str = "epsilon"):
   """The supervised InstructPix2Pix loss (the baseline): noise MSE on the noised *edited*
   latent, conditioned on the input image's latent and the instruction, with IP2P's dropout.
 
@@ -428,10 +449,13 @@ def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
     ones where the image condition tells the model something the noisy latent does not: under
     the plain MSE their gradients are the smallest in the batch (docs/method.md, "Loss
     weighting").
+  prediction_type: what the UNet outputs (the run's schedule). "v_prediction": the plain MSE
+    to v = sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x0, only with loss_weighting "v" (the
+    same loss, `check_ip2p_loss_weighting`).
+  Both "v" losses also report `noise_mse`, the plain noise MSE of the equivalent epsilon
+  prediction, comparable across weightings and prediction types.
   """
-  if loss_weighting not in IP2P_LOSS_WEIGHTINGS:
-    raise ValueError(f"ip2p.loss_weighting={loss_weighting!r}; expected one of "
-                     f"{IP2P_LOSS_WEIGHTINGS}")
+  check_ip2p_loss_weighting(loss_weighting, prediction_type)
   keys = jax.random.split(key, 4)
   scaling = vae.config.scaling_factor
   empty_ids = _empty_ids(empty_ids, batch["instruction_ids"].shape[1])
@@ -449,12 +473,19 @@ def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   if loss_weighting == "epsilon":
     value = losses.ip2p_loss(prediction, noise)
     return value, {"loss": value, "loss_ip2p": value}
-  weights = 1.0 / schedules.alpha_at(alphas_cumprod, timesteps, ndim=1)
-  value = losses.ip2p_loss(prediction, noise, weights)
-  # The plain noise MSE too: comparable across weightings.
+  alpha = schedules.alpha_at(alphas_cumprod, timesteps, noisy.ndim)
+  if prediction_type == "v_prediction":
+    value = losses.ip2p_loss(prediction, schedules.v_target(alpha, target_latent, noise))
+    noise_prediction = schedules.predict_epsilon(alpha, noisy, prediction.astype(jnp.float32),
+                                                 prediction_type)
+  else:
+    value = losses.ip2p_loss(prediction, noise, 1.0 / alpha.reshape(-1))
+    noise_prediction = prediction
+  # The plain noise MSE too: comparable across weightings and prediction types.
   return value, {"loss": value, "loss_ip2p": value,
-                 "noise_mse": jax.lax.stop_gradient(losses.ip2p_loss(prediction, noise))}
+                 "noise_mse": jax.lax.stop_gradient(losses.ip2p_loss(noise_prediction, noise))}
 
 
-__all__ = ["CycleConfig", "LOSS_NAMES", "LossConfig", "attention_resolution", "cycle_losses",
-           "edit_with_k_steps", "ip2p_losses", "offset_noise"]
+__all__ = ["CycleConfig", "LOSS_NAMES", "LossConfig", "attention_resolution",
+           "check_ip2p_loss_weighting", "cycle_losses", "edit_with_k_steps", "ip2p_losses",
+           "offset_noise"]

@@ -103,7 +103,9 @@ def _losses(config: dict) -> str:
     return (f"Cycle Edit Consistency (UIP2P): {terms} (L_recon {loss['recon_kind']}, L_sim "
             f"{loss['sim_kind']}); {cycle['num_steps_min']}-{cycle['num_steps_max']} denoising "
             f"steps per edit, start {cycle['start']}")
-  return ("supervised InstructPix2Pix: noise-prediction MSE on the edited image, conditioning "
+  target = ("v-prediction" if config["model"].get("prediction_type") == "v_prediction"
+            else "noise-prediction")  # auto: the base's type, not in the record (epsilon so far)
+  return (f"supervised InstructPix2Pix: {target} MSE on the edited image, conditioning "
           f"dropout {config['ip2p']['conditioning_dropout']:g}")
 
 

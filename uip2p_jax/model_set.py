@@ -15,7 +15,7 @@ from flax import nnx
 
 from uip2p_jax.models import AutoencoderKL, CLIPModel, CLIPTextTransformer, UNet2DConditionModel
 from uip2p_jax.models.partitioning import set_remat
-from uip2p_jax.schedules import IP2P_SCHEDULE, NoiseSchedule
+from uip2p_jax.schedules import IP2P_SCHEDULE, PREDICTION_TYPES, NoiseSchedule
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -54,7 +54,7 @@ def build_models(*, preset: str = "tiny", pretrained: str = "", init_from_sd: st
                  frozen_param_dtype=None, attention_backend: str = "auto", remat: str = "none",
                  abstract: bool = False, vae: str = "", text_encoder: str = "",
                  unet_in_channels: int | None = None, with_probe: bool = False,
-                 lora=None, lora_init: str = "") -> ModelSet:
+                 lora=None, lora_init: str = "", prediction_type: str = "auto") -> ModelSet:
   """Builds every model of a run.
 
   - `pretrained`: a diffusers InstructPix2Pix folder or Hub id (unet/, vae/, text_encoder/,
@@ -73,6 +73,10 @@ def build_models(*, preset: str = "tiny", pretrained: str = "", init_from_sd: st
   - `lora`: a `models.lora.LoRAConfig`: LoRA layers on the UNet's targeted layers (A drawn
     from seed + 5, B zero: the UNet computes what its base does); `lora_init`: a LoRA file
     whose factors replace those (it must name exactly the targeted layers, at `lora.rank`).
+  - `prediction_type`: what the UNet is to output, set on the returned schedule (which training,
+    its samples and its export all read): "auto" keeps the checkpoint's scheduler config (a
+    preset: epsilon); "epsilon" | "v_prediction" override it (fine-tuning an epsilon model
+    into a v model is how a v model is made).
   Dtypes: the UNet computes in `compute_dtype` and stores `unet_param_dtype` (float32 master
   weights for training); the frozen models compute in `frozen_dtype` and store
   `frozen_param_dtype` (default: `frozen_dtype`).
@@ -85,6 +89,9 @@ def build_models(*, preset: str = "tiny", pretrained: str = "", init_from_sd: st
   compute, unet_param = dtype_of(compute_dtype), dtype_of(unet_param_dtype)
   frozen = dtype_of(frozen_dtype)
   frozen_param = dtype_of(frozen_param_dtype) if frozen_param_dtype is not None else frozen
+  if prediction_type != "auto" and prediction_type not in PREDICTION_TYPES:
+    raise ValueError(f"prediction_type {prediction_type!r}; expected 'auto' or one of "
+                     f"{PREDICTION_TYPES}")
   if pretrained and init_from_sd and not abstract:
     raise ValueError(f"give one of pretrained ({pretrained!r}) and init_from_sd "
                      f"({init_from_sd!r}), not both")
@@ -151,4 +158,6 @@ def build_models(*, preset: str = "tiny", pretrained: str = "", init_from_sd: st
     for module in (unet, vae, loss_clip):
       if module is not None:
         set_remat(module, remat)
+  if prediction_type != "auto":
+    schedule = dataclasses.replace(schedule, prediction_type=prediction_type)
   return ModelSet(unet, vae, text_encoder, loss_clip, tokenizer, schedule, probe)

@@ -60,9 +60,10 @@ def clip_losses(clip: CLIPModel, batch, key, config: PretrainConfig):
 
 def t2i_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
                text_encoder: CLIPTextTransformer, batch, key, alphas_cumprod: jax.Array,
-               config: PretrainConfig, *, empty_ids: jax.Array):
-  """Stable Diffusion's loss: noise MSE on the noised image latent given its caption (dropped to
-  "" with probability config.caption_dropout, for classifier-free guidance)."""
+               config: PretrainConfig, *, empty_ids: jax.Array, prediction_type: str = "epsilon"):
+  """Stable Diffusion's loss: MSE to the model's target (the noise, or v for `prediction_type`
+  "v_prediction") on the noised image latent given its caption (dropped to "" with probability
+  config.caption_dropout, for classifier-free guidance)."""
   keys = jax.random.split(key, 4)
   latents = jax.lax.stop_gradient(vae.encode(batch["image"]).sample(keys[0])
                                   * vae.config.scaling_factor)
@@ -73,7 +74,9 @@ def t2i_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   timesteps = jax.random.randint(keys[2], (latents.shape[0],), 0, alphas_cumprod.shape[0])
   noise = jax.random.normal(keys[3], latents.shape)
   noisy = schedules.add_noise(alphas_cumprod, latents, noise, timesteps)
-  loss = jnp.mean((unet(noisy, timesteps, text).astype(jnp.float32) - noise) ** 2)
+  target = schedules.training_target(schedules.alpha_at(alphas_cumprod, timesteps, noisy.ndim),
+                                     latents, noise, prediction_type)
+  loss = jnp.mean((unet(noisy, timesteps, text).astype(jnp.float32) - target) ** 2)
   return loss, {"loss": loss, "loss_t2i": loss}
 
 

@@ -13,7 +13,7 @@ A `Sampler` is a pytree of per-step tables computed once in numpy (exactly as di
 The step index may be traced, so a whole sampling loop runs inside one `jit`. Stochastic
 samplers take the noise as an array (the same arrays give the same trajectory as diffusers).
 The identities the samplers share with training (`add_noise`, `predict_x0`, `predict_epsilon`,
-`ddim_renoise`) are plain functions here, the one copy the CEC edits and losses use too.
+`v_target`, `training_target`, `ddim_renoise`) are plain functions here, the one copy the CEC edits and losses use too.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SAMPLERS = ("euler_ancestral", "euler", "ddim", "ddpm")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a UNet's output is (diffusers' names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,7 @@ class NoiseSchedule:
     if schedule.beta_schedule not in ("scaled_linear", "linear"):
       raise ValueError(f"scheduler config: beta_schedule {schedule.beta_schedule!r} not supported; "
                        "expected 'scaled_linear' or 'linear'")
-    if schedule.prediction_type not in ("epsilon", "v_prediction"):
+    if schedule.prediction_type not in PREDICTION_TYPES:
       raise ValueError(f"scheduler config: prediction_type {schedule.prediction_type!r} not "
                        "supported; expected 'epsilon' or 'v_prediction'")
     return schedule
@@ -85,6 +86,19 @@ class NoiseSchedule:
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "scheduler_config.json"), "w") as f:
       json.dump({"_class_name": sampler_class, **self.to_diffusers()}, f, indent=2)
+
+  def write_prediction_type(self, folder: str) -> None:
+    """Sets folder/scheduler_config.json's prediction_type to this schedule's, keeping the file's
+    other keys (a copied base pipeline's scheduler, under a UNet trained to another type)."""
+    path = os.path.join(folder, "scheduler_config.json")
+    with open(path) as f:
+      config = json.load(f)
+    config["prediction_type"] = self.prediction_type
+    if "_use_default_values" in config:  # a key listed there is read as the class default
+      config["_use_default_values"] = [k for k in config["_use_default_values"]
+                                       if k != "prediction_type"]
+    with open(path, "w") as f:
+      json.dump(config, f, indent=2)
 
   def alphas_cumprod(self) -> np.ndarray:
     """(num_train_timesteps,) float32, computed in float32 as diffusers does."""
@@ -134,6 +148,22 @@ def add_noise(alphas_cumprod: jax.Array, latents: jax.Array, noise: jax.Array,
   sqrt(a_t) * z_0 + sqrt(1 - a_t) * noise."""
   alpha = alpha_at(alphas_cumprod, timesteps, latents.ndim)
   return jnp.sqrt(alpha) * latents + jnp.sqrt(1 - alpha) * noise
+
+
+def v_target(alpha: jax.Array, x0: jax.Array, noise: jax.Array) -> jax.Array:
+  """The velocity a v-prediction model is trained to output for z_t = sqrt(a) x0 + sqrt(1-a)
+  noise: sqrt(a) * noise - sqrt(1 - a) * x0 (Salimans & Ho 2022; diffusers' `get_velocity`)."""
+  return jnp.sqrt(alpha) * noise - jnp.sqrt(1 - alpha) * x0
+
+
+def training_target(alpha: jax.Array, x0: jax.Array, noise: jax.Array,
+                    prediction_type: str = "epsilon") -> jax.Array:
+  """What a model of `prediction_type` should output for the noisy sample of (x0, noise)."""
+  if prediction_type == "epsilon":
+    return noise
+  if prediction_type == "v_prediction":
+    return v_target(alpha, x0, noise)
+  raise ValueError(f"prediction_type {prediction_type!r}; expected 'epsilon' or 'v_prediction'")
 
 
 def predict_x0(alpha: jax.Array, sample: jax.Array, model_output: jax.Array,

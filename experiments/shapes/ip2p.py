@@ -16,14 +16,28 @@ other kinds, experiments/shapes/cec.py:init=recolour):
   uip2p data build shapes --out runs/shapes/data_recolour --train 20000 --test 500 --seed 0 \
       --edit-kinds recolour
   uip2p train --config experiments/shapes/ip2p.py:kinds=recolour --workdir runs/shapes/ip2p_recolour
+
+`prediction=v`: the UNet is fine-tuned from the epsilon prior into a v-prediction model
+(`model.prediction_type="v_prediction"`; the export's scheduler config says so and `uip2p edit`
+samples it as one). The loss is the same v loss as with `prediction=eps` (the default): only
+what the network outputs changes, ~ -x0 at the top of the schedule, where an epsilon network
+must copy z_t and gets the image only as a 0.069-scaled correction (docs/method.md, "Loss
+weighting"):
+
+  uip2p train --config experiments/shapes/ip2p.py:prediction=v --workdir runs/shapes/ip2p_v
+  uip2p train --config experiments/shapes/ip2p.py:kinds=recolour,prediction=v \
+      --workdir runs/shapes/ip2p_recolour_v   # experiments/shapes/cec.py:init=recolour_v
 """
 
 import common
 
+_PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction"}
+
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, steps="3000", runs=common.RUNS, kinds="all")
+  args = common.parse_arg(arg, steps="3000", runs=common.RUNS, kinds="all", prediction="eps")
   kinds = common.choice(args, "kinds", ("all", "recolour"))
+  prediction = common.choice(args, "prediction", _PREDICTION_TYPES)
   paths = common.paths(args["runs"])
   c = common.shapes_config("ip2p", steps=int(args["steps"]), batch=32, lr=2e-4)
   c.model.init_from_sd = paths["prior"]
@@ -38,4 +52,5 @@ def get_config(arg=None):
   # smaller than its noisy ones (edit accuracy 0.26, preservation 0.14). The v-prediction loss
   # weights them up (docs/method.md, "Loss weighting").
   c.ip2p.loss_weighting = "v"
+  c.model.prediction_type = _PREDICTION_TYPES[prediction]
   return c

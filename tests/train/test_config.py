@@ -37,6 +37,7 @@ def test_overrides_are_typed_and_nested():
     (["--config.total_steps=many"], r"--config.total_steps='many': expected a int"),
     (["--config.cycle.share_noise=maybe"], r"expected a bool"),
     (["--frobnicate"], r"unknown argument '--frobnicate'"),
+    (["--config.model.prediction_type=v"], r"config.model.prediction_type='v'; expected 'auto'"),
 ])
 def test_bad_overrides_are_named(tmp_path, argv, message):
   workdir = str(tmp_path / "run")
@@ -125,13 +126,63 @@ def test_a_missing_dataset_fails_before_the_workdir_exists(tmp_path, capsys):
   assert not os.path.exists(workdir)
 
 
-def test_a_v_prediction_model_is_refused_for_training():
+def test_an_ip2p_v_model_trains_on_the_v_loss_only():
   from uip2p_jax.schedules import NoiseSchedule
   from uip2p_jax.train import step
   config = run_config.load_config(SMOKE)
-  with pytest.raises(run_config.ConfigError, match="predicts 'v_prediction'.*epsilon"):
+  config.objective, config.data.kind = "ip2p", "ip2p"
+  config.model.prediction_type = "v_prediction"  # stated: refused before anything is built
+  with pytest.raises(run_config.ConfigError, match="config.ip2p.loss_weighting='epsilon' with a "
+                                                   "v_prediction model.*'v'"):
+    run_config.check(config)
+  config.model.prediction_type = "auto"  # read from the model: refused when the step is built
+  with pytest.raises(run_config.ConfigError, match="loss_weighting='epsilon' with a v_prediction "
+                                                   r"model.*prediction_type='auto'\)"):
     step.make_step_functions(config, {}, {}, {}, NoiseSchedule(prediction_type="v_prediction"),
                              None, None)
+
+
+def test_a_v_run_exports_a_v_scheduler_the_pipeline_samples_as_v(ip2p_folder, tmp_path):
+  """An epsilon pipeline fine-tuned as a v model (the export itself, without the steps)."""
+  import json
+
+  import jax
+  import jax.numpy as jnp
+
+  from trainer_setup import tiny_config
+  from uip2p_jax.model_set import build_models
+  from uip2p_jax.pipeline import EditPipeline
+  from uip2p_jax.sharding import make_mesh
+  from uip2p_jax.train import step
+  from uip2p_jax.train.samples import RunContext, export
+  config = tiny_config(**{"objective": "ip2p", "data.kind": "ip2p", "export": True,
+                          "model.pretrained": ip2p_folder[1], "ema_decay": 0.0,
+                          "model.prediction_type": "v_prediction", "ip2p.loss_weighting": "v"})
+  run_config.check(config)
+  models = build_models(**run_config.model_kwargs(config))
+  assert models.schedule.prediction_type == "v_prediction"
+  graphs, params, frozen = step.split_models(models, config.objective)
+  run = RunContext(config, str(tmp_path), graphs, frozen, models.tokenizer, models.schedule,
+                   make_mesh(1, 1))
+  state = step.TrainState(jnp.zeros((), jnp.int32), params, None, None, jax.random.PRNGKey(0),
+                          jnp.zeros((), jnp.int32))
+  out = export(run, state)
+  with open(os.path.join(ip2p_folder[1], "scheduler", "scheduler_config.json")) as f:
+    base = json.load(f)
+  with open(os.path.join(out, "scheduler", "scheduler_config.json")) as f:
+    exported = json.load(f)
+  assert base["prediction_type"] == "epsilon" and exported["prediction_type"] == "v_prediction"
+  assert "prediction_type" not in exported.get("_use_default_values", [])
+  assert {k: v for k, v in exported.items() if k not in ("prediction_type",
+                                                         "_use_default_values")} == {
+      k: v for k, v in base.items() if k not in ("prediction_type", "_use_default_values")}
+  assert EditPipeline.from_pretrained(out).schedule.prediction_type == "v_prediction"
+
+
+def test_a_cycle_timestep_beyond_the_schedule_is_refused():
+  from uip2p_jax.schedules import NoiseSchedule
+  from uip2p_jax.train import step
+  config = run_config.load_config(SMOKE)
   config.cycle.timestep_max = 2000
   with pytest.raises(run_config.ConfigError, match="timestep_max=2000 is beyond the model's "
                                                    "1000-step"):

@@ -159,6 +159,11 @@ def check(config) -> None:
     dtype_of(config.ema_dtype)
   except (TypeError, ValueError) as e:
     raise ConfigError(str(e)) from None
+  from uip2p_jax.schedules import PREDICTION_TYPES
+  prediction_type = config.model.prediction_type
+  if prediction_type != "auto" and prediction_type not in PREDICTION_TYPES:
+    raise ConfigError(f"config.model.prediction_type={prediction_type!r}; expected 'auto' (the "
+                      f"initial model's scheduler config) or one of {PREDICTION_TYPES}")
   if config.model.remat not in REMAT_POLICIES:
     raise ConfigError(f"config.model.remat={config.model.remat!r}; expected one of "
                       f"{REMAT_POLICIES}")
@@ -178,6 +183,12 @@ def check(config) -> None:
   if config.ip2p.loss_weighting not in IP2P_LOSS_WEIGHTINGS:
     raise ConfigError(f"config.ip2p.loss_weighting={config.ip2p.loss_weighting!r}; expected one "
                       f"of {IP2P_LOSS_WEIGHTINGS}")
+  if config.objective == "ip2p" and prediction_type != "auto":  # ("auto": once the model is read)
+    from uip2p_jax.cycle import check_ip2p_loss_weighting
+    try:
+      check_ip2p_loss_weighting(config.ip2p.loss_weighting, prediction_type)
+    except ValueError as e:
+      raise ConfigError(f"config.{e}") from None
   if config.ip2p.noise_offset < 0:
     raise ConfigError(f"config.ip2p.noise_offset={config.ip2p.noise_offset}; expected >= 0 (the "
                       "std of the per-channel constant added to the noise)")
@@ -315,7 +326,8 @@ def model_kwargs(config, abstract: bool = False) -> dict:
               remat=m.remat, abstract=abstract, vae=m.vae, text_encoder=m.text_encoder,
               unet_in_channels=4 if config.objective == "t2i" else None,
               with_probe=config.objective == "probe",
-              lora=lora_config(config), lora_init=config.lora.init_from)
+              lora=lora_config(config), lora_init=config.lora.init_from,
+              prediction_type=m.prediction_type)
 
 
 # The objectives that draw sample grids (and, cec / ip2p, the final edit) from held-out records.

@@ -208,6 +208,8 @@ def _write_export(run: RunContext, module, trained: str, out: str, shown: str, w
       else:
         os.makedirs(out, exist_ok=True)
         shutil.copyfile(source, os.path.join(out, name))
+    # The UNet may have been trained to another output than the base's (model.prediction_type).
+    run.schedule.write_prediction_type(os.path.join(out, "scheduler"))
   else:
     write_pipeline_parts(out, _module(run, "vae"), _module(run, "text_encoder"), run.tokenizer,
                          run.schedule)

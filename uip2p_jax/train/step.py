@@ -119,9 +119,11 @@ def merge_module(graph, params=None, frozen=None):
 LORA_DROPOUT_STREAM = 0x10AA  # fold_in of the step key that seeds LoRA dropout
 
 
-def loss_function(config, graphs, alphas_cumprod, empty_ids) -> Callable:
+def loss_function(config, graphs, alphas_cumprod, empty_ids,
+                  prediction_type: str = "epsilon") -> Callable:
   """(params, frozen, batch, key) -> (loss, metrics) for the run's objective. `empty_ids`:
-  (1, 77) int32, the run's tokenizer's ids of "" (the unconditional text)."""
+  (1, 77) int32, the run's tokenizer's ids of "" (the unconditional text); `prediction_type`:
+  what the UNet outputs (the run's schedule's), for the objectives that train or run one."""
   from uip2p_jax import pretraining
   objective = config.objective
   trained = trained_module(objective)
@@ -141,15 +143,18 @@ def loss_function(config, graphs, alphas_cumprod, empty_ids) -> Callable:
                                        frozen.get(name))
     if objective == "cec":
       return cycle_losses(module("unet"), module("vae"), module("text_encoder"), module("clip"),
-                          batch, key, alphas_cumprod, cycle, weights, empty_ids=empty_ids)
+                          batch, key, alphas_cumprod, cycle, weights, empty_ids=empty_ids,
+                          prediction_type=prediction_type)
     if objective == "ip2p":
       return ip2p_losses(module("unet"), module("vae"), module("text_encoder"), batch, key,
                          alphas_cumprod, config.ip2p.conditioning_dropout, empty_ids=empty_ids,
                          noise_offset=config.ip2p.noise_offset,
-                         loss_weighting=config.ip2p.loss_weighting)
+                         loss_weighting=config.ip2p.loss_weighting,
+                         prediction_type=prediction_type)
     if objective == "t2i":
       return pretraining.t2i_losses(module("unet"), module("vae"), module("text_encoder"), batch,
-                                    key, alphas_cumprod, pretrain, empty_ids=empty_ids)
+                                    key, alphas_cumprod, pretrain, empty_ids=empty_ids,
+                                    prediction_type=prediction_type)
     world_losses = {"vae": pretraining.vae_losses, "clip": pretraining.clip_losses,
                     "probe": pretraining.probe_losses}[objective]
     return world_losses(module(trained), batch, key, pretrain)
@@ -232,10 +237,13 @@ def make_step_functions(config, graphs, params, frozen, schedule: NoiseSchedule,
   """Builds the jitted train step for `mesh` from `split_models`' pieces (arrays or shapes)
   and the run's schedule and tokenizer."""
   from uip2p_jax.tokenizer import tokenize
-  if schedule.prediction_type != "epsilon":
-    raise run_config.ConfigError(
-        f"the model's noise schedule predicts {schedule.prediction_type!r}; training supports "
-        "epsilon-prediction checkpoints only (InstructPix2Pix, SD 1.x)")
+  if config.objective == "ip2p":  # the resolved type: config.model.prediction_type may be "auto"
+    from uip2p_jax.cycle import check_ip2p_loss_weighting
+    try:
+      check_ip2p_loss_weighting(config.ip2p.loss_weighting, schedule.prediction_type)
+    except ValueError as e:
+      raise run_config.ConfigError(f"{e} (config.model.prediction_type="
+                                   f"{config.model.prediction_type!r})") from None
   alphas_cumprod = jnp.asarray(schedule.alphas_cumprod(), jnp.float32)
   if config.objective == "cec" and config.cycle.timestep_max > alphas_cumprod.shape[0]:
     raise run_config.ConfigError(
@@ -244,7 +252,8 @@ def make_step_functions(config, graphs, params, frozen, schedule: NoiseSchedule,
   optimizer, lr_schedule = make_optimizer(config.optim)
   bound_step = functools.partial(
       train_step, compute_loss=loss_function(config, graphs, alphas_cumprod,
-                                             tokenize(tokenizer, [""])),
+                                             tokenize(tokenizer, [""]),
+                                             schedule.prediction_type),
       optimizer=optimizer, lr_schedule=lr_schedule, accumulate=config.optim.accumulate,
       ema_decay=config.ema_decay, mesh=mesh)
 
