@@ -52,6 +52,9 @@ def test_helpers_read_and_write_a_bucket(bucket, tmp_path):
   storage.rename(f"{run}/a.json", f"{run}/b.json")
   assert sorted(storage.listdir(run)) == ["b.json", "log.jsonl"]
   assert storage.isfile(f"{run}/b.json") and not storage.isfile(run) and storage.isdir(run)
+  storage.copy_file(f"{run}/b.json", tmp_path / "b.json")   # across filesystems, both ways
+  storage.copy_file(tmp_path / "b.json", f"{run}/c.json")
+  assert storage.read_text(f"{run}/c.json") == "{}"
   with storage.local_folder(f"{run}/export") as folder:
     assert not storage.is_remote(folder)
     os.makedirs(os.path.join(folder, "unet"))

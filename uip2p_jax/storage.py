@@ -142,6 +142,13 @@ def append_text(path: str | os.PathLike, text: str) -> None:
     f.write(before + text)
 
 
+def copy_file(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+  """Copies file `source` to `destination`, each local or a URL (epath's own copy wants both on
+  one filesystem)."""
+  with _path(source).open("rb") as reader, _path(destination).open("wb") as writer:
+    shutil.copyfileobj(reader, writer, 16 << 20)
+
+
 def upload_folder(local_dir: str, target: str | os.PathLike) -> None:
   """Copies every file under the local folder `local_dir` to `target`, same relative paths."""
   for root, _, names in os.walk(local_dir):
@@ -149,8 +156,7 @@ def upload_folder(local_dir: str, target: str | os.PathLike) -> None:
     folder = _path(target) if relative == "." else _path(target) / relative
     makedirs(folder)
     for name in names:
-      with open(os.path.join(root, name), "rb") as source, (folder / name).open("wb") as copy:
-        shutil.copyfileobj(source, copy, 16 << 20)
+      copy_file(os.path.join(root, name), folder / name)
 
 
 @contextlib.contextmanager
@@ -167,6 +173,6 @@ def local_folder(path: str | os.PathLike):
     upload_folder(staging, path)
 
 
-__all__ = ["FILESYSTEMS", "absolute", "append_text", "exists", "is_remote", "isdir",
+__all__ = ["FILESYSTEMS", "absolute", "append_text", "copy_file", "exists", "is_remote", "isdir",
            "isfile", "listdir", "local_folder", "makedirs", "open_file", "read_text", "rename",
            "upload_folder", "url_problem", "write_bytes", "write_text_atomic"]

@@ -3,6 +3,8 @@
 import io
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -426,6 +428,15 @@ def test_workers_give_the_same_dataset_and_skip_report(tmp_path, capsys):
   records, _ = read_all(three, "captions")
   assert sorted(records) == [f"{k:09d}" for k in (0, 1, 2, 3, 4, 5, 8)]
   assert records["000000001"]["input_caption"] == b"caption 1"
+
+
+def test_spawned_workers_import_no_jax():
+  """A spawned worker re-imports the main module: through the `uip2p` script, uip2p_jax.cli."""
+  code = ("import sys, uip2p_jax.cli, uip2p_jax.data.builders; "
+          "print(sorted(m for m in ('jax', 'flax', 'tensorflow') if m in sys.modules))")
+  found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+  assert found.strip() == "[]"
 
 
 def test_a_killed_build_resumes_at_its_first_unfinished_shard(tmp_path, monkeypatch, capsys):

@@ -71,14 +71,9 @@ def add_parser(commands) -> None:
   _add_instruct_parser(data)
 
 
-def _where(path: str) -> str:
-  """A local path made absolute (a URL as it is), for the dataset's metadata."""
-  from uip2p_jax import storage
-  return path if storage.is_remote(path) else os.path.abspath(path)
-
-
 def _source(args: argparse.Namespace, metadata: dict):
   """The record source of a `kind` (a callable the builder iterates), filling `metadata`."""
+  from uip2p_jax import storage
   from uip2p_jax.data import sources
   kind = args.kind
   if kind == "captions":
@@ -87,7 +82,7 @@ def _source(args: argparse.Namespace, metadata: dict):
     if args.webdataset and not args.instructions:
       raise ValueError("captions --webdataset needs --instructions FILE.jsonl")
     if args.manifest:
-      metadata["source"] = _where(args.manifest)
+      metadata["source"] = storage.absolute(args.manifest)
       return lambda: sources.manifest_records(args.manifest, args.max_side)
     metadata["source"] = args.webdataset
     return lambda: sources.webdataset_records(args.webdataset, args.instructions, args.max_side)
@@ -97,7 +92,7 @@ def _source(args: argparse.Namespace, metadata: dict):
                        "'DIR/*.parquet'")
     columns = sources.parse_columns(args.columns)
     # CEC needs a reverse instruction and both captions on every pair: the records decide.
-    metadata.update(source=_where(args.manifest) if args.manifest else args.parquet,
+    metadata.update(source=storage.absolute(args.manifest) if args.manifest else args.parquet,
                     has_reverse=None, has_captions=None)
     if args.manifest:
       return lambda: sources.pairs_jsonl_records(args.manifest, columns, args.max_side)

@@ -15,8 +15,8 @@ from PIL import Image
 
 from uip2p_jax import storage
 from uip2p_jax.cli import common
-from uip2p_jax.eval import curve, magicbrush
-from uip2p_jax.eval.metrics import MetricModels
+# eval.magicbrush, eval.curve and eval.metrics import JAX: each command imports what it uses,
+# so that importing `uip2p_jax.cli` (which a spawned `data build` worker re-imports) stays light.
 
 
 def make_edit(pipe, steps: int, resolution: int, batch_size: int,
@@ -32,9 +32,11 @@ def make_edit(pipe, steps: int, resolution: int, batch_size: int,
   return edit
 
 
-def metric_models(clip: str | None, dino: str | None) -> MetricModels:
-  """The CLIP (CLIP-I, CLIP-T, direction) and DINO models, loaded (so a bad name fails here)."""
+def metric_models(clip: str | None, dino: str | None):
+  """The CLIP (CLIP-I, CLIP-T, direction) and DINO models, loaded (so a bad name fails here):
+  an `eval.metrics.MetricModels`."""
   from uip2p_jax import weights
+  from uip2p_jax.eval.metrics import MetricModels
   from uip2p_jax.tokenizer import default_tokenizer, load_tokenizer
   clip_model = weights.load_clip(clip) if clip else None
   tokenizer = None
@@ -67,6 +69,7 @@ def edit_settings(args: argparse.Namespace) -> dict:
 
 def eval_magicbrush(args: argparse.Namespace) -> int:
   """Edits every MagicBrush test turn (resumable) and scores L1, L2, CLIP-I, DINO, CLIP-T."""
+  from uip2p_jax.eval import magicbrush
   turns = magicbrush.load_turns(args.data, args.limit)
   if not turns:
     raise ValueError(f"{args.data}: no MagicBrush turns to evaluate")
@@ -104,6 +107,7 @@ def eval_magicbrush(args: argparse.Namespace) -> int:
 
 def eval_curve(args: argparse.Namespace) -> int:
   """CLIP direction vs image similarity over guidance scales (InstructPix2Pix's curve)."""
+  from uip2p_jax.eval import curve, magicbrush
   parse = lambda text: [float(v) for v in text.split(",") if v]
   text_scales, image_scales = parse(args.text_scales), parse(args.image_scales)
   models = args.model or [None]
@@ -130,6 +134,7 @@ def eval_curve(args: argparse.Namespace) -> int:
 
 def eval_compare(args: argparse.Namespace) -> int:
   """Two `eval magicbrush` runs' summaries side by side, with B - A."""
+  from uip2p_jax.eval import magicbrush
   print(magicbrush.compare(args.run_a, args.run_b), end="")
   return common.OK
 

@@ -29,7 +29,6 @@ import json
 import multiprocessing
 import os
 import queue
-import shutil
 import signal
 import sqlite3
 import sys
@@ -124,12 +123,6 @@ def _write_skipped(target: epath.Path, report: SkipReport) -> str:
   path.write_text("".join(json.dumps(skip._asdict()) + "\n" for skip in report.skipped),
                   encoding="utf-8")
   return str(path)
-
-
-def _copy(source: str, destination: str) -> None:
-  """A file from one filesystem to another (epath's copy wants both on one)."""
-  with epath.Path(source).open("rb") as reader, epath.Path(destination).open("wb") as writer:
-    shutil.copyfileobj(reader, writer, 16 << 20)
 
 
 def _read_json(path: epath.Path):
@@ -228,7 +221,7 @@ def _build_shard(job: _ShardJob) -> dict:
       written.append([count - 1, rid, where])
     writer.close()
     if is_remote(job.data_file):
-      _copy(partial, job.data_file)
+      storage.copy_file(partial, job.data_file)
     else:
       os.replace(partial, job.data_file)
   finally:
@@ -474,7 +467,7 @@ def _drop_records(data_file: str, positions: set[int], written: int) -> int:
     local = data_file
     if is_remote(data_file):
       local = os.path.join(scratch, "shard")
-      _copy(data_file, local)
+      storage.copy_file(data_file, local)
     reader = array_record_module.ArrayRecordReader(local)
     records = reader.read_all()
     reader.close()
@@ -489,7 +482,7 @@ def _drop_records(data_file: str, positions: set[int], written: int) -> int:
       writer.write(record)
     writer.close()
     if is_remote(data_file):
-      _copy(partial, data_file)
+      storage.copy_file(partial, data_file)
     else:
       os.replace(partial, data_file)
   return sum(map(len, kept))
