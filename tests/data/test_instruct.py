@@ -168,7 +168,10 @@ def test_killed_run_resumes_to_the_same_lines(tmp_path):
     # line several seconds of run for the signal to land in (0.3 s once let the run finish first).
     server.default = ("slow", 1.0)
     args[args.index(str(tmp_path / "killed"))] = str(tmp_path / "interrupted")
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # SIGINT at its default in the child: a suite started in the background by a shell (CI, a
+    # `&` job) ignores it, the child would inherit that, and Python keeps an ignored SIGINT.
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out_file = tmp_path / "interrupted" / "instructions.jsonl"
     deadline = time.monotonic() + 60
     while len(read_lines(out_file)) < 2 and time.monotonic() < deadline:
