@@ -463,7 +463,8 @@ def test_a_killed_build_resumes_at_its_first_unfinished_shard(tmp_path, monkeypa
     builders.build("captions", source, out)
   target = builders.dataset_dir(out, "captions")
   third = os.path.join(target, "uip2p_captions-train.array_record-00002-of-00004")
-  for path in (third, third + ".partial"):   # killed while writing or committing shard 2
+  # Killed while writing or committing shard 2 (its worker, or an orphaned one's, own file).
+  for path in (third, third + ".partial", third + ".partial.123-0a1b2c3d"):
     open(path, "wb").write(b"half written")
   assert not os.path.exists(os.path.join(target, "dataset_info.json"))
   ran.clear()
@@ -484,6 +485,57 @@ def test_a_killed_build_resumes_at_its_first_unfinished_shard(tmp_path, monkeypa
   builders.build("captions", lambda: sources.manifest_records(manifest, lines_per_shard=3), out)
   assert "starting over" in capsys.readouterr().err
   assert read_all(out, "captions")[0].keys() == read_all(whole, "captions")[0].keys()
+
+
+def test_one_build_at_a_time_and_damaged_state_files(tmp_path, monkeypatch, capsys):
+  """A second build of a folder being written is refused; a damaged marker's shard is built
+  again; a damaged plan starts the build over; a worker whose main process died commits
+  nothing."""
+  for i in range(2):
+    (tmp_path / f"{i}.jpg").write_bytes(jpeg(i))
+  manifest = write_jsonl(str(tmp_path / "m.jsonl"),
+                         [{"image": f"{i % 2}.jpg", **texts(i)} for i in range(4)])
+  source = lambda: sources.manifest_records(manifest, lines_per_shard=2)
+  out = str(tmp_path / "out")
+  target = builders.dataset_dir(out, "captions")
+  from etils import epath
+  with builders._build_lock(epath.Path(target)):
+    with pytest.raises(BlockingIOError, match=rf"another build is writing {target} \(pid "
+                       rf"{os.getpid()}\)"):
+      builders.build("captions", source, out)
+
+  def stop(index):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(builders, "_after_shard", stop)
+  with pytest.raises(KeyboardInterrupt):
+    builders.build("captions", source, out)
+  marker = os.path.join(target, builders.STATE_DIR, "shard-00000.json")
+  open(marker, "w").write('{"records": 2, "writ')
+  ran = []
+  monkeypatch.setattr(builders, "_after_shard", ran.append)
+  assert builders.build("captions", source, out).written == 4 and ran == [0, 1]
+  assert f"{marker} is not JSON" in capsys.readouterr().err
+
+  monkeypatch.setattr(builders, "_after_shard", stop)
+  with pytest.raises(KeyboardInterrupt):
+    builders.build("captions", source, out, overwrite=True)
+  plan = os.path.join(target, builders.STATE_DIR, "plan.json")
+  open(plan, "w").write("[1,")
+  monkeypatch.setattr(builders, "_after_shard", None)
+  assert builders.build("captions", source, out).written == 4
+  assert f"{target}: {plan} is not JSON" in capsys.readouterr().err
+
+  class Dead:
+    def is_alive(self):
+      return False
+  monkeypatch.setattr(builders.multiprocessing, "parent_process", lambda: Dead())
+  data_file = str(tmp_path / "shard")
+  job = builders._ShardJob(0, source().shards[0], "captions", data_file,
+                           str(tmp_path / "marker.json"), ())
+  monkeypatch.setitem(builders._worker, "stop", type("Never", (), {"is_set": lambda self: 0})())
+  with pytest.raises(builders._Orphaned):
+    builders._build_shard(job)
+  assert not [name for name in os.listdir(tmp_path) if name.startswith(("shard", "marker"))]
 
 
 def test_inputs_and_output_through_epath_urls(tmp_path, monkeypatch):

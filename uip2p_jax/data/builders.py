@@ -1,30 +1,38 @@
 """TFDS dataset writer (array_record files) for the three record kinds (readers: ``sources.py``).
 
 ``build`` reads a source's shards (``sources.ShardedSource``) in parallel worker processes
-(``workers``; spawned, so JAX is never imported there) and writes each input shard's good
+(``workers``; spawned, so JAX is never imported there: nor by ``uip2p_jax.cli``, which they
+re-import when the build runs from the ``uip2p`` script) and writes each input shard's good
 records to its own array_record file, ``<name>-<split>.array_record-<i>-of-<n>``, committed
-when the shard is complete: a rename locally, a copy from local scratch for a ``gs://`` output
-(any URL ``etils.epath`` opens). A per-shard marker in ``build_state/`` beside it holds what
-the shard wrote and skipped, so a killed build run again with the same inputs and settings
-resumes at the shards not yet committed. When every shard is done, ids repeated across shards
-are dropped (first kept, in input order) and ``dataset_info.json`` / ``features.json`` are
-written last: a folder with ``dataset_info.json`` is a finished dataset, which only
-``overwrite`` replaces. The records and the skip report depend on the inputs alone, in input
-order, whatever ``workers`` is.
+when the shard is complete: a rename of the attempt's own ``.partial.*`` file locally, a copy
+from local scratch for a ``gs://`` output (any URL ``etils.epath`` opens). A per-shard marker in
+``build_state/`` beside it holds what the shard wrote and skipped, so a killed build run again
+with the same inputs and settings resumes at the shards not yet committed (a damaged marker:
+that shard again). One build at a time writes a folder (an flock on ``build_state/lock``; for
+a URL, on a local file named after it): a second is refused. A worker whose main process was
+killed stops at its next record, uncommitted; a rerun removes the ``.partial.*`` files left.
+When every shard is done, ids repeated across shards are dropped (first kept, in input order)
+and ``dataset_info.json`` / ``features.json`` are written last: a folder with
+``dataset_info.json`` is a finished dataset, which only ``overwrite`` replaces. The records
+and the skip report depend on the inputs alone, in input order, whatever ``workers`` is.
 
 ``build`` returns a :class:`SkipReport` of the records not written, also written to
 ``skipped.jsonl`` next to the data (``{"id", "where", "reason"}`` per line; ``id`` is null for a
 line that is not a JSON object). A build in which no record can be written raises
 :class:`NothingWritten` (still writing ``skipped.jsonl``). Exit status of ``uip2p data build``:
 0 when every record was written, 3 when the dataset was written but ``report.num_skipped > 0``,
-2 on an error (missing input, nothing written, an existing dataset without ``--overwrite``).
+2 on an error (missing input, nothing written, an existing dataset without ``--overwrite``,
+another build writing the folder).
 Images are validated (fully decoded) at build time and stored as their original JPEG/PNG bytes.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import json
 import multiprocessing
 import os
@@ -34,6 +42,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -61,6 +70,8 @@ DATASET_NAME = {"captions": "uip2p_captions", "ip2p": "uip2p_ip2p_pairs",
 DERIVED_FLAGS = {"has_reverse": ("reverse_instruction",),
                  "has_captions": ("input_caption", "edited_caption")}
 STATE_DIR = "build_state"   # an unfinished build's plan and shard markers (removed when done)
+LOCK = "lock"               # in STATE_DIR: held (flock) by the build writing the folder
+MARKER_KEYS = {"records", "num_bytes", "written", "skipped", "lacking"}
 PLAN_FORMAT = 1
 
 
@@ -126,10 +137,16 @@ def _write_skipped(target: epath.Path, report: SkipReport) -> str:
 
 
 def _read_json(path: epath.Path):
+  """The JSON in `path`; None when there is no such file, a ValueError naming it when it is
+  not JSON."""
   try:
-    return json.loads(path.read_text())
-  except (FileNotFoundError, json.JSONDecodeError):
+    text = path.read_text()
+  except FileNotFoundError:
     return None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not JSON ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +174,20 @@ class _Stopped(Exception):
   """The main process asked the workers to stop (an error elsewhere, or Ctrl-C)."""
 
 
+class _Orphaned(Exception):
+  """The main process is gone (killed): the worker stops without committing its shard."""
+
+
+def _check_parent() -> None:
+  """Raises _Orphaned in a pool worker whose main process has died: a spawned worker is not
+  ended with it, and must not commit a shard that a rerun of the build is writing too."""
+  if "callback" in _worker:  # the shard runs in the main process itself
+    return
+  parent = multiprocessing.parent_process()
+  if parent is not None and not parent.is_alive():
+    raise _Orphaned()
+
+
 class _Ticker:
   """Counts a shard's records for the progress bar: every half second to the main process."""
 
@@ -173,6 +204,7 @@ class _Ticker:
       raise _Stopped()
     now = time.monotonic()
     if final or now - self.last > 0.5:
+      _check_parent()
       if self.pending:
         _worker["queue"].put((self.index, self.pending))
       self.pending, self.last = 0, now
@@ -202,8 +234,9 @@ def _build_shard(job: _ShardJob) -> dict:
   if is_remote(job.data_file):  # array_record writes local files: copy it up when whole
     fd, partial = tempfile.mkstemp(suffix=".array_record")
     os.close(fd)
-  else:
-    partial = job.data_file + ".partial"
+  else:  # this attempt's own name (not mkstemp's: the file keeps the umask's permissions), so
+    # that a killed build's orphaned worker never writes the file its rerun writes
+    partial = f"{job.data_file}.partial.{os.getpid()}-{uuid.uuid4().hex[:8]}"
   writer = array_record_module.ArrayRecordWriter(partial, "group_size:1")
   written, skipped, lacking, num_bytes, count = [], [], {f: [] for f in job.flags}, 0, 0
   try:
@@ -220,6 +253,7 @@ def _build_shard(job: _ShardJob) -> dict:
           lacking[flag].append(len(written))
       written.append([count - 1, rid, where])
     writer.close()
+    _check_parent()
     if is_remote(job.data_file):
       storage.copy_file(partial, job.data_file)
     else:
@@ -232,6 +266,14 @@ def _build_shard(job: _ShardJob) -> dict:
   storage.write_text_atomic(job.marker, json.dumps(marker))
   ticker.tick(final=True)
   return marker
+
+
+def _pool_shard(job: _ShardJob) -> dict:
+  """_build_shard in a pool worker, which exits when its main process has died."""
+  try:
+    return _build_shard(job)
+  except _Orphaned:
+    os._exit(1)  # (its partial file is removed): idle, it would wait for jobs forever
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +291,24 @@ def _marker(target: epath.Path, index: int) -> epath.Path:
   return target / STATE_DIR / f"shard-{index:05d}.json"
 
 
+def _read_marker(target: epath.Path, index: int) -> dict:
+  """Shard `index`'s marker; a ValueError naming its file when it is missing or damaged."""
+  path = _marker(target, index)
+  marker = _read_json(path)
+  if not isinstance(marker, dict) or not MARKER_KEYS <= marker.keys():
+    raise ValueError(f"{path} is {'missing' if marker is None else 'not a shard marker'}")
+  return marker
+
+
+def _committed_marker(target: epath.Path, index: int) -> dict:
+  """The marker of a shard this build committed (or found committed)."""
+  try:
+    return _read_marker(target, index)
+  except ValueError as e:
+    raise ValueError(f"{e}: the build's state changed while it ran (another build writing "
+                     f"{target}?); run the build again to rebuild that shard") from None
+
+
 def _plan(kind: str, split: str, metadata: dict, source: ShardedSource) -> dict:
   """What decides a build's records (as JSON reads it back): a rerun with another plan starts
   over."""
@@ -258,17 +318,76 @@ def _plan(kind: str, split: str, metadata: dict, source: ShardedSource) -> dict:
       "shards": [[shard.label, shard.num_bytes] for shard in source.shards]}))
 
 
+def _refuse_foreign(target: epath.Path) -> None:
+  """Raises when `target` holds files but is neither a dataset nor an unfinished build."""
+  if (not target.is_dir() or (target / "dataset_info.json").exists()
+      or (target / STATE_DIR / "plan.json").exists()):
+    return
+  leftovers = {p.name for p in target.iterdir()} - {"skipped.jsonl", STATE_DIR}
+  if leftovers:
+    raise FileExistsError(f"{target} holds {sorted(leftovers)[:5]} but no dataset_info.json; "
+                          "it is not a dataset this code built: move it away first")
+
+
+@contextlib.contextmanager
+def _build_lock(target: epath.Path):
+  """Held while a build writes `target`, so that a second build of it (one started beside it,
+  or while a killed one's workers still run) is refused rather than mixed in: an flock on
+  build_state/lock, released by the kernel however the process ends. An object store has no
+  locks: for a URL target the lock file is local scratch named after the URL, which keeps out
+  the builds of this machine only (the case of a killed build run again)."""
+  if is_remote(target):
+    digest = hashlib.sha256(str(target).encode()).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"uip2p_jax-build-{digest}.lock")
+  else:
+    (target / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    path = str(target / STATE_DIR / LOCK)
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+      os.close(fd)
+      raise BlockingIOError(f"another build is writing {target} (pid {holder}); wait for it "
+                            "to end, or end it, and run this one again") from None
+    try:
+      current = os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+      current = False
+    if current:
+      break
+    os.close(fd)  # a build that has just finished removed the file: lock the one there now
+  try:
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    yield
+  finally:
+    os.close(fd)  # (the file itself goes with build_state when the build is done)
+
+
 def _prepare_target(target: epath.Path, plan: dict) -> list[int]:
   """Makes `target` ready for `plan`; returns the shards an earlier run of it committed (a
   built dataset there is replaced: `build` has checked `overwrite`)."""
   if target.is_dir() and not (target / "dataset_info.json").exists():
-    earlier = _read_json(target / STATE_DIR / "plan.json")
-    leftovers = {p.name for p in target.iterdir()} - {"skipped.jsonl", STATE_DIR}
-    if earlier is None and leftovers:
-      raise FileExistsError(f"{target} holds {sorted(leftovers)[:5]} but no dataset_info.json; "
-                            "it is not a dataset this code built: move it away first")
+    try:
+      earlier = _read_json(target / STATE_DIR / "plan.json")
+    except ValueError as e:
+      earlier = None
+      print(f"{target}: {e}; starting over", file=sys.stderr)
     if earlier == plan and plan["resumable"]:
-      done = [i for i in range(len(plan["shards"])) if _marker(target, i).exists()]
+      done = []
+      for i in range(len(plan["shards"])):
+        if _marker(target, i).exists():
+          try:
+            _read_marker(target, i)
+            done.append(i)
+          except ValueError as e:
+            print(f"{e}: building shard {i} again", file=sys.stderr)
+            _marker(target, i).unlink(missing_ok=True)
+      # A killed build's unfinished files (its orphaned workers' too: they stop uncommitted).
+      for stale in target.glob("*.partial*"):
+        stale.unlink(missing_ok=True)
       if done:
         print(f"{target}: resuming an unfinished build ({len(done)} of {len(plan['shards'])} "
               "shards done)", file=sys.stderr)
@@ -276,11 +395,31 @@ def _prepare_target(target: epath.Path, plan: dict) -> list[int]:
     if earlier is not None and earlier != plan:
       print(f"{target}: an unfinished build of other inputs or settings is there; starting over",
             file=sys.stderr)
-  if target.exists():
-    target.rmtree()  # a built dataset (overwrite), an unresumable partial build, a skip list
-  (target / STATE_DIR).mkdir(parents=True, exist_ok=True)
-  storage.write_text_atomic(target / STATE_DIR / "plan.json", json.dumps(plan))
+  _clear(target, plan)
   return []
+
+
+def _clear(target: epath.Path, plan: dict) -> None:
+  """Empties `target` (a built dataset: overwrite; an unresumable or other build; a skip list)
+  for a build of `plan`, keeping the lock, in an order that leaves a folder a rerun can use
+  wherever a kill stops it: the markers, then the new plan (resuming from no shard done), then
+  dataset_info.json (until then the finished dataset is still whole), then the rest."""
+  def remove(path: epath.Path) -> None:
+    if path.is_dir():
+      path.rmtree()
+    else:
+      path.unlink(missing_ok=True)
+  state = target / STATE_DIR
+  if state.is_dir():
+    for path in state.iterdir():
+      if path.name not in (LOCK, "plan.json"):
+        remove(path)
+  state.mkdir(parents=True, exist_ok=True)
+  storage.write_text_atomic(state / "plan.json", json.dumps(plan))
+  remove(target / "dataset_info.json")
+  for path in target.iterdir():
+    if path.name != STATE_DIR:
+      remove(path)
 
 
 def build(kind: str, records: Callable[[], Iterator[Record] | ShardedSource], data_dir: str, *,
@@ -308,6 +447,16 @@ def build(kind: str, records: Callable[[], Iterator[Record] | ShardedSource], da
   split = split or DEFAULT_SPLIT[kind]
   metadata = {"kind": kind, **(metadata or {})}
   data_dir_existed = epath.Path(data_dir).is_dir()
+  _refuse_foreign(target)
+  with _build_lock(target):
+    return _build_locked(kind, source, data_dir, data_dir_existed, target, split, metadata,
+                         workers, progress)
+
+
+def _build_locked(kind: str, source: ShardedSource, data_dir: str, data_dir_existed: bool,
+                  target: epath.Path, split: str, metadata: dict, workers: int,
+                  progress: bool) -> SkipReport:
+  """`build`, from the target's preparation on, under its lock."""
   done = set(_prepare_target(target, _plan(kind, split, metadata, source)))
   for stale in target.parent.glob("incomplete.*"):  # what a killed TFDS-era build left
     stale.rmtree(missing_ok=True)
@@ -336,7 +485,7 @@ def _run_shards(jobs: list[_ShardJob], source: ShardedSource, done: set[int],
   """Runs the jobs (in `workers` spawned processes, or here when 1), with a progress bar."""
   from tqdm import tqdm
   sizes = [shard.size for shard in source.shards]
-  records_done = {i: _read_json(_marker(target, i))["records"] for i in done}
+  records_done = {i: _committed_marker(target, i)["records"] for i in done}
   ticked = dict.fromkeys(range(len(sizes)), 0)  # records counted so far, per running shard
 
   def estimate_total():  # unknown sizes (tar shards): the mean of the finished ones
@@ -394,7 +543,7 @@ def _run_pool(jobs: list[_ShardJob], workers: int, on_tick: Callable, shard_done
   with concurrent.futures.ProcessPoolExecutor(
       min(workers, len(jobs)), mp_context=context, initializer=_init_worker,
       initargs=(progress_queue, stop)) as pool:
-    futures = {pool.submit(_build_shard, job): job for job in jobs}
+    futures = {pool.submit(_pool_shard, job): job for job in jobs}
     try:
       pending = set(futures)
       while pending:
@@ -426,7 +575,7 @@ def _merge(target: epath.Path, kind: str, split: str, source: ShardedSource, pre
   derived = dict.fromkeys(flags, True)
   lengths, num_bytes, count = [], 0, len(source.shards)
   for index in range(count):
-    marker = _read_json(_marker(target, index))
+    marker = _committed_marker(target, index)
     dropped, events = set(), [tuple(skip) for skip in marker["skipped"]]
     with ids:
       for position, (seq, rid, where) in enumerate(marker["written"]):
@@ -450,7 +599,7 @@ def _merge(target: epath.Path, kind: str, split: str, source: ShardedSource, pre
   if source.unmatched:
     def seen():
       for index in range(count):
-        marker = _read_json(_marker(target, index))
+        marker = _committed_marker(target, index)
         for entry in marker["written"] + marker["skipped"]:
           if entry[1] is not None:
             yield entry[1]
