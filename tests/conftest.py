@@ -6,6 +6,12 @@ Each fixture is session-scoped so a model is built, saved and loaded once per te
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile hundreds of small programs and run each for milliseconds: LLVM's optimisation
+# passes are a large part of every compile on this 2-core CPU and change no result (XLA's CPU
+# code has no fast-math), so the suite generates unoptimised code. Tests that start processes
+# with more devices add their flag to these (os.environ["XLA_FLAGS"] + " --xla_force_...").
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
 
 import numpy as np
 import pytest

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
 
 def _run(tmp_path, devices):
   out = tmp_path / f"edit_{devices}.npy"
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + f" --xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", SCRIPT.format(out=out)], env=env,
                           capture_output=True, text=True, timeout=600)

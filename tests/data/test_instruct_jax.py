@@ -136,7 +136,7 @@ SCRIPT = textwrap.dedent("""
 def test_jax_backend_on_two_devices_writes_the_one_device_lines(jax_run, tiny_gemma, tmp_path):
   source, out, _ = jax_run
   assert jax.device_count() == 1, "the reference run is the test process's, on one device"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
   result = subprocess.run(
       [sys.executable, "-c", SCRIPT, "data", "instruct", "captions", "--input", source, "--out",

@@ -239,7 +239,7 @@ SHARDED = textwrap.dedent("""
 
 
 def test_splash_kernel_runs_per_device_under_a_mesh():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,
                           text=True, timeout=300)

@@ -87,7 +87,7 @@ def test_cec_step_differentiates_only_the_lora_factors():
 
 SHARDED = r"""
 import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 import jax
 sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
 from trainer_setup import tiny_config

@@ -35,7 +35,7 @@ def _start(workdir, logs):
   processes = []
   for index in (0, 1):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(index))
     log = open(os.path.join(logs, f"{os.path.basename(workdir)}_{index}.log"), "w")
