@@ -345,3 +345,10 @@ def test_usage_errors_exit_2_before_anything_is_written(tmp_path, capsys):
     assert main(["data", "instruct", *args, *base]) == 2, message
     assert message in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
+  # The output is appended to line by line: a bucket URL is refused, not written into ./gs:.
+  with pytest.raises(SystemExit) as exit_info:
+    main(["data", "instruct", "captions", "--input", captions_file, "--out", "gs://b/out",
+          *base[2:]])
+  assert exit_info.value.code == 2
+  assert "'gs://b/out': this output must be a local path" in capsys.readouterr().err
+  assert not os.path.exists("gs:")

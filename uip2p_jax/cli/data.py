@@ -186,7 +186,9 @@ def _add_instruct_parser(data) -> None:
                       description=INSTRUCT_DESCRIPTION)
   p.add_argument("mode", choices=["captions", "reverse"],
                  help="captions: CC3M/CC12M-style captions; reverse: IP2P parquet triples")
-  p.add_argument("--out", required=True, metavar="OUT", help="folder of the output JSONL files")
+  p.add_argument("--out", required=True, metavar="OUT", type=common.local_location,
+                 help="local folder of the output JSONL files (appended to line by line, "
+                      "which a bucket object cannot be)")
   p.add_argument("--input", metavar="PATTERN",
                  help="captions: JSONL lines {\"key\", \"caption\"} or parquet files (with "
                       "--caption-column); reverse: the IP2P parquet files, e.g. "
