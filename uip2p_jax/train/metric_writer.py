@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 
 from uip2p_jax import storage
 
@@ -37,19 +38,28 @@ def truncate_jsonl(path: str, last_step: int) -> int:
 
 
 class _BucketEventFile:
-  """A TensorBoard event file in a bucket. An object cannot be appended to: the file is kept in
-  memory and each flush (every flush_secs, and at close) uploads it whole, as tensorboardX's own
-  gs:// writer does (that one needs google-cloud-storage; this one the epath library)."""
+  """A TensorBoard event file in a bucket. An object cannot be appended to: each flush (every
+  flush_secs, and at close) uploads what was written since the last one as an object of its own,
+  `<event file>`, then `<event file>.00001`, ... TensorBoard reads every file whose name holds
+  "tfevents", in name order, so the parts read as the one file; the uploads stay linear in the
+  run's length (uploading the whole file at each flush, as tensorboardX's own gs:// writer does,
+  is quadratic: gigabytes over a months-long run)."""
 
   def __init__(self, path: str):
     self.path = path
     self.buffer = io.BytesIO()
+    self.parts = 0
 
   def write(self, data: bytes) -> None:
     self.buffer.write(data)
 
   def flush(self) -> None:
-    storage.write_bytes(self.path, self.buffer.getvalue())
+    data = self.buffer.getvalue()
+    if not data:
+      return
+    storage.write_bytes(self.path if self.parts == 0 else f"{self.path}.{self.parts:05d}", data)
+    self.parts += 1
+    self.buffer = io.BytesIO()
 
   def close(self) -> None:
     self.flush()
@@ -66,12 +76,21 @@ class _BucketEventFiles:
 
 
 class MetricWriter:
-  """Writes a run's metrics from `start_step` on (0 for a new run)."""
+  """Writes a run's metrics from `start_step` on (0 for a new run).
 
-  def __init__(self, workdir: str, start_step: int, enabled: bool = True):
+  In a bucket, metrics.jsonl (rewritten whole to add lines: an object cannot be appended to) is
+  written at most every `flush_secs`, at each `flush()` (the loop calls it when a checkpoint is
+  saved, so no line up to a checkpoint's step can be lost) and at close."""
+
+  def __init__(self, workdir: str, start_step: int, enabled: bool = True,
+               flush_secs: float = 120.0):
     self.enabled = enabled
     self.jsonl = os.path.join(workdir, "metrics.jsonl")
     self._tensorboard = None
+    self._buffered = storage.is_remote(workdir)
+    self._pending: list[str] = []
+    self._flush_secs = flush_secs
+    self._last_flush = time.monotonic()
     if enabled:
       from tensorboardX import SummaryWriter
       if storage.is_remote(workdir):
@@ -80,19 +99,33 @@ class MetricWriter:
       truncate_jsonl(self.jsonl, start_step)
       # purge_step: TensorBoard discards events at or after it (written by an interrupted run).
       self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                        purge_step=start_step + 1)
+                                        purge_step=start_step + 1, flush_secs=flush_secs)
 
   def scalars(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
     for name, value in metrics.items():
       self._tensorboard.add_scalar(f"train/{name}", value, step)
-    storage.append_text(self.jsonl, json.dumps({"step": step, **metrics}) + "\n")
+    self._pending.append(json.dumps({"step": step, **metrics}) + "\n")
+    if not self._buffered or time.monotonic() - self._last_flush >= self._flush_secs:
+      self._write_pending()
     mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
     print(f"step {step:6d} | loss {metrics['loss']:.4f} | lr {metrics['learning_rate']:.2e}"
           f" | grad {metrics['grad_norm']:.3f} | {metrics['images_per_second']:.1f} img/s"
           f" | {metrics['step_time'] * 1000:.0f} ms/step{mfu}"
           f" | skipped {int(metrics['skipped_updates'])}", flush=True)
+
+  def _write_pending(self) -> None:
+    if self._pending:
+      storage.append_text(self.jsonl, "".join(self._pending))
+      self._pending = []
+    self._last_flush = time.monotonic()
+
+  def flush(self) -> None:
+    """Writes every logged line and TensorBoard event now."""
+    if self.enabled:
+      self._write_pending()
+      self._tensorboard.flush()
 
   def image(self, name: str, image, step: int) -> None:
     """An (H, W, 3) uint8 image."""
@@ -100,5 +133,7 @@ class MetricWriter:
       self._tensorboard.add_image(name, image, step, dataformats="HWC")
 
   def close(self) -> None:
+    if self.enabled:
+      self._write_pending()
     if self._tensorboard is not None:
       self._tensorboard.close()
