@@ -1,10 +1,10 @@
 """UIP2P on ShapesWorld: Cycle Edit Consistency with no edited image (issue 15).
 
-Arguments: init=prior|recolour|recolour_v (the 8-channel UNet from the world's text-to-image
-prior, image channels zero: strictly unsupervised; or from an IP2P model supervised on recolour
-edits only, runs/ip2p_recolour/export, or its v-prediction twin runs/ip2p_recolour_v/export of
-experiments/shapes/ip2p.py:kinds=recolour,prediction=v: the CEC edits read the UNet's output as
-the init's scheduler config says, `model.prediction_type` "auto"),
+Arguments: init=prior|recolour (the 8-channel UNet from the world's text-to-image prior, image
+channels zero: strictly unsupervised; or from an IP2P model supervised on recolour edits only,
+runs/ip2p_recolour/export of experiments/shapes/ip2p.py:kinds=recolour, a v-prediction model
+unless trained with prediction=eps: the CEC edits read the UNet's output as the init's scheduler
+config says, `model.prediction_type` "auto"),
 losses=base|sim|full (the paper's chain), seed=N, steps=N, runs=DIR.
 
   uip2p train --config experiments/shapes/cec.py:init=prior,losses=full \
@@ -26,7 +26,7 @@ def get_config(arg=None):
   args = common.parse_arg(arg, init="prior", losses="full", seed="0", steps="1000",
                           runs=common.RUNS)
   losses = common.choice(args, "losses", _LOSSES)
-  init = common.choice(args, "init", ("prior", "recolour", "recolour_v"))
+  init = common.choice(args, "init", ("prior", "recolour"))
   paths = common.paths(args["runs"])
   c = common.shapes_config("cec", steps=int(args["steps"]), batch=16, lr=1e-4)
   c.seed = int(args["seed"])
