@@ -537,6 +537,16 @@ def test_one_build_at_a_time_and_damaged_state_files(tmp_path, monkeypatch, caps
     builders._build_shard(job)
   assert not [name for name in os.listdir(tmp_path) if name.startswith(("shard", "marker"))]
 
+  # A build beside this one finishes (and removes build_state/) between this one's first check
+  # and its lock: the lock is taken on a new build_state/, and the finished dataset is kept.
+  info, aside = os.path.join(target, "dataset_info.json"), str(tmp_path / "info")
+  files = sorted(os.listdir(target))
+  os.rename(info, aside)
+  monkeypatch.setattr(builders, "_refuse_foreign", lambda _: os.rename(aside, info))
+  with pytest.raises(FileExistsError, match="has just finished it"):
+    builders.build("captions", source, out)
+  assert sorted(os.listdir(target)) == sorted(files + [builders.STATE_DIR])
+
 
 def test_inputs_and_output_through_epath_urls(tmp_path, monkeypatch):
   """A gs:// build (inputs and output; fsspec's in-memory filesystem standing in for gcsfs)

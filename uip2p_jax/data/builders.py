@@ -331,18 +331,20 @@ def _refuse_foreign(target: epath.Path) -> None:
 
 @contextlib.contextmanager
 def _build_lock(target: epath.Path):
-  """Held while a build writes `target`, so that a second build of it (one started beside it,
-  or while a killed one's workers still run) is refused rather than mixed in: an flock on
-  build_state/lock, released by the kernel however the process ends. An object store has no
+  """Held while a build writes `target`, so that a second build of it started beside it is
+  refused rather than mixed in: an flock on build_state/lock, released by the kernel however the
+  process ends (so not held by a killed build's workers: they stop at their next check that
+  their parent is alive, and each shard attempt writes its own .partial file). An object store has no
   locks: for a URL target the lock file is local scratch named after the URL, which keeps out
   the builds of this machine only (the case of a killed build run again)."""
   if is_remote(target):
     digest = hashlib.sha256(str(target).encode()).hexdigest()[:16]
     path = os.path.join(tempfile.gettempdir(), f"uip2p_jax-build-{digest}.lock")
   else:
-    (target / STATE_DIR).mkdir(parents=True, exist_ok=True)
     path = str(target / STATE_DIR / LOCK)
   while True:
+    if not is_remote(target):  # again each try: a build that has just finished removed it
+      (target / STATE_DIR).mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -449,6 +451,10 @@ def build(kind: str, records: Callable[[], Iterator[Record] | ShardedSource], da
   data_dir_existed = epath.Path(data_dir).is_dir()
   _refuse_foreign(target)
   with _build_lock(target):
+    # Again under the lock: a build that held it until now may have just finished this one.
+    if (target / "dataset_info.json").exists() and not overwrite:
+      raise FileExistsError(f"{target} already holds a built dataset (a build beside this one "
+                            "has just finished it); pass overwrite (--overwrite) to rebuild it")
     return _build_locked(kind, source, data_dir, data_dir_existed, target, split, metadata,
                          workers, progress)
 

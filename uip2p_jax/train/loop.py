@@ -182,9 +182,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       if preempted or step % config.checkpoint.every == 0 or step == config.total_steps:
         # The save records this step's loss (for "best"), logged or not.
         loss = float(jax.device_get(metrics["loss"]))
-        if checkpoints.save(step, state, loader, loss,
-                            force=preempted or step == config.total_steps):
-          writer.flush()  # a resume from this checkpoint keeps every line up to it
+        # Lines first: an async save can be complete before a later flush (lines past a
+        # checkpoint are dropped on resume, lines up to it are never written again).
+        writer.flush()
+        checkpoints.save(step, state, loader, loss, force=preempted or step == config.total_steps)
       if preempted:
         checkpoints.wait_until_finished()
         print(f"train: interrupted: saved step {step}; run the same command to resume "

@@ -79,8 +79,8 @@ class MetricWriter:
   """Writes a run's metrics from `start_step` on (0 for a new run).
 
   In a bucket, metrics.jsonl (rewritten whole to add lines: an object cannot be appended to) is
-  written at most every `flush_secs`, at each `flush()` (the loop calls it when a checkpoint is
-  saved, so no line up to a checkpoint's step can be lost) and at close."""
+  written at most every `flush_secs`, at each `flush()` (the loop calls it before each checkpoint
+  save, so no line up to a checkpoint's step can be lost) and at close."""
 
   def __init__(self, workdir: str, start_step: int, enabled: bool = True,
                flush_secs: float = 120.0):
@@ -122,7 +122,8 @@ class MetricWriter:
     self._last_flush = time.monotonic()
 
   def flush(self) -> None:
-    """Writes every logged line and TensorBoard event now."""
+    """Writes every logged line now, and flushes TensorBoard's writer (events still queued in
+    tensorboardX's logger thread may wait for its next flush)."""
     if self.enabled:
       self._write_pending()
       self._tensorboard.flush()
