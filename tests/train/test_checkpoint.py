@@ -39,8 +39,8 @@ def _abstract(state):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
 
 
-def _saved_run(directory):
-  checkpoints = Checkpoints(directory, _config(), _abstract(_state(0)))
+def _saved_run(directory, prediction_type=None):
+  checkpoints = Checkpoints(directory, _config(), _abstract(_state(0)), prediction_type)
   for step in (1, 2):
     checkpoints.save(step, _state(step), FakeLoader(step * 10), loss=1.0 / step)
   checkpoints.close()
@@ -112,3 +112,17 @@ def test_a_checkpoint_of_another_state_is_refused_not_set_aside(tmp_path):
   with pytest.raises(DataError, match=r"checkpoints/2: another config.sample.count"):
     Checkpoints(directory, _config(), _abstract(_state(0))).restore_latest(OtherStream())
   assert sorted(os.listdir(directory)) == ["1", "2"]
+
+
+def test_a_checkpoint_of_another_prediction_type_is_refused(tmp_path):
+  # Same arrays, another output (epsilon vs v): the signature alone would let it resume.
+  directory = str(tmp_path / "checkpoints")
+  _saved_run(directory, prediction_type="epsilon")
+  with pytest.raises(ResumeError, match=r"checkpoints/2 holds a UNet trained to predict "
+                                        r"'epsilon', this run's predicts 'v_prediction'"):
+    Checkpoints(directory, _config(), _abstract(_state(0)), "v_prediction").restore_latest(
+        FakeLoader())
+  assert sorted(os.listdir(directory)) == ["1", "2"]
+  _, step = Checkpoints(directory, _config(), _abstract(_state(0)), "epsilon").restore_latest(
+      FakeLoader())
+  assert step == 2

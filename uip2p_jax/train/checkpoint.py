@@ -87,16 +87,18 @@ def _all_processes(ok: bool) -> bool:
 class Checkpoints:
   """The run's checkpoint folder: save, restore the latest readable step, retention.
 
-  Each save records the training loss (retention keeps the best) and the state's signature;
-  a checkpoint whose signature differs from this run's state (another model or optimizer) is
-  refused, never set aside: the config changed, the checkpoint is fine.
+  Each save records the training loss (retention keeps the best), the state's signature and
+  what the UNet outputs (`prediction_type`: an epsilon and a v-prediction UNet have the same
+  arrays, so the signature cannot tell them apart); a checkpoint that differs from this run in
+  either is refused, never set aside: the config changed, the checkpoint is fine.
   """
 
-  def __init__(self, directory: str, config, abstract_state):
+  def __init__(self, directory: str, config, abstract_state, prediction_type: str | None = None):
     self.directory = storage.absolute(directory)  # orbax takes gs:// itself
     self._config = config.checkpoint
     self._abstract_state = abstract_state
     self.signature = state_signature(abstract_state)
+    self.prediction_type = prediction_type
     # orbax reads every checkpoint's metrics when it opens the folder: a garbled one would
     # stop the run before any restore is tried.
     for step, _ in self._unreadable_metrics():
@@ -144,18 +146,32 @@ class Checkpoints:
     return self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(_LoaderSnapshot(loader.get_state()))),
-        metrics={"loss": float(loss), "state_signature": self.signature}, force=force)
+        metrics=self._record(loss), force=force)
+
+  def _record(self, loss: float) -> dict:
+    record = {"loss": float(loss), "state_signature": self.signature}
+    if self.prediction_type is not None:
+      record["prediction_type"] = self.prediction_type
+    return record
 
   def reached_preemption(self, step: int) -> bool:
     return self._manager.reached_preemption(step)
 
   def _check_signature(self, step: int) -> None:
-    saved = json.loads(storage.read_text(self._metrics_path(step))).get("state_signature")
+    record = json.loads(storage.read_text(self._metrics_path(step)))
+    saved = record.get("state_signature")
     if saved is not None and saved != self.signature:
       raise ResumeError(
           f"checkpoint {self.directory}/{step} holds another train state (signature {saved}, "
           f"this run's is {self.signature}): the model, optimizer or their dtypes changed "
           "since it was saved. Use a new --workdir, or the config that wrote it")
+    # Checkpoints from before the field was recorded carry none: nothing to compare.
+    saved = record.get("prediction_type")
+    if saved is not None and self.prediction_type is not None and saved != self.prediction_type:
+      raise ResumeError(
+          f"checkpoint {self.directory}/{step} holds a UNet trained to predict {saved!r}, this "
+          f"run's predicts {self.prediction_type!r} (config.model.prediction_type): resuming "
+          "would switch its output silently. Use a new --workdir, or the config that wrote it")
 
   def _restore(self, step: int, loader):
     import grain

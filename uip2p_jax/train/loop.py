@@ -125,7 +125,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     run = RunContext(config, workdir, graphs, frozen, tokenizer, schedule, mesh)
 
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config,
-                              functions.abstract_state)
+                              functions.abstract_state, schedule.prediction_type)
     state, restored = checkpoints.restore_latest(loader)
     if state is None:
       state = functions.init_state(params, config.seed)
