@@ -107,26 +107,38 @@ def test_a_run_in_a_bucket_keeps_its_urls(bucket):
   metrics = dict(loss=0.5, learning_rate=1e-4, grad_norm=1.0, images_per_second=2.0,
                  step_time=0.5, skipped_updates=0.0)
   # In a bucket, lines wait for a flush (each checkpoint's, or flush_secs), not a whole rewrite
-  # per line; each TensorBoard flush uploads only its new events, as an object of its own.
-  writer = MetricWriter(run, 0, flush_secs=3600)
-  writer.scalars(1, metrics)
-  assert not storage.exists(f"{run}/metrics.jsonl")
-  writer.flush()
-  assert storage.read_text(f"{run}/metrics.jsonl").count("\n") == 1
-  writer.scalars(2, metrics)
-  writer.image("samples", np.zeros((4, 4, 3), np.uint8), 2)
-  writer.close()
-  assert [json.loads(line)["step"] for line in
-          storage.read_text(f"{run}/metrics.jsonl").splitlines()] == [1, 2]
-  events = sorted(storage.listdir(f"{run}/tensorboard"))
-  assert len(events) >= 2 and events == [events[0]] + [
-      f"{events[0]}.{part:05d}" for part in range(1, len(events))], events
-  assert all("tfevents" in name for name in events)  # what TensorBoard reads, in name order
-  read = [event_records(bucket.cat(f"{run}/tensorboard/{name}")) for name in events]
-  assert read[0][0].file_version.startswith("brain.Event")  # the parts read as one file
-  scalars = [(e.step, v.tag) for part in read for e in part for v in e.summary.value]
-  assert [step for step, tag in scalars if tag == "train/loss"] == [1, 2]
-  assert scalars[-1][1] == "samples" and all(read), scalars  # no empty part
+  # per line; each TensorBoard flush rewrites the current part (one object while it is small)...
+  def write_run(run):
+    writer = MetricWriter(run, 0, flush_secs=3600)
+    writer.scalars(1, metrics)
+    assert not storage.exists(f"{run}/metrics.jsonl")
+    writer.flush()
+    assert storage.read_text(f"{run}/metrics.jsonl").count("\n") == 1
+    writer.scalars(2, metrics)
+    writer.image("samples", np.zeros((4, 4, 3), np.uint8), 2)
+    writer.close()
+    assert [json.loads(line)["step"] for line in
+            storage.read_text(f"{run}/metrics.jsonl").splitlines()] == [1, 2]
+    events = sorted(storage.listdir(f"{run}/tensorboard"))
+    assert events == [events[0]] + [
+        f"{events[0]}.{part:05d}" for part in range(1, len(events))], events
+    assert all("tfevents" in name for name in events)  # what TensorBoard reads, in name order
+    read = [event_records(bucket.cat(f"{run}/tensorboard/{name}")) for name in events]
+    assert read[0][0].file_version.startswith("brain.Event")  # the parts read as one file
+    scalars = [(e.step, v.tag) for part in read for e in part for v in e.summary.value]
+    assert [step for step, tag in scalars if tag == "train/loss"] == [1, 2]
+    assert scalars[-1][1] == "samples" and all(read), scalars  # no empty part
+    return events
+
+  assert len(write_run(run)) == 1
+  # ... and once a part is full, the next flush starts a new one (never re-uploading the old).
+  from uip2p_jax.train import metric_writer
+  part_bytes, metric_writer._BucketEventFile.PART_BYTES = (
+      metric_writer._BucketEventFile.PART_BYTES, 1)
+  try:
+    assert len(write_run("gs://b/run_parts")) >= 2
+  finally:
+    metric_writer._BucketEventFile.PART_BYTES = part_bytes
   MetricWriter(run, 1).close()  # a resume from step 1 drops step 2
   assert storage.read_text(f"{run}/metrics.jsonl").count("\n") == 1
 

@@ -39,27 +39,33 @@ def truncate_jsonl(path: str, last_step: int) -> int:
 
 class _BucketEventFile:
   """A TensorBoard event file in a bucket. An object cannot be appended to: each flush (every
-  flush_secs, and at close) uploads what was written since the last one as an object of its own,
-  `<event file>`, then `<event file>.00001`, ... TensorBoard reads every file whose name holds
-  "tfevents", in name order, so the parts read as the one file; the uploads stay linear in the
-  run's length (uploading the whole file at each flush, as tensorboardX's own gs:// writer does,
-  is quadratic: gigabytes over a months-long run)."""
+  flush_secs, and at close) rewrites the current part, `<event file>`, with everything written
+  to it so far; once a part holds PART_BYTES the next flush starts `<event file>.00001`, ...
+  TensorBoard reads every file whose name holds "tfevents", in name order, so the parts read as
+  the one file. Uploads stay linear in the run's length (rewriting the whole file at each flush,
+  as tensorboardX's own gs:// writer does, is quadratic: gigabytes over a months-long run), and
+  the objects stay few (one per flush would be thousands over a week)."""
+
+  PART_BYTES = 32 << 20
 
   def __init__(self, path: str):
     self.path = path
-    self.buffer = io.BytesIO()
-    self.parts = 0
+    self.buffer = io.BytesIO()  # the current part, whole
+    self.uploaded = 0  # of it
+    self.parts = 0  # finished parts before it
 
   def write(self, data: bytes) -> None:
     self.buffer.write(data)
 
   def flush(self) -> None:
     data = self.buffer.getvalue()
-    if not data:
+    if len(data) == self.uploaded:
       return
     storage.write_bytes(self.path if self.parts == 0 else f"{self.path}.{self.parts:05d}", data)
-    self.parts += 1
-    self.buffer = io.BytesIO()
+    self.uploaded = len(data)
+    if len(data) >= self.PART_BYTES:
+      self.parts += 1
+      self.buffer, self.uploaded = io.BytesIO(), 0
 
   def close(self) -> None:
     self.flush()
