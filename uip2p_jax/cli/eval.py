@@ -159,6 +159,8 @@ def eval_shapes(args: argparse.Namespace) -> int:
     raise FileNotFoundError(f"--model {model}: no model folder at {folder}")
   settings = {"model": model if model == "identity" else common.model_id(folder),
               "steps": args.steps, "seed": args.seed}
+  if model != "identity":
+    settings["sampler"] = args.sampler
   seeds = lambda chunk: [(args.seed + zlib.crc32(t["id"].encode())) % 2 ** 31 for t in chunk]
   roundtrip = None
   if model == "identity":
@@ -172,7 +174,8 @@ def eval_shapes(args: argparse.Namespace) -> int:
     settings.update(text_scale=args.text_scale, image_scale=args.image_scale)
     edit = lambda images, chunk: pipe.edit(
         images, [t["instruction"] for t in chunk], steps=args.steps, text_scale=args.text_scale,
-        image_scale=args.image_scale, seeds=seeds(chunk), pad_to=args.batch_size)
+        image_scale=args.image_scale, seeds=seeds(chunk), pad_to=args.batch_size,
+        sampler=args.sampler)
   storage.makedirs(args.out)
   summary = shapes_eval.evaluate(turns, edit, world, args.out, args.label or model, settings,
                                  args.batch_size, roundtrip)
@@ -197,7 +200,7 @@ def _sdedit(folder: str, args: argparse.Namespace, seeds):
   if models.unet.config.in_channels != models.vae.config.latent_channels:
     raise ValueError(f"--model shapes-sdedit: {folder} holds a {models.unet.config.in_channels}-"
                      "channel UNet; SDEdit needs the text-to-image prior (4 channels)")
-  sampler = make_sampler("euler_ancestral", models.schedule, args.steps)
+  sampler = make_sampler(args.sampler, models.schedule, args.steps)
   start = int(round(args.steps * (1 - args.sdedit_strength)))
   empty = tokenize(models.tokenizer, [""])
 
@@ -306,6 +309,8 @@ def add_parser(commands) -> None:
   p.add_argument("--sdedit-strength", type=common.fraction, default=0.6,
                  help="shapes-sdedit: the fraction of the schedule the input is noised to")
   p.add_argument("--seed", type=common.non_negative_int, default=0)
+  p.add_argument("--sampler", default="euler_ancestral",
+                 choices=["euler_ancestral", "euler", "ddim", "ddpm"])
   p.add_argument("--label", default=None, help="row name in the summary")
   p.set_defaults(run=eval_shapes)
 
