@@ -98,11 +98,14 @@ def test_exports_load_here_and_in_the_reference_libraries(world):
 def test_eval_shapes_scores_the_chain_and_the_baselines(world, tmp_path, capsys):
   from uip2p_jax.cli import main
   runs, _ = world
+  samplers = {"shapes-ip2p": "ddim", "shapes-sdedit": "euler"}  # one compile each either way
   for model in ("identity", "shapes-ip2p", "shapes-sdedit"):
     out = tmp_path / model
+    sampler = ["--sampler", samplers[model]] if model in samplers else []
     assert main(["eval", "shapes", "--data", f"{runs}/data", "--out", str(out), "--model", model,
-                 "--world", runs, "--steps", "2", "--batch-size", "6"]) == 0
+                 "--world", runs, "--steps", "2", "--batch-size", "6", *sampler]) == 0
     summary = json.load(open(out / "summary.json"))
+    assert summary["settings"].get("sampler") == samplers.get(model), summary["settings"]
     for key in ("edit_accuracy", "preservation", "l1", "l2", "clip_i", "clip_t"):
       assert np.isfinite(summary[key]), (model, key)
     assert summary["count"] == 6 and len(os.listdir(out / "edits")) == 6
