@@ -1,11 +1,14 @@
 """Each sampler equals diffusers' scheduler of the same name, step by step."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler)
 
+import uip2p_jax
 from uip2p_jax.schedules import NoiseSchedule, make_sampler
 
 # timbrooks/instruct-pix2pix's scheduler/scheduler_config.json (EulerAncestralDiscreteScheduler).
@@ -93,3 +96,16 @@ def test_add_noise_matches_diffusers_ddpm_add_noise():
   np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(NoiseSchedule.from_diffusers(IP2P_SCHEDULER).alphas_cumprod(),
                              reference.alphas_cumprod.numpy(), rtol=1e-5)
+
+
+def test_preset_models_never_clip_their_latents(tmp_path):
+  # A config without clip_sample clips DDIM/DDPM's x0 to [-1, 1] (diffusers' default, kept for
+  # the real checkpoints' parity); the latents of the models we train from a preset are not in
+  # [-1, 1], so their schedule, and the scheduler config they are saved and shipped with, say so.
+  from uip2p_jax.schedules import PRESET_SCHEDULE
+  assert make_sampler("ddim", NoiseSchedule.from_diffusers(IP2P_SCHEDULER), 3).clip_sample == 1.0
+  PRESET_SCHEDULE.save(str(tmp_path))
+  shipped = os.path.join(os.path.dirname(uip2p_jax.__file__), "shapes_models", "scheduler")
+  for folder in (str(tmp_path), shipped):
+    for kind in ("ddim", "ddpm"):
+      assert make_sampler(kind, NoiseSchedule.from_folder(folder), 3).clip_sample is None, folder

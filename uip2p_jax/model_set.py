@@ -15,7 +15,7 @@ from flax import nnx
 
 from uip2p_jax.models import AutoencoderKL, CLIPModel, CLIPTextTransformer, UNet2DConditionModel
 from uip2p_jax.models.partitioning import set_remat
-from uip2p_jax.schedules import IP2P_SCHEDULE, PREDICTION_TYPES, NoiseSchedule
+from uip2p_jax.schedules import PREDICTION_TYPES, PRESET_SCHEDULE, NoiseSchedule
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -119,7 +119,7 @@ def build_models(*, preset: str = "tiny", pretrained: str = "", init_from_sd: st
     if with_clip:
       loss_clip = (weights.load_clip(clip, **frozen_kwargs) if clip and not abstract else
                    make(lambda: CLIPModel(shapes.clip, rngs=rngs(), **frozen_kwargs), seed + 3))
-    tokenizer, schedule = default_tokenizer(), IP2P_SCHEDULE
+    tokenizer, schedule = default_tokenizer(), PRESET_SCHEDULE
     vae, text_encoder = vae_module, text_module
   else:
     if vae or text_encoder or unet_in_channels is not None:

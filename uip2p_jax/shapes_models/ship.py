@@ -81,7 +81,7 @@ def ship(runs: str, models: list[str], out: str = ROOT) -> list[str]:
                                           param_dtype=jnp.float16), os.path.join(scratch, "probe"))
     # The world's tokenizer is the offline CLIP default: shipped as vocab.json + merges.txt
     # (1.5 MB; transformers' tokenizer.json of the same is 3.6 MB) and its config.
-    from uip2p_jax.schedules import IP2P_SCHEDULE
+    from uip2p_jax.schedules import PRESET_SCHEDULE
     from uip2p_jax.tokenizer import default_tokenizer, derive_vocab_files
     tokenizer_dir = os.path.join(scratch, "tokenizer")
     default_tokenizer().save_pretrained(tokenizer_dir)
@@ -90,7 +90,7 @@ def ship(runs: str, models: list[str], out: str = ROOT) -> list[str]:
         os.remove(os.path.join(tokenizer_dir, name))
     derive_vocab_files(tokenizer_dir)
     # (what runs built from the shapes preset write: train/samples.write_pipeline_parts)
-    IP2P_SCHEDULE.save(os.path.join(scratch, "scheduler"))
+    PRESET_SCHEDULE.save(os.path.join(scratch, "scheduler"))
     for name in models:
       unet = weights.load_unet(f"{runs}/{name}/export", param_dtype=jnp.float16)
       weights.save_unet(unet, os.path.join(scratch, name, "unet"))
