@@ -10,7 +10,9 @@ that chose each (without them the model barely reads its image condition).
 Export: runs/shapes/ip2p/export, a full InstructPix2Pix folder (`uip2p edit --model`,
 `uip2p eval shapes --model`). Pairs cover only the training phrasings and combinations.
 4000 steps: 55 min on the 2-core VM (0.8 s/step), edit accuracy 0.380, preservation 0.316 at text
-scale 4 / image scale 1.5 (0.320 / 0.570 at 3 / 2 on 100 turns): not yet the >= 0.9 / 0.9 target.
+scale 4 / image scale 1.5 (0.320 / 0.570 at 3 / 2 on 100 turns); continued to 10000 steps
+(`steps=10000`, same workdir: a warm restart of the cosine schedule, 80 min more) 0.440 / 0.352:
+not yet the >= 0.9 / 0.9 target (RESULTS.md: object edits fail by grounding).
 
 `kinds=recolour`: supervised on recolour pairs only (the editor that CEC then extends to the
 other kinds, experiments/shapes/cec.py:init=recolour):
