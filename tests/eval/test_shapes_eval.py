@@ -104,3 +104,45 @@ def test_world_loader_batches_match_their_scenes():
                                atol=1e-6)
     np.testing.assert_array_equal(batch["input_caption_ids"][i],
                                   tokenize(default_tokenizer(), [shapes.caption(scene)])[0])
+
+
+def _edit_of(e, obj):
+  value = {"recolour": "colour", "reshape": "shape"}.get(e["kind"])
+  fields = {value: e["value"]} if value else {}
+  return shapes.apply_edit(e["scene"], shapes.Edit(e["kind"], target=obj.name, **fields))
+
+
+def test_grounding_tells_the_named_object_from_the_others(turns):
+  edits = shapes_eval.grounding_edits(turns)
+  assert {e["kind"] for e in edits} == set(shapes_eval.GROUNDED_KINDS)
+  assert any(e["id"].endswith("-swapped") for e in edits)
+  scenes = [e["scene"] for e in edits]
+  for e in edits:
+    for obj in [e["named"]] + e["others"]:
+      try:
+        scenes.append(_edit_of(e, obj))
+      except ValueError:  # (this edit does not apply to that object)
+        pass
+  world = OracleWorld(scenes)
+  render = lambda scenes: np.stack([shapes.render(s) for s in scenes]) * (2 / 255) - 1
+
+  def wrong_object(images, chunk):
+    edited = []
+    for e in chunk:
+      try:
+        edited.append(_edit_of(e, e["others"][0]))
+      except ValueError:
+        edited.append(e["scene"])
+    return render(edited)
+
+  editors = {"identity": lambda images, chunk: images,
+             "truth": lambda images, chunk: render([_edit_of(e, e["named"]) for e in chunk]),
+             "wrong object": wrong_object}
+  results = {name: shapes_eval.grounding(turns, edit, world, batch_size=8)
+             for name, edit in editors.items()}
+  for kind in shapes_eval.GROUNDED_KINDS:
+    assert results["identity"][kind]["named"] == 0.0 == results["identity"][kind]["others"]
+    assert results["truth"][kind]["named"] == 1.0 and results["truth"][kind]["others"] == 0.0
+    assert results["wrong object"][kind]["named"] == 0.0
+    assert results["wrong object"][kind]["others"] > 0.0
+    assert results["truth"][kind]["edits"] == sum(e["kind"] == kind for e in edits)

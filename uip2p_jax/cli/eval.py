@@ -7,6 +7,7 @@ models, the output folder's record of earlier edits) is checked before the first
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import zlib
@@ -180,8 +181,15 @@ def eval_shapes(args: argparse.Namespace) -> int:
   summary = shapes_eval.evaluate(turns, edit, world, args.out, args.label or model, settings,
                                  args.batch_size, roundtrip)
   print(shapes_eval.markdown(summary), end="")
+  if args.grounding:
+    result = shapes_eval.grounding(turns, edit, world, args.batch_size)
+    storage.write_text_atomic(os.path.join(args.out, "grounding.json"),
+                              json.dumps(result, indent=2))
+    for kind, row in result.items():
+      print(f"grounding, {kind}: {row['edits']} edits; the named object edited "
+            f"{row['named']:.3f}, each other object {row['others']:.3f}")
   print(f"uip2p eval shapes: {len(turns)} test edits -> {args.out}/summary.json, scores.csv, "
-        "grid.png")
+        "grid.png" + (", grounding.json" if args.grounding else ""))
   return common.OK
 
 
@@ -312,6 +320,10 @@ def add_parser(commands) -> None:
   p.add_argument("--sampler", default="euler_ancestral",
                  choices=["euler_ancestral", "euler", "ddim", "ddpm"])
   p.add_argument("--label", default=None, help="row name in the summary")
+  p.add_argument("--grounding", action="store_true",
+                 help="also edit each one-object test edit and the same edit of another object "
+                      "of its scene: how often the named object is the one edited, and how "
+                      "often each other object is (OUT/grounding.json)")
   p.set_defaults(run=eval_shapes)
 
   p = evaluation.add_parser("shapes-compare", description=eval_shapes_compare.__doc__,

@@ -460,14 +460,22 @@ LABEL_CLASSES = (len(BACKGROUNDS),) + tuple(1 + len(values) for r in range(GRID)
                                             for c in range(GRID) for _, values in _CELL_ATTRIBUTES)
 
 
+def cell_label(row: int, col: int, attribute: str, value: str | None) -> tuple[int, int]:
+  """(position in the label vector, class) of grid cell (row, col)'s `attribute` ("colour",
+  "shape" or "size") reading `value`; None: the cell is empty (class 0)."""
+  values = dict(_CELL_ATTRIBUTES)[attribute]
+  return (LABEL_NAMES.index(f"cell{row}{col}.{attribute}"),
+          0 if value is None else 1 + values.index(value))
+
+
 def scene_labels(scene: Scene) -> np.ndarray:
   """(len(LABEL_NAMES),) int32: what the probe reads off a rendered scene."""
   labels = np.zeros(len(LABEL_NAMES), np.int32)
   labels[0] = list(BACKGROUNDS).index(scene.background)
   for o in scene.objects:
-    base = 1 + (o.row * GRID + o.col) * len(_CELL_ATTRIBUTES)
-    for offset, (name, values) in enumerate(_CELL_ATTRIBUTES):
-      labels[base + offset] = 1 + values.index(getattr(o, name))
+    for name, _ in _CELL_ATTRIBUTES:
+      position, value = cell_label(o.row, o.col, name, getattr(o, name))
+      labels[position] = value
   return labels
 
 

@@ -186,6 +186,74 @@ def evaluate(turns: list[dict], edit: Callable[[np.ndarray, list[dict]], np.ndar
   return summary
 
 
+GROUNDED_KINDS = ("recolour", "reshape", "remove")  # the edits of one named object
+
+
+def grounding_edits(turns: list[dict]) -> list[dict]:
+  """For each test turn that edits one object of a scene with others: the turn's own edit, and
+  the same edit (kind, new value, phrasing template) of another object of the scene where it
+  applies. Each: id, instruction, scene, kind, named (the object the instruction names), others,
+  value (the new colour / shape; None for a removal)."""
+  edits = []
+  for t in turns:
+    kind = t["edit"]["kind"]
+    scene = t["scene"]
+    if kind not in GROUNDED_KINDS or len(scene.objects) < 2:
+      continue
+    target = scene.find(t["edit"]["target"])
+    swapped = next(o for o in scene.objects if o != target)
+    value = t["edit"].get("colour") or t["edit"].get("shape")
+    for suffix, named in (("named", target), ("swapped", swapped)):
+      edit = shapes.Edit.from_json({**t["edit"], "target": named.name})
+      try:
+        shapes.apply_edit(scene, edit)  # (the other object may have the value already)
+      except ValueError:
+        continue
+      edits.append({"id": f"{t['id']}-{suffix}", "scene": scene, "kind": kind, "value": value,
+                    "instruction": shapes.instruction(scene, edit, t["template"]),
+                    "named": named, "others": [o for o in scene.objects if o != named]})
+  return edits
+
+
+def _shows_edit(labels: np.ndarray, input_labels: np.ndarray, obj, kind: str, value) -> bool:
+  """Whether the probe's `labels` show the edit of `kind` (to `value`) at `obj`'s cell, where
+  the input did not already: removed (empty), or recoloured / reshaped to the value."""
+  attribute = {"remove": "colour", "recolour": "colour", "reshape": "shape"}[kind]
+  position, wanted = shapes.cell_label(obj.row, obj.col, attribute,
+                                       None if kind == "remove" else value)
+  return bool(labels[position] == wanted and input_labels[position] != wanted)
+
+
+def grounding(turns: list[dict], edit: Callable[[np.ndarray, list[dict]], np.ndarray],
+              world: World, batch_size: int = 50) -> dict:
+  """Does the object the instruction names decide which object is edited? Per kind of
+  `GROUNDED_KINDS`, over `grounding_edits(turns)`: `named`, the share of edits that the probe
+  reads at the named object; `others`, the share of the scenes' other objects that show the
+  same edit (an editor that edits objects regardless of the instruction scores both alike; the
+  true edits score 1 and 0, the identity 0 and 0)."""
+  edits = grounding_edits(turns)
+  result = {}
+  if not edits:
+    return result
+  inputs = to_unit(np.stack([shapes.render(e["scene"]) for e in edits]))
+  outputs = np.concatenate([np.asarray(edit(inputs[i:i + batch_size], edits[i:i + batch_size]))
+                            for i in range(0, len(edits), batch_size)])
+  outputs = to_unit(np.round((np.clip(outputs, -1, 1) + 1) * 127.5).astype(np.uint8))
+  read = world.labels(outputs)
+  for kind in GROUNDED_KINDS:
+    named, others = [], []
+    for e, labels in zip(edits, read):
+      if e["kind"] != kind:
+        continue
+      input_labels = shapes.scene_labels(e["scene"])
+      named.append(_shows_edit(labels, input_labels, e["named"], kind, e["value"]))
+      others += [_shows_edit(labels, input_labels, o, kind, e["value"]) for o in e["others"]]
+    if named:
+      result[kind] = {"edits": len(named), "named": float(np.mean(named)),
+                      "others": float(np.mean(others))}
+  return result
+
+
 def clip_retrieval(world: World, images: np.ndarray, captions: list[str]) -> float:
   """The world CLIP's zero-shot caption retrieval: the fraction of images whose most similar
   caption, among all distinct captions of the set, is their own."""
