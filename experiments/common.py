@@ -77,7 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
                 recon_kind="l1")
   # loss_weighting: "epsilon" (IP2P's noise MSE) | "v" (the v-prediction loss; docs/method.md);
   # a v_prediction model trains on "v" only (its plain MSE to v).
-  c.ip2p = dict(conditioning_dropout=0.05, noise_offset=0.0, loss_weighting="epsilon")
+  # edit_region_weight > 0: each position's error weighted up where the edit changes the latent
+  # (not IP2P's; cycle.ip2p_losses). 0 = IP2P's loss.
+  c.ip2p = dict(conditioning_dropout=0.05, noise_offset=0.0, loss_weighting="epsilon",
+                edit_region_weight=0.0)
   c.pretrain = dict(vae_kl=1e-6, vae_l2=1.0, caption_dropout=0.1,  # objectives vae, t2i, probe
                     probe_degrade=0.5)
   # name: adamw | adafactor; mu_dtype: AdamW's first moment (bfloat16 halves it).

@@ -601,3 +601,35 @@ def test_cec_edits_read_a_v_unet_as_v(k):
   # Both edits return the scaled condition exactly: the reverse edit gives back z_x's mode.
   assert recon("v_prediction") < 1e-5
   assert recon("epsilon") > 1e-2  # the same outputs read as noise are not an x0
+
+
+def test_edit_region_weights_rebalance_positions_within_each_example():
+  from uip2p_jax.losses import edit_region_weights
+  image = np.zeros((2, 4, 4, 4), np.float32)
+  edited = image.copy()
+  edited[0, 1, 2] = 1.0      # a one-object edit: one position changes
+  edited[1] = 0.5            # a background edit: every position changes alike
+  weights = np.asarray(edit_region_weights(image, edited, 3.0))
+  assert weights.shape == (2, 4, 4, 1)
+  np.testing.assert_allclose(weights.mean(axis=(1, 2, 3)), [1.0, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(weights[1], 1.0, rtol=1e-6)
+  assert weights[0, 1, 2, 0] == pytest.approx(4.0 * weights[0, 0, 0, 0])
+
+
+def test_ip2p_edit_region_weight_weights_each_positions_error():
+  batch = make_batch(batch_size=8)
+  batch["edited_image"] = batch["image"].at[:, :8].set(-batch["image"][:, :8])  # the top half
+  unet, vae = RecordingUNet(), StubVAE()
+  value, _ = ip2p_losses(unet, vae, StubTextEncoder(), batch, jax.random.key(0), ALPHAS,
+                         conditioning_dropout=0.0, empty_ids=EMPTY_IDS, edit_region_weight=3.0)
+  jax.effects_barrier()
+  (call,) = unet.calls
+  root_a, root_1ma = sqrt_alpha(call["t"])
+  noise = (call["noisy"] - root_a * np.asarray(vae.samples[0], np.float64) * SCALING) / root_1ma
+  eps = np.asarray(stub_eps(call["noisy"], call["condition"], call["text"]), np.float64)
+  change = np.abs(np.asarray(vae.encode(batch["edited_image"]).mode())
+                  - np.asarray(vae.encode(batch["image"]).mode())).mean(-1, keepdims=True)
+  weights = 1 + 3.0 * change / change.max(axis=(1, 2, 3), keepdims=True)
+  weights /= weights.mean(axis=(1, 2, 3), keepdims=True)
+  assert weights[:, :2].min() > weights[:, 2:].max()  # the edited half weighs more
+  np.testing.assert_allclose(float(value), np.mean(weights * (eps - noise) ** 2), rtol=1e-3)

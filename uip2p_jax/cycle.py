@@ -436,7 +436,8 @@ def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
                 text_encoder: CLIPTextTransformer, batch: dict[str, jax.Array], key: jax.Array,
                 alphas_cumprod: jax.Array, conditioning_dropout: float = 0.05, *,
                 empty_ids: jax.Array, noise_offset: float = 0.0,
-                loss_weighting: str = "epsilon", prediction_type: str = "epsilon"):
+                loss_weighting: str = "epsilon", prediction_type: str = "epsilon",
+                edit_region_weight: float = 0.0):
   """The supervised InstructPix2Pix loss (the baseline): noise MSE on the noised *edited*
   latent, conditioned on the input image's latent and the instruction, with IP2P's dropout.
 
@@ -452,6 +453,8 @@ def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   prediction_type: what the UNet outputs (the run's schedule). "v_prediction": the plain MSE
     to v = sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x0, only with loss_weighting "v" (the
     same loss, `check_ip2p_loss_weighting`).
+  edit_region_weight: > 0 weights each position's error by how much the edit changes the
+    latent there (`losses.edit_region_weights`; 0, IP2P's loss, every position alike).
   Both "v" losses also report `noise_mse`, the plain noise MSE of the equivalent epsilon
   prediction, comparable across weightings and prediction types.
   """
@@ -460,8 +463,12 @@ def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   scaling = vae.config.scaling_factor
   empty_ids = _empty_ids(empty_ids, batch["instruction_ids"].shape[1])
   image_latent = jax.lax.stop_gradient(vae.encode(batch["image"]).mode())
-  target_latent = jax.lax.stop_gradient(vae.encode(batch["edited_image"]).sample(keys[0])
-                                        * scaling)
+  edited = vae.encode(batch["edited_image"])
+  target_latent = jax.lax.stop_gradient(edited.sample(keys[0]) * scaling)
+  region = None
+  if edit_region_weight:  # (before the dropout: where the edit is, not what the model sees)
+    region = jax.lax.stop_gradient(losses.edit_region_weights(
+        image_latent, edited.mode(), edit_region_weight))
   text = jax.lax.stop_gradient(text_encoder(batch["instruction_ids"])[0])
   empty = jax.lax.stop_gradient(text_encoder(empty_ids)[0])
   text, image_latent = losses.conditioning_dropout(keys[1], text, empty[0], image_latent,
@@ -471,15 +478,16 @@ def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   noisy = schedules.add_noise(alphas_cumprod, target_latent, noise, timesteps)
   prediction = unet(jnp.concatenate([noisy, image_latent], axis=-1), timesteps, text)
   if loss_weighting == "epsilon":
-    value = losses.ip2p_loss(prediction, noise)
+    value = losses.ip2p_loss(prediction, noise, element_weights=region)
     return value, {"loss": value, "loss_ip2p": value}
   alpha = schedules.alpha_at(alphas_cumprod, timesteps, noisy.ndim)
   if prediction_type == "v_prediction":
-    value = losses.ip2p_loss(prediction, schedules.v_target(alpha, target_latent, noise))
+    value = losses.ip2p_loss(prediction, schedules.v_target(alpha, target_latent, noise),
+                             element_weights=region)
     noise_prediction = schedules.predict_epsilon(alpha, noisy, prediction.astype(jnp.float32),
                                                  prediction_type)
   else:
-    value = losses.ip2p_loss(prediction, noise, 1.0 / alpha.reshape(-1))
+    value = losses.ip2p_loss(prediction, noise, 1.0 / alpha.reshape(-1), region)
     noise_prediction = prediction
   # The plain noise MSE too: comparable across weightings and prediction types.
   return value, {"loss": value, "loss_ip2p": value,

@@ -106,14 +106,32 @@ def weighted_total(losses: dict[str, jax.Array], weights: dict[str, float]) -> j
 
 
 def ip2p_loss(noise_prediction: jax.Array, noise: jax.Array,
-              example_weights: jax.Array | None = None) -> jax.Array:
+              example_weights: jax.Array | None = None,
+              element_weights: jax.Array | None = None) -> jax.Array:
   """The supervised InstructPix2Pix loss: MSE between true and predicted noise (scalar); with
-  `example_weights` (B,), each example's MSE weighted before the batch mean."""
+  `example_weights` (B,), each example's MSE weighted before the batch mean; with
+  `element_weights` (broadcast to the latents' shape), each element's squared error first."""
   squared = jnp.square(noise_prediction.astype(jnp.float32) - noise.astype(jnp.float32))
+  if element_weights is not None:
+    squared = squared * element_weights.astype(jnp.float32)
   if example_weights is None:
     return jnp.mean(squared)
   per_example = jnp.mean(squared, axis=tuple(range(1, squared.ndim)))
   return jnp.mean(per_example * example_weights.astype(jnp.float32))
+
+
+def edit_region_weights(image_latent: jax.Array, edited_latent: jax.Array,
+                        weight: float) -> jax.Array:
+  """(B, h, w, 1) per-position loss weights that put `weight` more on where the edit changes the
+  latent: 1 + weight * |edited - image| (channel mean, over its per-example maximum), then
+  divided by their per-example mean, so that each example keeps its share of the loss and only
+  its positions are re-balanced (a background edit, changed everywhere, stays near uniform; a
+  one-object edit's few positions stop drowning in the ones to be copied)."""
+  change = jnp.mean(jnp.abs(edited_latent.astype(jnp.float32) - image_latent.astype(jnp.float32)),
+                    axis=-1, keepdims=True)
+  change = change / (jnp.max(change, axis=(1, 2, 3), keepdims=True) + 1e-6)
+  weights = 1.0 + weight * change
+  return weights / jnp.mean(weights, axis=(1, 2, 3), keepdims=True)
 
 
 def conditioning_dropout(key: jax.Array, text_embeddings: jax.Array, empty_embedding: jax.Array,

@@ -189,6 +189,9 @@ def check(config) -> None:
       check_ip2p_loss_weighting(config.ip2p.loss_weighting, prediction_type)
     except ValueError as e:
       raise ConfigError(f"config.{e}") from None
+  if config.ip2p.edit_region_weight < 0:
+    raise ConfigError(f"config.ip2p.edit_region_weight={config.ip2p.edit_region_weight}; "
+                      "expected >= 0 (0: IP2P's loss, every position alike)")
   if config.ip2p.noise_offset < 0:
     raise ConfigError(f"config.ip2p.noise_offset={config.ip2p.noise_offset}; expected >= 0 (the "
                       "std of the per-channel constant added to the noise)")

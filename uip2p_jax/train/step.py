@@ -150,6 +150,7 @@ def loss_function(config, graphs, alphas_cumprod, empty_ids,
                          alphas_cumprod, config.ip2p.conditioning_dropout, empty_ids=empty_ids,
                          noise_offset=config.ip2p.noise_offset,
                          loss_weighting=config.ip2p.loss_weighting,
+                         edit_region_weight=config.ip2p.edit_region_weight,
                          prediction_type=prediction_type)
     if objective == "t2i":
       return pretraining.t2i_losses(module("unet"), module("vae"), module("text_encoder"), batch,
