@@ -115,6 +115,11 @@ def to_unit(images_uint8: np.ndarray) -> np.ndarray:
   return images_uint8.astype(np.float32) * (2 / 255) - 1
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """Images in [-1, 1] as the 8-bit pictures that are saved and scored."""
+  return np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
 def evaluate(turns: list[dict], edit: Callable[[np.ndarray, list[dict]], np.ndarray],
              world: World, out_dir: str, label: str, settings: dict, batch_size: int = 50,
              roundtrip: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
@@ -129,7 +134,7 @@ def evaluate(turns: list[dict], edit: Callable[[np.ndarray, list[dict]], np.ndar
     chunk = turns[start:start + batch_size]
     edited.append(np.asarray(edit(to_unit(inputs[start:start + batch_size]), chunk)))
   edited = np.concatenate(edited)
-  edited_uint8 = np.round((np.clip(edited, -1, 1) + 1) * 127.5).astype(np.uint8)
+  edited_uint8 = to_uint8(edited)
   storage.makedirs(os.path.join(out_dir, "edits"))
   for turn, image in zip(turns, edited_uint8):
     save_image_atomic(Image.fromarray(image), os.path.join(out_dir, "edits", f"{turn['id']}.png"))
@@ -168,7 +173,7 @@ def evaluate(turns: list[dict], edit: Callable[[np.ndarray, list[dict]], np.ndar
   if roundtrip is not None:
     decoded = np.concatenate([np.asarray(roundtrip(truth[i:i + batch_size]))
                               for i in range(0, len(truth), batch_size)])
-    decoded = to_unit(np.round((np.clip(decoded, -1, 1) + 1) * 127.5).astype(np.uint8))
+    decoded = to_unit(to_uint8(decoded))
     ok, kept = score_labels(input_labels, target_labels, world.labels(decoded))
     summary["vae_ceiling"] = {"edit_accuracy": float(ok.mean()), "preservation": float(kept.mean())}
   with storage.open_file(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
@@ -238,7 +243,7 @@ def grounding(turns: list[dict], edit: Callable[[np.ndarray, list[dict]], np.nda
   inputs = to_unit(np.stack([shapes.render(e["scene"]) for e in edits]))
   outputs = np.concatenate([np.asarray(edit(inputs[i:i + batch_size], edits[i:i + batch_size]))
                             for i in range(0, len(edits), batch_size)])
-  outputs = to_unit(np.round((np.clip(outputs, -1, 1) + 1) * 127.5).astype(np.uint8))
+  outputs = to_unit(to_uint8(outputs))
   read = world.labels(outputs)
   for kind in GROUNDED_KINDS:
     named, others = [], []
