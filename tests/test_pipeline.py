@@ -129,6 +129,41 @@ def test_edit_rejects_bad_requests(ours):
     ours.edit(np.zeros((1, 40, 64, 3), np.float32), ["a"])
 
 
+def test_strength_starts_from_the_noised_input_and_runs_the_remaining_steps(ours):
+  """strength 1 is IP2P's start (pure noise); strength 1/4 of 4 DDIM steps is exactly one step
+  from the input's latent noised to the level of the last step, computed here by hand."""
+  import jax
+  import jax.numpy as jnp
+
+  from uip2p_jax.pipeline import guided_noise
+  from uip2p_jax.schedules import make_sampler
+  from uip2p_jax.tokenizer import tokenize
+  rng = np.random.default_rng(3)
+  image = rng.uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32)
+  noise = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+  kwargs = dict(steps=4, sampler="ddim", seeds=[0], initial_noise=noise, text_scale=3.0,
+                image_scale=1.5)
+  full = ours.edit(image, ["add snow"], **kwargs)
+  np.testing.assert_array_equal(ours.edit(image, ["add snow"], strength=1.0, **kwargs), full)
+  last = ours.edit(image, ["add snow"], strength=0.25, **kwargs)
+  sampler = make_sampler("ddim", ours.schedule, 4)
+  scaling = ours.vae.config.scaling_factor
+  image_latents = ours.vae.encode(jnp.asarray(image)).mode()
+  alpha = sampler.alpha[3]
+  start = jnp.sqrt(alpha) * image_latents * scaling + jnp.sqrt(1 - alpha) * noise
+  text = ours.text_encoder(tokenize(ours.tokenizer, ["add snow"]))[0]
+  empty = ours.text_encoder(tokenize(ours.tokenizer, [""]))[0]
+  eps = guided_noise(ours.unet, sampler, 3, start, image_latents,
+                     jnp.concatenate([text, empty, empty]), 3.0, 1.5)
+  expected = jnp.clip(ours.vae.decode(sampler.step(3, start, eps, None) / scaling), -1, 1)
+  np.testing.assert_allclose(last, np.asarray(expected), atol=2e-5)
+  assert np.abs(last - full).max() > 1e-2  # the start is live, not ignored
+  with pytest.raises(ValueError, match="expected a fraction in"):
+    ours.edit(image, ["add snow"], strength=0.0, steps=4)
+  with pytest.raises(ValueError, match="leaves no step to run"):
+    ours.edit(image, ["add snow"], strength=0.1, steps=4)
+
+
 def test_working_size_keeps_aspect_and_multiples():
   assert working_size(1024, 768, 512) == (512, 384)
   assert working_size(300, 1000, 512) == (128, 512)

@@ -51,14 +51,26 @@ def _per_example_normal(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
 
 
-@nnx.jit
+def noised_start(sampler: Sampler, x0: jax.Array, noise: jax.Array, start_step: int):
+  """SDEdit's start: the (scaled) latents `x0` noised to the level of the sampler's step
+  `start_step` (Euler's sigma, else DDPM's alpha)."""
+  if sampler.kind in ("euler", "euler_ancestral"):
+    return x0 + noise * sampler.sigmas[start_step]  # diffusers' Euler add_noise
+  alpha = sampler.alpha[start_step]
+  return jnp.sqrt(alpha) * x0 + jnp.sqrt(1 - alpha) * noise
+
+
+@nnx.jit(static_argnames=("start_step",))
 def edit_latents(unet, vae, text_encoder, images, instruction_ids, empty_ids, sampler,
-                 text_scale, image_scale, keys, initial_noise=None):
+                 text_scale, image_scale, keys, initial_noise=None, start_step=0):
   """The whole edit as one jitted function.
 
   images: (B, H, W, 3) float32 in [-1, 1]; instruction_ids: (B, 77) int32; empty_ids: (1, 77);
   sampler: a `Sampler` (tables traced, kind static); keys: (B,) PRNG keys, one per example;
   initial_noise: optional (B, h, w, 4) standard-normal latents (else drawn from `keys`).
+  start_step: 0 (IP2P's) starts from pure noise; k > 0 starts from the input's latent noised to
+  the level of the sampler's step k and runs the remaining steps (`EditPipeline.edit`'s
+  `strength`).
   Returns edited images (B, H, W, 3) float32 in [-1, 1].
   """
   text = text_encoder(instruction_ids)[0]
@@ -69,7 +81,11 @@ def edit_latents(unet, vae, text_encoder, images, instruction_ids, empty_ids, sa
   if initial_noise is None:
     initial_noise = _per_example_normal(jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys),
                                         latent_shape)
-  latents = initial_noise * sampler.init_noise_sigma
+  if start_step == 0:
+    latents = initial_noise * sampler.init_noise_sigma
+  else:
+    latents = noised_start(sampler, image_latents * vae.config.scaling_factor, initial_noise,
+                           start_step)
 
   def denoise(i, latents):
     eps = guided_noise(unet, sampler, i, latents, image_latents, context, text_scale, image_scale)
@@ -79,7 +95,7 @@ def edit_latents(unet, vae, text_encoder, images, instruction_ids, empty_ids, sa
                                   latent_shape)
     return sampler.step(i, latents, eps, noise)
 
-  latents = jax.lax.fori_loop(0, sampler.num_steps, denoise, latents)
+  latents = jax.lax.fori_loop(start_step, sampler.num_steps, denoise, latents)
   return jnp.clip(vae.decode(latents / vae.config.scaling_factor), -1.0, 1.0)
 
 
@@ -105,11 +121,8 @@ def generate_latents(unet, vae, text_encoder, caption_ids, empty_ids, sampler, t
   noise = _per_example_normal(jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys), shape)
   if images is None:
     latents = noise * sampler.init_noise_sigma
-  elif sampler.kind in ("euler", "euler_ancestral"):
-    latents = x0 + noise * sampler.sigmas[start_step]  # diffusers' Euler add_noise
   else:
-    alpha = sampler.alpha[start_step]
-    latents = jnp.sqrt(alpha) * x0 + jnp.sqrt(1 - alpha) * noise
+    latents = noised_start(sampler, x0, noise, start_step)
 
   def denoise(i, latents):
     model_input = jnp.concatenate([sampler.scale_model_input(latents, i)] * 2)
@@ -189,7 +202,7 @@ class EditPipeline:
            text_scale: float = 7.5, image_scale: float = 1.5, seeds: int | Sequence[int] = 0,
            sampler: str = "euler_ancestral", eta: float = 0.0,
            initial_noise: np.ndarray | None = None, resolution: int = 512,
-           pad_to: int | None = None):
+           pad_to: int | None = None, strength: float = 1.0):
     """Edit B images by B instructions.
 
     images: either
@@ -204,11 +217,20 @@ class EditPipeline:
     pad_to: run a batch of this size (the first example repeated), so that every batch of a
     loop compiles once; the padding is dropped from the result. PIL images or paths of one
     working size are run in batches of at most `pad_to`.
+    strength: 1 (IP2P's) samples from pure noise; s < 1 starts from the input's latent noised
+    to the level of step round(steps x (1 - s)) and runs only the remaining steps (SDEdit's
+    start: what is not edited starts where it is).
     """
     if isinstance(instructions, str):
       instructions = [instructions]
+    if not 0.0 < strength <= 1.0:
+      raise ValueError(f"strength {strength}; expected a fraction in (0, 1]")
+    start_step = int(round(steps * (1.0 - strength)))
+    if start_step >= steps:
+      raise ValueError(f"strength {strength} with {steps} steps leaves no step to run; "
+                       f"expected at least {1 / steps:.3g}")
     options = dict(steps=steps, text_scale=text_scale, image_scale=image_scale, sampler=sampler,
-                   eta=eta, pad_to=pad_to)
+                   eta=eta, pad_to=pad_to, start_step=start_step)
     if _is_image_input(images):
       single = not isinstance(images, (list, tuple))
       edited = self._edit_images([images] if single else list(images), list(instructions),
@@ -241,7 +263,7 @@ class EditPipeline:
 
   def _edit_arrays(self, images, instructions: Sequence[str], *, steps: int, text_scale: float,
                    image_scale: float, seeds, sampler: str, eta: float, initial_noise,
-                   pad_to: int | None) -> np.ndarray:
+                   pad_to: int | None, start_step: int = 0) -> np.ndarray:
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be (batch, height, width, 3), got {images.shape}")
@@ -280,7 +302,7 @@ class EditPipeline:
     with jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext():
       edited = edit_latents(self.unet, self.vae, self.text_encoder, images_in, ids_in,
                             empty_ids, table, jnp.float32(text_scale), jnp.float32(image_scale),
-                            keys_in, *noise_in)
+                            keys_in, *noise_in, start_step=start_step)
     return np.asarray(edited)[:count]
 
 

@@ -42,6 +42,14 @@ def fraction(text: str) -> float:
   return value
 
 
+def positive_fraction(text: str) -> float:
+  """An argparse `type=`: a number in (0, 1]."""
+  value = fraction(text)
+  if value == 0.0:
+    raise argparse.ArgumentTypeError(f"{value}: expected a fraction in (0, 1]")
+  return value
+
+
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 # The working size's longest side: one multiple of 64 at least (SD's VAE x UNet factor).

@@ -52,6 +52,9 @@ def add_parser(commands) -> None:
   p.add_argument("--seed", type=common.non_negative_int, default=0, help="record i uses seed + i")
   p.add_argument("--sampler", default="euler_ancestral",
                  choices=["euler_ancestral", "euler", "ddim", "ddpm"])
+  p.add_argument("--strength", type=common.positive_fraction, default=1.0,
+                 help="1 samples from pure noise (IP2P's); s < 1 starts from the input noised "
+                      "to step round(steps x (1 - s)) and runs the rest")
   p.add_argument("--resolution", type=common.resolution, default=512,
                  help="longest side of the working size (at least 64)")
   p.add_argument("--dtype", type=common.compute_dtype, default="auto",
@@ -174,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
       edited = pipe.edit(images, [r.instruction for r in records], steps=args.steps,
                          text_scale=args.text_scale, image_scale=args.image_scale,
                          sampler=args.sampler, seeds=[args.seed + r.index for r in records],
-                         pad_to=args.batch_size)
+                         pad_to=args.batch_size, strength=args.strength)
       for record, image in zip(records, edited):
         try:
           save_image_atomic(to_pil(image), record.out)

@@ -173,10 +173,12 @@ def eval_shapes(args: argparse.Namespace) -> int:
     pipe = common.load_pipeline(folder, "float32", command="uip2p eval shapes")
     roundtrip = _roundtrip(pipe.vae)
     settings.update(text_scale=args.text_scale, image_scale=args.image_scale)
+    if args.strength < 1.0:  # (absent at 1: earlier output folders stay resumable)
+      settings["strength"] = args.strength
     edit = lambda images, chunk: pipe.edit(
         images, [t["instruction"] for t in chunk], steps=args.steps, text_scale=args.text_scale,
         image_scale=args.image_scale, seeds=seeds(chunk), pad_to=args.batch_size,
-        sampler=args.sampler)
+        sampler=args.sampler, strength=args.strength)
   storage.makedirs(args.out)
   summary = shapes_eval.evaluate(turns, edit, world, args.out, args.label or model, settings,
                                  args.batch_size, roundtrip)
@@ -314,6 +316,9 @@ def add_parser(commands) -> None:
   p.add_argument("--batch-size", type=common.positive_int, default=50)
   p.add_argument("--text-scale", type=float, default=4.0)
   p.add_argument("--image-scale", type=float, default=1.5)
+  p.add_argument("--strength", type=common.positive_fraction, default=1.0,
+                 help="edit models: 1 samples from pure noise (IP2P's); s < 1 starts from the "
+                      "input noised to step round(steps x (1 - s)) and runs the rest")
   p.add_argument("--sdedit-strength", type=common.fraction, default=0.6,
                  help="shapes-sdedit: the fraction of the schedule the input is noised to")
   p.add_argument("--seed", type=common.non_negative_int, default=0)
