@@ -162,6 +162,32 @@ def test_accumulation_equals_one_step_of_the_whole_batch():
   assert float(m1["grad_norm"]) > 0
 
 
+def test_image_channels_lr_multiplier_scales_only_conv_ins_image_channels():
+  import jax.numpy as jnp
+  from uip2p_jax.train import step as train_step
+  from uip2p_jax.train.config import load_config
+  optim = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "experiments",
+                                   "smoke.py")).optim
+  optim.warmup_steps, optim.schedule = 0, "constant"  # (a non-zero learning rate at step 0)
+  params = {"conv_in": {"kernel": jnp.zeros((3, 3, 8, 4)), "bias": jnp.zeros(4)},
+            "conv_out": {"kernel": jnp.zeros((3, 3, 4, 8))}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  moved = {}
+  for multiplier in (1.0, 10.0):
+    optim.image_channels_lr_multiplier = multiplier
+    optimizer, _ = train_step.make_optimizer(optim)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    moved[multiplier] = jax.tree.map(lambda u: np.abs(np.asarray(u)), updates)
+  plain, scaled = moved[1.0], moved[10.0]
+  assert plain["conv_in"]["kernel"][:, :, 4:].min() > 0
+  np.testing.assert_allclose(scaled["conv_in"]["kernel"][:, :, 4:],
+                             10 * plain["conv_in"]["kernel"][:, :, 4:], rtol=1e-6)
+  np.testing.assert_array_equal(scaled["conv_in"]["kernel"][:, :, :4],
+                                plain["conv_in"]["kernel"][:, :, :4])
+  np.testing.assert_array_equal(scaled["conv_in"]["bias"], plain["conv_in"]["bias"])
+  np.testing.assert_array_equal(scaled["conv_out"]["kernel"], plain["conv_out"]["kernel"])
+
+
 @pytest.mark.parametrize("variant", ["adamw_bf16_moments", "adafactor", "no_ema", "bf16_ema"])
 def test_lean_optimizer_and_ema_variants(variant):
   """bf16 AdamW moments, Adafactor, no EMA and a bf16 EMA each take a finite step and hold

@@ -189,6 +189,13 @@ def check(config) -> None:
       check_ip2p_loss_weighting(config.ip2p.loss_weighting, prediction_type)
     except ValueError as e:
       raise ConfigError(f"config.{e}") from None
+  multiplier = config.optim.get("image_channels_lr_multiplier", 1.0)
+  if multiplier <= 0:
+    raise ConfigError(f"config.optim.image_channels_lr_multiplier={multiplier}; expected > 0 "
+                      "(1: conv_in's image channels learn as every weight)")
+  if multiplier != 1.0 and config.objective not in ("ip2p", "cec"):
+    raise ConfigError(f"config.optim.image_channels_lr_multiplier={multiplier} with objective "
+                      f"{config.objective!r}: only an edit UNet (ip2p, cec) has image channels")
   if config.ip2p.edit_region_weight < 0:
     raise ConfigError(f"config.ip2p.edit_region_weight={config.ip2p.edit_region_weight}; "
                       "expected >= 0 (0: IP2P's loss, every position alike)")
