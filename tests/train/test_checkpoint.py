@@ -114,6 +114,26 @@ def test_a_checkpoint_of_another_state_is_refused_not_set_aside(tmp_path):
   assert sorted(os.listdir(directory)) == ["1", "2"]
 
 
+def test_a_checkpoint_of_the_same_arrays_in_another_tree_is_refused(tmp_path):
+  # An optimizer chain with one more stateless part: same leaves (signature), another tree.
+  directory = str(tmp_path / "checkpoints")
+  _saved_run(directory)
+  regrouped = {**_abstract(_state(0)), "extra": ()}
+  with pytest.raises(ResumeError, match=r"checkpoints/2 holds the same arrays in another tree"):
+    Checkpoints(directory, _config(), regrouped).restore_latest(FakeLoader())
+  # Checkpoints saved before the tree was recorded: orbax's own mismatch is refused too.
+  import json
+  for step in ("1", "2"):
+    path = os.path.join(directory, step, "metrics", "metrics")
+    record = json.load(open(path))
+    del record["state_tree"]
+    json.dump(record, open(path, "w"))
+  with pytest.raises(ResumeError, match=r"checkpoints/2 holds another train state .*tree "
+                                        r"structures do not match"):
+    Checkpoints(directory, _config(), regrouped).restore_latest(FakeLoader())
+  assert sorted(os.listdir(directory)) == ["1", "2"]
+
+
 def test_a_checkpoint_of_another_prediction_type_is_refused(tmp_path):
   # Same arrays, another output (epsilon vs v): the signature alone would let it resume.
   directory = str(tmp_path / "checkpoints")

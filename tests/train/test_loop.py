@@ -172,12 +172,14 @@ def test_image_channels_lr_multiplier_scales_only_conv_ins_image_channels():
   params = {"conv_in": {"kernel": jnp.zeros((3, 3, 8, 4)), "bias": jnp.zeros(4)},
             "conv_out": {"kernel": jnp.zeros((3, 3, 4, 8))}}
   grads = jax.tree.map(jnp.ones_like, params)
-  moved = {}
+  moved, structures = {}, set()
   for multiplier in (1.0, 10.0):
     optim.image_channels_lr_multiplier = multiplier
     optimizer, _ = train_step.make_optimizer(optim)
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
     moved[multiplier] = jax.tree.map(lambda u: np.abs(np.asarray(u)), updates)
+    structures.add(jax.tree.structure(optimizer.init(params)))
+  assert len(structures) == 1  # the same optimizer state: a run can change it and resume
   plain, scaled = moved[1.0], moved[10.0]
   assert plain["conv_in"]["kernel"][:, :, 4:].min() > 0
   np.testing.assert_allclose(scaled["conv_in"]["kernel"][:, :, 4:],

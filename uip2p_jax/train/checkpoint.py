@@ -87,10 +87,11 @@ def _all_processes(ok: bool) -> bool:
 class Checkpoints:
   """The run's checkpoint folder: save, restore the latest readable step, retention.
 
-  Each save records the training loss (retention keeps the best), the state's signature and
-  what the UNet outputs (`prediction_type`: an epsilon and a v-prediction UNet have the same
-  arrays, so the signature cannot tell them apart); a checkpoint that differs from this run in
-  either is refused, never set aside: the config changed, the checkpoint is fine.
+  Each save records the training loss (retention keeps the best), the state's signature (its
+  leaves), its tree structure and what the UNet outputs (`prediction_type`: an epsilon and a
+  v-prediction UNet have the same arrays, so the signature cannot tell them apart); a checkpoint
+  that differs from this run in any of them is refused, never set aside: the config changed,
+  the checkpoint is fine.
   """
 
   def __init__(self, directory: str, config, abstract_state, prediction_type: str | None = None):
@@ -98,6 +99,10 @@ class Checkpoints:
     self._config = config.checkpoint
     self._abstract_state = abstract_state
     self.signature = state_signature(abstract_state)
+    # The signature hashes leaves only: an optimizer wrapped in another empty state (same
+    # arrays, another tree) passes it and then fails orbax's restore, which must not read as
+    # damage (the checkpoint would be set aside and the run start over).
+    self.tree = hashlib.sha256(str(jax.tree.structure(abstract_state)).encode()).hexdigest()[:16]
     self.prediction_type = prediction_type
     # orbax reads every checkpoint's metrics when it opens the folder: a garbled one would
     # stop the run before any restore is tried.
@@ -149,7 +154,7 @@ class Checkpoints:
         metrics=self._record(loss), force=force)
 
   def _record(self, loss: float) -> dict:
-    record = {"loss": float(loss), "state_signature": self.signature}
+    record = {"loss": float(loss), "state_signature": self.signature, "state_tree": self.tree}
     if self.prediction_type is not None:
       record["prediction_type"] = self.prediction_type
     return record
@@ -165,7 +170,13 @@ class Checkpoints:
           f"checkpoint {self.directory}/{step} holds another train state (signature {saved}, "
           f"this run's is {self.signature}): the model, optimizer or their dtypes changed "
           "since it was saved. Use a new --workdir, or the config that wrote it")
-    # Checkpoints from before the field was recorded carry none: nothing to compare.
+    saved = record.get("state_tree")
+    if saved is not None and saved != self.tree:
+      raise ResumeError(
+          f"checkpoint {self.directory}/{step} holds the same arrays in another tree (structure "
+          f"{saved}, this run's is {self.tree}): the optimizer's composition changed since it "
+          "was saved. Use a new --workdir, or the config that wrote it")
+    # Checkpoints from before the fields were recorded carry none: nothing to compare.
     saved = record.get("prediction_type")
     if saved is not None and self.prediction_type is not None and saved != self.prediction_type:
       raise ResumeError(
@@ -198,6 +209,11 @@ class Checkpoints:
         raise DataError(f"checkpoint {os.path.join(self.directory, str(step))}: {e}") from None
       except Exception as e:  # orbax/tensorstore/json raise many kinds for a damaged file
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        if "tree structures do not match" in str(e):  # readable, and another state: refuse
+          raise ResumeError(
+              f"checkpoint {os.path.join(self.directory, str(step))} holds another train state "
+              f"({reason}): the model or optimizer changed since it was saved. Use a new "
+              "--workdir, or the config that wrote it") from None
       if _all_processes(state is not None):
         return state, step
       self._damaged(step, reason or "another process could not read its part")

@@ -52,25 +52,28 @@ def learning_rate_schedule(optim) -> optax.Schedule:
 OPTIMIZERS = ("adamw", "adafactor")
 
 
-def scale_image_channels(multiplier: float) -> optax.GradientTransformation:
-  """Scales the updates of `conv_in.kernel`'s image-condition input channels (the second half of
-  an edit UNet's input channels, HWIO kernel) by `multiplier`.
+def scale_image_channels(inner: optax.GradientTransformation,
+                         multiplier: float) -> optax.GradientTransformation:
+  """`inner`, then the updates of `conv_in.kernel`'s image-condition input channels (the second
+  half of an edit UNet's input channels, HWIO kernel) scaled by `multiplier`. The optimizer
+  state is `inner`'s, unchanged: a run can change the multiplier and resume.
 
   InstructPix2Pix adds them to a text-to-image UNet as zeros: Adam moves each weight by about the
   learning rate per step, so they grow no faster than any other weight, and at high noise the
   image enters conv_in's outputs several times weaker than the noisy latent it is mixed with
   (RESULTS.md, ShapesWorld: mean |w| 0.028 vs 0.126 after 10000 steps)."""
 
+  def scale(path, u):
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if names[:2] != ["conv_in", "kernel"]:
+      return u
+    return u.at[:, :, u.shape[2] // 2:, :].multiply(multiplier)
+
   def update(updates, state, params=None):
-    def scale(path, u):
-      names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-      if names[:2] != ["conv_in", "kernel"]:
-        return u
-      half = u.shape[2] // 2
-      return u.at[:, :, half:, :].multiply(multiplier)
+    updates, state = inner.update(updates, state, params)
     return jax.tree_util.tree_map_with_path(scale, updates), state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+  return optax.GradientTransformation(inner.init, update)
 
 
 def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -87,11 +90,11 @@ def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]
     update = optax.adafactor(schedule, weight_decay_rate=optim.weight_decay or None)
   else:
     raise ValueError(f"optim.name {optim.name!r}; expected one of {OPTIMIZERS}")
-  parts = [optax.clip_by_global_norm(optim.grad_clip), update]
+  optimizer = optax.chain(optax.clip_by_global_norm(optim.grad_clip), update)
   multiplier = optim.get("image_channels_lr_multiplier", 1.0)
   if multiplier != 1.0:
-    parts.append(scale_image_channels(multiplier))
-  return optax.chain(*parts), schedule
+    optimizer = scale_image_channels(optimizer, multiplier)
+  return optimizer, schedule
 
 
 # Per objective: the module it trains and the frozen modules its loss reads. cec and ip2p train
