@@ -12,7 +12,13 @@ Export: runs/shapes/ip2p/export, a full InstructPix2Pix folder (`uip2p edit --mo
 4000 steps: 55 min on the 2-core VM (0.8 s/step), edit accuracy 0.380, preservation 0.316 at text
 scale 4 / image scale 1.5 (0.320 / 0.570 at 3 / 2 on 100 turns); continued to 10000 steps
 (`steps=10000`, same workdir: a warm restart of the cosine schedule, 80 min more) 0.440 / 0.352:
-not yet the >= 0.9 / 0.9 target (RESULTS.md: object edits fail by grounding).
+not yet the >= 0.9 / 0.9 target (RESULTS.md: object edits fail by grounding). The shipped
+`shapes-ip2p` continued that at a held learning rate (58 min more: 0.518 / 0.498, recolour 0.18
+-> 0.49):
+
+  uip2p train --config experiments/shapes/ip2p.py:steps=14024 --workdir runs/shapes/ip2p \
+      --config.optim.schedule=constant --config.optim.lr=1e-3 \
+      --config.optim.image_channels_lr_multiplier=5
 
 `kinds=recolour`: supervised on recolour pairs only (the editor that CEC then extends to the
 other kinds, experiments/shapes/cec.py:init=recolour):

@@ -135,8 +135,16 @@ def test_ship_shares_parts_in_float16_and_loads_as_pipelines(world, tmp_path):
   ship.ship(runs, ["prior", "ip2p"], out=out)
   assert sorted(os.listdir(out)) == ["MODELS.md", "clip", "ip2p", "prior", "probe", "scheduler",
                                      "tokenizer", "vae"]
-  assert sorted(os.listdir(os.path.join(out, "ip2p"))) == ["components.json", "unet"]
   pipe = EditPipeline.from_pretrained(os.path.join(out, "ip2p"))
+  # Each model samples with its own prediction type: a v-prediction UNet gets its own
+  # scheduler/ (the shared one is the preset's epsilon schedule).
+  from uip2p_jax.schedules import NoiseSchedule
+  exported = NoiseSchedule.from_folder(f"{runs}/ip2p/export/scheduler")
+  assert pipe.schedule.prediction_type == exported.prediction_type
+  assert sorted(os.listdir(os.path.join(out, "ip2p"))) == sorted(
+      ["components.json", "unet"] + (["scheduler"] if exported.prediction_type == "v_prediction"
+                                     else []))
+  assert pipe.schedule.clip_sample is False
   original = weights.load_unet(f"{runs}/ip2p/export")
   shipped, reference = weights.module_tensors(pipe.unet), weights.module_tensors(original)
   for key, value in reference.items():

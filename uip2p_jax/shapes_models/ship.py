@@ -50,6 +50,22 @@ def _steps(run: str) -> int | None:
   return lines[-1]["step"] if lines else None
 
 
+def _schedule(pipeline: str):
+  """The export's noise schedule as the preset's with its prediction type; ValueError if it
+  differs from the preset in anything else."""
+  import dataclasses
+
+  from uip2p_jax.schedules import PRESET_SCHEDULE, NoiseSchedule
+  exported = NoiseSchedule.from_folder(os.path.join(pipeline, "scheduler"))
+  schedule = dataclasses.replace(PRESET_SCHEDULE, prediction_type=exported.prediction_type)
+  differs = {k: v for k, v in dataclasses.asdict(exported).items()
+             if k != "clip_sample" and v != getattr(schedule, k)}
+  if differs:  # (clip_sample: early exports lack it; the shipped one is always false)
+    raise ValueError(f"{pipeline}/scheduler differs from the ShapesWorld preset's schedule in "
+                     f"{differs}: cannot ship it")
+  return schedule
+
+
 def ship(runs: str, models: list[str], out: str = ROOT) -> list[str]:
   """Writes the shared parts and `models` (stage names with a pipeline export) into `out`.
   Everything is checked and written to a scratch folder first; `out` changes only if all of it
@@ -94,8 +110,16 @@ def ship(runs: str, models: list[str], out: str = ROOT) -> list[str]:
     for name in models:
       unet = weights.load_unet(f"{runs}/{name}/export", param_dtype=jnp.float16)
       weights.save_unet(unet, os.path.join(scratch, name, "unet"))
+      components = dict(SHARED)
+      # The shared scheduler is the preset's (epsilon); a v-prediction UNet sampled with it
+      # would be read as predicting noise: such a model ships the preset schedule with its own
+      # prediction type, and nothing else may differ.
+      schedule = _schedule(f"{runs}/{name}/export")
+      if schedule != PRESET_SCHEDULE:
+        schedule.save(os.path.join(scratch, name, "scheduler"))
+        del components["scheduler"]
       with open(os.path.join(scratch, name, weights.COMPONENTS_FILE), "w") as f:
-        json.dump(SHARED, f, indent=2)
+        json.dump(components, f, indent=2)
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(scratch)
                 for f in files)
     if total > LIMIT_BYTES:
