@@ -86,9 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
   # name: adamw | adafactor; mu_dtype: AdamW's first moment (bfloat16 halves it).
   # image_channels_lr_multiplier: the updates of conv_in's image-condition input channels (an
   # edit UNet's second half, zero at init_ip2p_from_sd) scaled by it (1: as every weight).
+  # schedule: constant | cosine (over decay_steps) | wsd (held until decay_start, then linear
+  # over decay_steps), each after the warm-up, to end_lr_factor x lr.
   c.optim = dict(name="adamw", mu_dtype="float32", lr=5e-5, warmup_steps=500,
-                 schedule="constant", decay_steps=0, end_lr_factor=0.0, b1=0.9, b2=0.999,
-                 eps=1e-8, weight_decay=1e-2, grad_clip=1.0, accumulate=1,
+                 schedule="constant", decay_steps=0, decay_start=0, end_lr_factor=0.0, b1=0.9,
+                 b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=1.0, accumulate=1,
                  image_channels_lr_multiplier=1.0)
   # LoRA on the UNet (objectives cec, ip2p, t2i): rank 0 = off (full fine-tuning). alpha: the
   # branch is scaled by alpha / rank (0: alpha = rank); dropout on the branch's input; targets:

@@ -226,3 +226,20 @@ def test_lean_optimizer_and_ema_variants(variant):
     assert state.ema_params is None
   if variant == "bf16_ema":
     assert state.ema_params["w"].dtype == jnp.bfloat16
+
+
+def test_wsd_schedule_holds_then_decays_linearly_and_bad_settings_are_refused():
+  from uip2p_jax.train import step as train_step
+  from uip2p_jax.train.config import ConfigError, check
+  config = tiny_config(**{"optim.schedule": "wsd", "optim.lr": 1e-3, "optim.warmup_steps": 10,
+                          "optim.decay_start": 100, "optim.decay_steps": 50,
+                          "optim.end_lr_factor": 0.1})
+  schedule = train_step.learning_rate_schedule(config.optim)
+  lr = {step: float(schedule(step)) for step in (5, 10, 60, 100, 125, 150, 400)}
+  np.testing.assert_allclose([lr[5], lr[10], lr[60], lr[100]], [5e-4, 1e-3, 1e-3, 1e-3],
+                             rtol=1e-6)
+  np.testing.assert_allclose([lr[125], lr[150], lr[400]], [5.5e-4, 1e-4, 1e-4], rtol=1e-5)
+  for bad in ({"optim.decay_start": 5}, {"optim.decay_steps": 0}):
+    with pytest.raises(ConfigError, match="decay_start"):
+      check(tiny_config(**{"optim.schedule": "wsd", "optim.warmup_steps": 10,
+                                  "optim.decay_start": 100, "optim.decay_steps": 50, **bad}))

@@ -38,16 +38,29 @@ class TrainState:
 
 
 def learning_rate_schedule(optim) -> optax.Schedule:
+  """Linear warm-up over `warmup_steps`, then `schedule`: `constant`; `cosine` (to
+  `end_lr_factor` x lr over `decay_steps`); or `wsd` (warmup-stable-decay: held at lr until step
+  `decay_start`, then linear to `end_lr_factor` x lr over `decay_steps`, held there). `wsd`
+  cools down a run that trained at a held lr: resume it with `decay_start` = its step
+  (RESULTS.md, ShapesWorld IP2P)."""
   warmup = optax.linear_schedule(0.0, optim.lr, max(optim.warmup_steps, 1))
   if optim.schedule == "constant":
     after = optax.constant_schedule(optim.lr)
   elif optim.schedule == "cosine":
     after = optax.cosine_decay_schedule(optim.lr, max(optim.decay_steps, 1),
                                         alpha=optim.end_lr_factor)
+  elif optim.schedule == "wsd":
+    hold = optim.decay_start - optim.warmup_steps
+    after = optax.join_schedules(
+        [optax.constant_schedule(optim.lr),
+         optax.linear_schedule(optim.lr, optim.lr * optim.end_lr_factor, optim.decay_steps)],
+        [hold])
   else:
-    raise ValueError(f"optim.schedule {optim.schedule!r}; expected 'constant' or 'cosine'")
+    raise ValueError(f"optim.schedule {optim.schedule!r}; expected one of {LR_SCHEDULES}")
   return optax.join_schedules([warmup, after], [optim.warmup_steps])
 
+
+LR_SCHEDULES = ("constant", "cosine", "wsd")
 
 OPTIMIZERS = ("adamw", "adafactor")
 
