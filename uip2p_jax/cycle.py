@@ -432,6 +432,16 @@ def check_ip2p_loss_weighting(loss_weighting: str, prediction_type: str) -> None
                      "ip2p.loss_weighting='v'")
 
 
+def image_posterior(vae: AutoencoderKL, batch: dict[str, jax.Array], field: str):
+  """The VAE's posterior of the batch's `field` images: from the batch's cached
+  `<field>_latent_mean` / `_logvar` when the run caches them (`train.latent_cache`), else
+  encoded here. Either way the same distribution, sampled the same way."""
+  from uip2p_jax.models.vae import DiagonalGaussian
+  if f"{field}_latent_mean" in batch:
+    return DiagonalGaussian(batch[f"{field}_latent_mean"], batch[f"{field}_latent_logvar"])
+  return vae.encode(batch[field])
+
+
 def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
                 text_encoder: CLIPTextTransformer, batch: dict[str, jax.Array], key: jax.Array,
                 alphas_cumprod: jax.Array, conditioning_dropout: float = 0.05, *,
@@ -441,7 +451,8 @@ def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   """The supervised InstructPix2Pix loss (the baseline): noise MSE on the noised *edited*
   latent, conditioned on the input image's latent and the instruction, with IP2P's dropout.
 
-  batch: image, edited_image (B, H, W, 3) in [-1, 1]; instruction_ids (B, 77).
+  batch: image, edited_image (B, H, W, 3) in [-1, 1] (or their cached posteriors:
+    `image_posterior`); instruction_ids (B, 77).
   empty_ids: (1, 77) or (77,) int32, the run's tokenizer's ids of "" (the dropped text).
   noise_offset: see `offset_noise`.
   loss_weighting: "epsilon", the plain noise MSE (IP2P's); "v", each example's noise MSE divided
@@ -462,8 +473,8 @@ def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   keys = jax.random.split(key, 4)
   scaling = vae.config.scaling_factor
   empty_ids = _empty_ids(empty_ids, batch["instruction_ids"].shape[1])
-  image_latent = jax.lax.stop_gradient(vae.encode(batch["image"]).mode())
-  edited = vae.encode(batch["edited_image"])
+  image_latent = jax.lax.stop_gradient(image_posterior(vae, batch, "image").mode())
+  edited = image_posterior(vae, batch, "edited_image")
   target_latent = jax.lax.stop_gradient(edited.sample(keys[0]) * scaling)
   region = None
   if edit_region_weight:  # (before the dropout: where the edit is, not what the model sees)
@@ -495,5 +506,5 @@ def ip2p_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
 
 
 __all__ = ["CycleConfig", "LOSS_NAMES", "LossConfig", "attention_resolution",
-           "check_ip2p_loss_weighting", "cycle_losses", "edit_with_k_steps", "ip2p_losses",
-           "offset_noise"]
+           "check_ip2p_loss_weighting", "cycle_losses", "edit_with_k_steps", "image_posterior",
+           "ip2p_losses", "offset_noise"]

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from uip2p_jax import schedules
+from uip2p_jax.cycle import image_posterior
 from uip2p_jax.models import AutoencoderKL, CLIPModel, CLIPTextTransformer, UNet2DConditionModel
 from uip2p_jax.models.probe import AttributeProbe
 
@@ -65,7 +66,7 @@ def t2i_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   "v_prediction") on the noised image latent given its caption (dropped to "" with probability
   config.caption_dropout, for classifier-free guidance)."""
   keys = jax.random.split(key, 4)
-  latents = jax.lax.stop_gradient(vae.encode(batch["image"]).sample(keys[0])
+  latents = jax.lax.stop_gradient(image_posterior(vae, batch, "image").sample(keys[0])
                                   * vae.config.scaling_factor)
   ids = batch["input_caption_ids"]
   empty_ids = jnp.broadcast_to(jnp.reshape(empty_ids, (1, -1))[:, :ids.shape[1]], ids.shape)

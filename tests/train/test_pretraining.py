@@ -169,3 +169,58 @@ def test_ship_shares_parts_in_float16_and_loads_as_pipelines(world, tmp_path):
   # Shipping a subset would leave the others pointing at new shared parts: refused.
   with pytest.raises(ValueError, match="holds prior"):
     ship.ship(runs, ["ip2p"], out=out)
+
+
+def test_latent_cache_serves_the_encoders_posterior_and_is_reused(world):
+  """The IP2P stage (data.cache_latents on) saved its posteriors; building again reads them;
+  they are the VAE's encoding of the loader's images and the loss is the same either way."""
+  import jax
+  from uip2p_jax.cycle import ip2p_losses
+  from uip2p_jax.data.loader import Loader
+  from uip2p_jax.model_set import build_models
+  from uip2p_jax.train import latent_cache
+  from uip2p_jax.train.step import merge_module, split_models
+  from uip2p_jax.tokenizer import tokenize
+  runs, _ = world
+  config = stage_config("ip2p", runs)
+  assert config.data.cache_latents
+  models = build_models(**run_config.model_kwargs(config))
+  graphs, params, frozen = split_models(models, "ip2p")
+  loader_config = run_config.loader_config(config, os.path.join(runs, "data"))
+  lines = []
+  cache = latent_cache.build(loader_config, "ip2p", graphs["vae"], frozen["vae"],
+                             os.path.join(runs, "ip2p", "latent_cache"), log=lines.append)
+  assert "read from" in lines[0] and len(cache) == 16, lines
+  batch = next(Loader(loader_config))
+  cached = cache.replace_images(batch)
+  assert "image" not in cached and cached["edited_image_latent_logvar"].shape == (4, 8, 8, 4)
+  vae = models.vae
+  for field in ("image", "edited_image"):
+    posterior = vae.encode(batch[field])
+    np.testing.assert_allclose(cached[f"{field}_latent_mean"], posterior.mean, atol=1e-5)
+    np.testing.assert_allclose(cached[f"{field}_latent_logvar"], posterior.logvar, atol=1e-5)
+  unet = merge_module(graphs["unet"], params)
+  empty = tokenize(models.tokenizer, [""])
+  key = jax.random.PRNGKey(3)
+  alphas = models.schedule.alphas_cumprod()
+  losses = [float(ip2p_losses(unet, vae, models.text_encoder,
+                              {k: v for k, v in b.items() if k != "id"}, key, alphas,
+                              empty_ids=empty, loss_weighting="v")[0])
+            for b in (batch, cached)]
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+
+
+def test_latent_cache_refuses_what_it_cannot_serve(world):
+  from uip2p_jax.model_set import build_models
+  from uip2p_jax.train import latent_cache
+  from uip2p_jax.train.step import split_models
+  runs, _ = world
+  with pytest.raises(run_config.ConfigError, match="data.flip=True"):
+    run_config.check(stage_config("ip2p", runs, **{"data.flip": True}))
+  with pytest.raises(run_config.ConfigError, match="rendered world"):
+    run_config.check(stage_config("prior", runs, **{"data.cache_latents": True}))
+  config = stage_config("ip2p", runs, **{"data.resolution": 32})  # the records are 64 px
+  graphs, _, frozen = split_models(build_models(**run_config.model_kwargs(config)), "ip2p")
+  with pytest.raises(ValueError, match="record shapes-train-.* is 64x64; .* 32x32"):
+    latent_cache.build(run_config.loader_config(config, os.path.join(runs, "data")), "ip2p",
+                       graphs["vae"], frozen["vae"], os.path.join(runs, "unused"))

@@ -172,6 +172,11 @@ def check(config) -> None:
                       "'adafactor'")
   if not 0.0 <= config.ema_decay < 1.0:
     raise ConfigError(f"config.ema_decay={config.ema_decay}; expected 0 (no EMA) <= decay < 1")
+  if config.data.get("cache_latents", False):
+    from uip2p_jax.train.latent_cache import check_cacheable
+    problem = check_cacheable(config)
+    if problem:
+      raise ConfigError(f"config.data.cache_latents=True: {problem}")
   from uip2p_jax.train.step import LR_SCHEDULES
   if config.optim.schedule not in LR_SCHEDULES:
     raise ConfigError(f"config.optim.schedule={config.optim.schedule!r}; expected one of "

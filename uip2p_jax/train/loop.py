@@ -23,8 +23,8 @@ from uip2p_jax.train.checkpoint import EXIT_PREEMPTED, Checkpoints, Preemption, 
 from uip2p_jax.train.metric_writer import MetricWriter
 from uip2p_jax.train.samples import (VAE_SCALE_IMAGES, RunContext, export, final_edit,
                                      write_samples)
-from uip2p_jax.train.step import (StepFunctions, batch_fields, check_batch_size, flops_of,
-                                  lower_step, model_flops, split_models)
+from uip2p_jax.train.step import (StepFunctions, check_batch_size, flops_of, lower_step,
+                                  model_flops, run_batch_fields, split_models)
 
 # Dense bfloat16 peak FLOP/s per device, for the MFU estimate (None: unknown, MFU not shown).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
@@ -62,7 +62,7 @@ def _compiled_step(config, graphs, params, frozen, schedule, tokenizer, mesh):
                                                   "ema_dtype", "model", "cycle", "loss", "ip2p",
                                                   "pretrain", "optim", "lora")}
   key = (ml_collections.ConfigDict(step_config).to_json_best_effort(sort_keys=True),
-         config.data.resolution, mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))
+         config.data.resolution, bool(config.data.get("cache_latents", False)), mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))
   if key not in _COMPILED:
     _COMPILED.clear()  # keep one: compiled SD-size steps are large
     functions, lowered = lower_step(config, graphs, params, frozen, schedule, tokenizer, mesh,
@@ -119,6 +119,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     graphs, params, frozen = split_models(models, config.objective)
     tokenizer, schedule = models.tokenizer, models.schedule
     del models  # the arrays live on in params/frozen only
+    cache = None
+    if config.data.get("cache_latents", False):
+      from uip2p_jax.train import latent_cache
+      cache = latent_cache.build(loader.config, config.objective, graphs["vae"], frozen["vae"],
+                                 os.path.join(workdir, "latent_cache"))
     compiled = _compiled_step(config, graphs, params, frozen, schedule, tokenizer, mesh)
     functions = compiled.functions
     frozen = shd.place(jax.tree.map(np.asarray, frozen), functions.frozen_shardings)
@@ -155,8 +160,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     window_start, window_steps = time.perf_counter(), 0
     while step < config.total_steps:
       host_batch = next(loader)
-      batch = shd.global_batch(host_batch, functions.batch_sharding,
-                               batch_fields(config.objective))
+      if cache is not None:
+        host_batch = cache.replace_images(host_batch)
+      batch = shd.global_batch(host_batch, functions.batch_sharding, run_batch_fields(config))
       profile.before(step)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = compiled.step(state, frozen, batch)

@@ -349,7 +349,9 @@ def lower_step(config, graphs, params, frozen, schedule: NoiseSchedule, tokenize
   functions = make_step_functions(config, graphs, params, frozen, schedule, tokenizer, mesh)
   abstract_frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                  frozen, functions.frozen_shardings)
-  batch = abstract_batch(config, global_batch, functions.batch_sharding)
+  batch = abstract_batch(config, global_batch, functions.batch_sharding,
+                         latent_shape(graphs, frozen, config.data.resolution)
+                         if "vae" in frozen else None)
   return functions, functions.step.lower(functions.abstract_state, abstract_frozen, batch)
 
 
@@ -393,24 +395,50 @@ BATCH_FIELDS = {"cec": _CAPTION_FIELDS, "ip2p": _CAPTION_FIELDS + ("edited_image
                 "vae": ("image",), "probe": ("image", "labels")}
 
 
-def batch_fields(objective: str) -> tuple[str, ...]:
-  """The batch fields the step of `objective` reads."""
-  return BATCH_FIELDS[objective]
+def batch_fields(objective: str, cached_latents: bool = False) -> tuple[str, ...]:
+  """The batch fields the step of `objective` reads; `cached_latents`: with the images that
+  `train.latent_cache` serves replaced by their posteriors' mean and log-variance."""
+  from uip2p_jax.train import latent_cache
+  fields = BATCH_FIELDS[objective]
+  if not cached_latents:
+    return fields
+  cached = latent_cache.CACHED_FIELDS[objective]
+  return tuple(f for f in fields if f not in cached) + tuple(
+      field + suffix for field in cached for suffix in latent_cache.SUFFIXES)
 
 
-def abstract_batch(config, global_batch: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
-  """The shapes of one global batch of the run's objective."""
+def run_batch_fields(config) -> tuple[str, ...]:
+  """`batch_fields` of the run `config` (its objective, with or without the latent cache)."""
+  return batch_fields(config.objective, bool(config.data.get("cache_latents", False)))
+
+
+def latent_shape(graphs, frozen, resolution: int) -> tuple[int, int, int]:
+  """(h, w, channels) of the frozen VAE's latent of a `resolution` image."""
+  image = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+  out = jax.eval_shape(lambda p, x: merge_module(graphs["vae"], p).encode(x).mean,
+                       frozen["vae"], image)
+  return tuple(out.shape[1:])
+
+
+def abstract_batch(config, global_batch: int, sharding,
+                   latents: tuple[int, int, int] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes of one global batch of the run's objective; `latents`: the (h, w, channels) of
+  cached posteriors (`latent_shape`), for a run with `data.cache_latents`."""
   from uip2p_jax.data.shapes import LABEL_NAMES
   r = config.data.resolution
+  fields = run_batch_fields(config)
+  if latents is None and any(name.endswith("_latent_mean") for name in fields):
+    raise ValueError("a run with data.cache_latents needs the latents' shape (`latent_shape`)")
 
   def shape(name):
+    if name.endswith(("_latent_mean", "_latent_logvar")):
+      return (global_batch, *latents), jnp.float32
     if name.endswith("image"):
       return (global_batch, r, r, 3), jnp.float32
     if name == "labels":
       return (global_batch, len(LABEL_NAMES)), jnp.int32
     return (global_batch, 77), jnp.int32
-  return {name: jax.ShapeDtypeStruct(*shape(name), sharding=sharding)
-          for name in batch_fields(config.objective)}
+  return {name: jax.ShapeDtypeStruct(*shape(name), sharding=sharding) for name in fields}
 
 
 def synthetic_batch(config, global_batch: int, sharding, seed: int = 0) -> dict[str, jax.Array]:
