@@ -239,7 +239,8 @@ def test_wsd_schedule_holds_then_decays_linearly_and_bad_settings_are_refused():
   np.testing.assert_allclose([lr[5], lr[10], lr[60], lr[100]], [5e-4, 1e-3, 1e-3, 1e-3],
                              rtol=1e-6)
   np.testing.assert_allclose([lr[125], lr[150], lr[400]], [5.5e-4, 1e-4, 1e-4], rtol=1e-5)
-  for bad in ({"optim.decay_start": 5}, {"optim.decay_steps": 0}):
+  for bad in ({"optim.decay_start": 5}, {"optim.decay_steps": 0}, {"optim.decay_start": 200}):
     with pytest.raises(ConfigError, match="decay_start"):
       check(tiny_config(**{"optim.schedule": "wsd", "optim.warmup_steps": 10,
-                                  "optim.decay_start": 100, "optim.decay_steps": 50, **bad}))
+                                  "total_steps": 200, "optim.decay_start": 100,
+                                  "optim.decay_steps": 50, **bad}))

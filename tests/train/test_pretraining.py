@@ -191,6 +191,23 @@ def test_latent_cache_serves_the_encoders_posterior_and_is_reused(world):
   cache = latent_cache.build(loader_config, "ip2p", graphs["vae"], frozen["vae"],
                              os.path.join(runs, "ip2p", "latent_cache"), log=lines.append)
   assert "read from" in lines[0] and len(cache) == 16, lines
+  # Other scenes under the same record ids (another seed) are another cache, never this one.
+  from uip2p_jax.data import builders, shapes
+  other = os.path.join(runs, "data_seed1")
+  shapes.build(other, train=16, test=2, seed=1)
+  fingerprints = set()
+  for data_dir in (os.path.join(runs, "data"), other):
+    source, _ = builders.open_split(data_dir, "ip2p")
+    ids, digest = latent_cache._scan(source, ("image", "edited_image"), 64)
+    fingerprints.add(latent_cache._fingerprint(digest, frozen["vae"]))
+  assert len(fingerprints) == 2
+  # Benchmarks' synthetic batches take the run's fields and shapes too.
+  from uip2p_jax import sharding as shd
+  from uip2p_jax.train.step import latent_shape, run_batch_fields, synthetic_batch
+  synthetic = synthetic_batch(config, 4, shd.batch_sharding(shd.make_mesh(1, 1)),
+                              latents=latent_shape(graphs, frozen, 64))
+  assert set(synthetic) == set(run_batch_fields(config))
+  assert synthetic["image_latent_mean"].shape == (4, 8, 8, 4)
   batch = next(Loader(loader_config))
   cached = cache.replace_images(batch)
   assert "image" not in cached and cached["edited_image_latent_logvar"].shape == (4, 8, 8, 4)
@@ -221,6 +238,6 @@ def test_latent_cache_refuses_what_it_cannot_serve(world):
     run_config.check(stage_config("prior", runs, **{"data.cache_latents": True}))
   config = stage_config("ip2p", runs, **{"data.resolution": 32})  # the records are 64 px
   graphs, _, frozen = split_models(build_models(**run_config.model_kwargs(config)), "ip2p")
-  with pytest.raises(ValueError, match="record shapes-train-.* is 64x64; .* 32x32"):
+  with pytest.raises(ValueError, match="record shapes-train-.*'s image is 64x64; .* 32x32"):
     latent_cache.build(run_config.loader_config(config, os.path.join(runs, "data")), "ip2p",
                        graphs["vae"], frozen["vae"], os.path.join(runs, "unused"))

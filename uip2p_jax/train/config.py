@@ -182,12 +182,13 @@ def check(config) -> None:
     raise ConfigError(f"config.optim.schedule={config.optim.schedule!r}; expected one of "
                       f"{LR_SCHEDULES}")
   if config.optim.schedule == "wsd" and not (
-      config.optim.decay_start >= config.optim.warmup_steps and config.optim.decay_steps > 0):
+      config.optim.warmup_steps <= config.optim.decay_start < config.total_steps
+      and config.optim.decay_steps > 0):
     raise ConfigError(
         f"config.optim.schedule='wsd' with decay_start={config.optim.decay_start}, decay_steps="
-        f"{config.optim.decay_steps}; expected decay_start >= warmup_steps "
-        f"({config.optim.warmup_steps}) and decay_steps > 0 (the lr is held until decay_start, "
-        "then decays over decay_steps)")
+        f"{config.optim.decay_steps}; expected warmup_steps ({config.optim.warmup_steps}) <= "
+        f"decay_start < total_steps ({config.total_steps}) and decay_steps > 0 (the lr is held "
+        "until decay_start, then decays over decay_steps)")
   if not 0.0 <= config.ip2p.conditioning_dropout <= 1.0 / 3.0:
     raise ConfigError(f"config.ip2p.conditioning_dropout={config.ip2p.conditioning_dropout}; "
                       "expected a probability in [0, 1/3] (text, both and image each dropped "

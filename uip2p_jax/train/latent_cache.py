@@ -11,8 +11,8 @@ stream of records, their order and the step keys do not change, so a run can tur
 (or off) and resume.
 
 The posteriors are saved in the workdir (`latent_cache/<split>-<fingerprint>.npz`), keyed by the
-VAE's weights, the resolution and the records' ids: a resumed run reads them back in seconds; any
-change in those is another file (computed again), never a stale one.
+VAE's weights, the resolution and the records (ids and stored image bytes): a resumed run reads
+them back in seconds; any change in those is another file (computed again), never a stale one.
 """
 
 from __future__ import annotations
@@ -33,10 +33,6 @@ SUFFIXES = ("_latent_mean", "_latent_logvar")
 ENCODE_BATCH = 64
 
 
-def cached_name(field: str, suffix: str) -> str:
-  return field + suffix
-
-
 def check_cacheable(config) -> str | None:
   """Why the run's images cannot be cached (None: they can)."""
   d = config.data
@@ -52,42 +48,53 @@ def check_cacheable(config) -> str | None:
   return None
 
 
-def _fingerprint(vae_params, resolution: int, ids: np.ndarray) -> str:
-  digest = hashlib.sha256(f"resolution={resolution}".encode())
+# Part of every fingerprint: a change in what the file holds makes old files another key.
+FORMAT = "latent-cache-1"
+
+
+def _scan(source, fields, resolution: int):
+  """(every record's id in index order, a hash of the ids and the images' stored bytes)."""
+  digest = hashlib.sha256(f"{FORMAT} resolution={resolution}".encode())
+  ids = []
+  for index in range(len(source)):
+    record = source[index]
+    rid = record["id"].decode() if isinstance(record["id"], bytes) else str(record["id"])
+    ids.append(rid)
+    digest.update(rid.encode())
+    for field in fields:
+      digest.update(hashlib.sha256(record[field]).digest())
+  return np.asarray(ids), digest
+
+
+def _fingerprint(digest, vae_params) -> str:
+  digest = digest.copy()
   for leaf in jax.tree.leaves(vae_params):
     digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-  digest.update("\n".join(ids.tolist()).encode())
   return digest.hexdigest()[:16]
 
 
-def _record_ids(source) -> np.ndarray:
-  return np.asarray([r.decode() if isinstance(r, bytes) else str(r)
-                     for r in (source[i]["id"] for i in range(len(source)))])
-
-
-def _record_images(source, ids: np.ndarray, fields, resolution: int):
-  """(the ids of the records that decode, {field: their uint8 images}), in index order: exactly
-  what the loader's crop gives at scale 1 (the whole image), refused where that is not so."""
+def _decoded_chunk(source, indices, fields, resolution: int):
+  """(the indices whose images decode, {field: their uint8 images}): exactly what the loader's
+  crop gives at scale 1 (the whole image), refused where that is not so."""
   from uip2p_jax.data.loader import decode_image
   kept, images = [], {field: [] for field in fields}
-  for index, rid in enumerate(ids):
-    record = source[index]
+  for index in indices:
+    record = source[int(index)]
     try:
       decoded = [decode_image(record[field], resolution) for field in fields]
     except Exception:  # the loader skips (and counts) it too: it is never asked for
       continue
     for field, image in zip(fields, decoded):
       if image.size != (resolution, resolution):
+        rid = record["id"].decode() if isinstance(record["id"], bytes) else str(record["id"])
         raise ValueError(
             f"data.cache_latents: record {rid}'s {field} is {image.size[0]}x{image.size[1]}; "
             f"the cache needs every image stored at the training resolution "
             f"{resolution}x{resolution} (a crop of another size differs between epochs). Set "
             "data.cache_latents=False")
       images[field].append(np.asarray(image, np.uint8))
-    kept.append(rid)
-  if not kept:
-    raise ValueError("data.cache_latents: no record of the split decodes")
-  return np.asarray(kept), {field: np.stack(v) for field, v in images.items()}
+    kept.append(int(index))
+  return kept, images
 
 
 class LatentCache:
@@ -108,61 +115,79 @@ class LatentCache:
     try:
       rows = np.asarray([self.row[i] for i in ids])
     except KeyError as e:
-      raise KeyError(f"record {e.args[0]} is not in the latent cache (the dataset changed "
-                     "after the cache was built?)") from None
+      raise ValueError(f"record {e.args[0]} is not in the latent cache: the dataset changed "
+                       "after the run built it; rerun the command (the cache is rebuilt for "
+                       "the new records)") from None
     out = {k: v for k, v in batch.items() if k not in self.fields}
     for name, array in self.arrays.items():
       out[name] = array[rows]
     return out
 
 
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _read(path: str) -> dict[str, np.ndarray]:
+  with storage.open_file(path, "rb") as f:
+    return dict(np.load(io.BytesIO(f.read())))
+
+
 def build(loader_config, objective: str, vae_graph, vae_params, cache_dir: str,
           log=print) -> LatentCache:
   """The cache of `loader_config`'s split for `objective`: read from `cache_dir` when it holds
-  this VAE's, resolution's and records' file, else computed (and saved there). Host memory:
+  the file of this VAE, resolution and these records (ids and image bytes), else computed by
+  process 0 (a chunk at a time) and saved there, then read by the others. Host memory:
   records x fields x 2 x the latent's size in float32 (ShapesWorld's 20000 pairs: 330 MB)."""
   from uip2p_jax.data.builders import open_split
   fields = CACHED_FIELDS[objective]
   source, _ = open_split(loader_config.data_dir, loader_config.kind, loader_config.split)
   r = loader_config.resolution
-  ids = _record_ids(source)
+  ids, digest = _scan(source, fields, r)
   split = loader_config.split or "train"
-  path = os.path.join(cache_dir, f"{split}-{_fingerprint(vae_params, r, ids)}.npz")
-  if storage.isfile(path):
-    with storage.open_file(path, "rb") as f:
-      saved = dict(np.load(io.BytesIO(f.read())))
-    kept = saved.pop("ids")
-    log(f"train: latent cache: {len(kept)} records' posteriors read from {path}")
-    return LatentCache(kept, saved)
+  path = os.path.join(cache_dir, f"{split}-{_fingerprint(digest, vae_params)}.npz")
+  if not storage.isfile(path) and jax.process_index() == 0:
+    _encode_all(source, ids, fields, r, vae_graph, vae_params, cache_dir, path, log)
+  else:
+    log(f"train: latent cache: read from {path}")
+  _sync("latent cache")
+  saved = _read(path)
+  return LatentCache(saved.pop("ids"), saved)
+
+
+def _encode_all(source, ids, fields, resolution, vae_graph, vae_params, cache_dir, path, log):
 
   @jax.jit
   def encode(params, images):
     posterior = nnx.merge(vae_graph, params).encode(images.astype(np.float32) * (2 / 255) - 1)
     return posterior.mean, posterior.logvar
 
-  kept, images = _record_images(source, ids, fields, r)
-  arrays = {}
-  for field in fields:
-    means, logvars = [], []
-    for start in range(0, len(kept), ENCODE_BATCH):
-      chunk = images[field][start:start + ENCODE_BATCH]
+  kept, parts = [], {field + suffix: [] for field in fields for suffix in SUFFIXES}
+  for start in range(0, len(ids), ENCODE_BATCH):
+    indices, images = _decoded_chunk(source, range(start, min(start + ENCODE_BATCH, len(ids))),
+                                     fields, resolution)
+    if not indices:
+      continue
+    kept += indices
+    for field in fields:
+      chunk = np.stack(images[field])
       pad = ENCODE_BATCH - len(chunk)  # one compiled shape
       mean, logvar = encode(vae_params, np.pad(chunk, ((0, pad), (0, 0), (0, 0), (0, 0))))
-      means.append(np.asarray(mean)[:len(chunk)])
-      logvars.append(np.asarray(logvar)[:len(chunk)])
-    arrays[cached_name(field, SUFFIXES[0])] = np.concatenate(means)
-    arrays[cached_name(field, SUFFIXES[1])] = np.concatenate(logvars)
-  if jax.process_index() == 0:
-    storage.makedirs(cache_dir)
-    buffer = io.BytesIO()
-    np.savez(buffer, ids=kept, **arrays)
-    storage.write_bytes(path + ".tmp", buffer.getvalue())
-    storage.rename(path + ".tmp", path)
+      parts[field + SUFFIXES[0]].append(np.asarray(mean)[:len(chunk)])
+      parts[field + SUFFIXES[1]].append(np.asarray(logvar)[:len(chunk)])
+  if not kept:
+    raise ValueError("data.cache_latents: no record of the split decodes")
+  storage.makedirs(cache_dir)
+  buffer = io.BytesIO()
+  np.savez(buffer, ids=ids[kept], **{name: np.concatenate(v) for name, v in parts.items()})
+  storage.write_bytes(path + ".tmp", buffer.getvalue())
+  storage.rename(path + ".tmp", path)
   skipped = len(ids) - len(kept)
   log(f"train: latent cache: encoded {len(kept)} records' {', '.join(fields)} into {path}"
       + (f" ({skipped} undecodable records left out, as the loader skips them)" if skipped
          else ""))
-  return LatentCache(kept, arrays)
 
 
 __all__ = ["CACHED_FIELDS", "LatentCache", "build", "check_cacheable"]

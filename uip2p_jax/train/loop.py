@@ -62,7 +62,8 @@ def _compiled_step(config, graphs, params, frozen, schedule, tokenizer, mesh):
                                                   "ema_dtype", "model", "cycle", "loss", "ip2p",
                                                   "pretrain", "optim", "lora")}
   key = (ml_collections.ConfigDict(step_config).to_json_best_effort(sort_keys=True),
-         config.data.resolution, bool(config.data.get("cache_latents", False)), mesh.shape_tuple, tuple(d.id for d in mesh.devices.flat))
+         config.data.resolution, config.data.get("cache_latents", False), mesh.shape_tuple,
+         tuple(d.id for d in mesh.devices.flat))
   if key not in _COMPILED:
     _COMPILED.clear()  # keep one: compiled SD-size steps are large
     functions, lowered = lower_step(config, graphs, params, frozen, schedule, tokenizer, mesh,
@@ -122,8 +123,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     cache = None
     if config.data.get("cache_latents", False):
       from uip2p_jax.train import latent_cache
-      cache = latent_cache.build(loader.config, config.objective, graphs["vae"], frozen["vae"],
-                                 os.path.join(workdir, "latent_cache"))
+      try:
+        cache = latent_cache.build(loader.config, config.objective, graphs["vae"],
+                                   frozen["vae"], os.path.join(workdir, "latent_cache"))
+      except ValueError as e:
+        raise DataError(f"config.data.dir={config.data.dir!r}: {e}") from None
     compiled = _compiled_step(config, graphs, params, frozen, schedule, tokenizer, mesh)
     functions = compiled.functions
     frozen = shd.place(jax.tree.map(np.asarray, frozen), functions.frozen_shardings)

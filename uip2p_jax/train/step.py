@@ -350,8 +350,7 @@ def lower_step(config, graphs, params, frozen, schedule: NoiseSchedule, tokenize
   abstract_frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                  frozen, functions.frozen_shardings)
   batch = abstract_batch(config, global_batch, functions.batch_sharding,
-                         latent_shape(graphs, frozen, config.data.resolution)
-                         if "vae" in frozen else None)
+                         _run_latent_shape(config, graphs, frozen))
   return functions, functions.step.lower(functions.abstract_state, abstract_frozen, batch)
 
 
@@ -420,6 +419,13 @@ def latent_shape(graphs, frozen, resolution: int) -> tuple[int, int, int]:
   return tuple(out.shape[1:])
 
 
+def _run_latent_shape(config, graphs, frozen) -> tuple[int, int, int] | None:
+  """`latent_shape` for a run with `data.cache_latents` (None for any other)."""
+  if not config.data.get("cache_latents", False):
+    return None
+  return latent_shape(graphs, frozen, config.data.resolution)
+
+
 def abstract_batch(config, global_batch: int, sharding,
                    latents: tuple[int, int, int] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
   """The shapes of one global batch of the run's objective; `latents`: the (h, w, channels) of
@@ -441,13 +447,19 @@ def abstract_batch(config, global_batch: int, sharding,
   return {name: jax.ShapeDtypeStruct(*shape(name), sharding=sharding) for name in fields}
 
 
-def synthetic_batch(config, global_batch: int, sharding, seed: int = 0) -> dict[str, jax.Array]:
+def synthetic_batch(config, global_batch: int, sharding, seed: int = 0,
+                    latents: tuple[int, int, int] | None = None) -> dict[str, jax.Array]:
   """A random global batch of `abstract_batch`'s shapes, on one process (benchmarks, tests):
-  images uniform in [-1, 1], token ids BOS + five random tokens + EOS padding, labels 0."""
+  images uniform in [-1, 1], token ids BOS + five random tokens + EOS padding, labels 0;
+  cached posteriors (`latents`: `latent_shape`) N(0, 1) means and log-variance -4."""
   rng = np.random.default_rng(seed)
   host = {}
-  for name, spec in abstract_batch(config, global_batch, None).items():
-    if name.endswith("image"):
+  for name, spec in abstract_batch(config, global_batch, None, latents).items():
+    if name.endswith("_latent_mean"):
+      host[name] = rng.normal(size=spec.shape).astype(np.float32)
+    elif name.endswith("_latent_logvar"):
+      host[name] = np.full(spec.shape, -4.0, np.float32)
+    elif name.endswith("image"):
       host[name] = rng.uniform(-1, 1, spec.shape).astype(np.float32)
     elif name == "labels":
       host[name] = np.zeros(spec.shape, np.int32)
@@ -455,4 +467,4 @@ def synthetic_batch(config, global_batch: int, sharding, seed: int = 0) -> dict[
       ids = np.full(spec.shape, 49407, np.int32)
       ids[:, 0], ids[:, 1:6] = 49406, rng.integers(1000, 40000, (spec.shape[0], 5))
       host[name] = ids
-  return shd.global_batch(host, sharding, batch_fields(config.objective))
+  return shd.global_batch(host, sharding, run_batch_fields(config))
