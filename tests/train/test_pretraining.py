@@ -173,19 +173,17 @@ def test_ship_shares_parts_in_float16_and_loads_as_pipelines(world, tmp_path):
 
 def test_latent_cache_serves_the_encoders_posterior_and_is_reused(world):
   """The IP2P stage (data.cache_latents on) saved its posteriors; building again reads them;
-  they are the VAE's encoding of the loader's images and the loss is the same either way."""
-  import jax
-  from uip2p_jax.cycle import ip2p_losses
+  they are the VAE's encoding of the loader's images (what `cycle.image_posterior` then
+  samples, as it samples the encoder's)."""
   from uip2p_jax.data.loader import Loader
   from uip2p_jax.model_set import build_models
   from uip2p_jax.train import latent_cache
-  from uip2p_jax.train.step import merge_module, split_models
-  from uip2p_jax.tokenizer import tokenize
+  from uip2p_jax.train.step import split_models
   runs, _ = world
   config = stage_config("ip2p", runs)
   assert config.data.cache_latents
   models = build_models(**run_config.model_kwargs(config))
-  graphs, params, frozen = split_models(models, "ip2p")
+  graphs, _, frozen = split_models(models, "ip2p")
   loader_config = run_config.loader_config(config, os.path.join(runs, "data"))
   lines = []
   cache = latent_cache.build(loader_config, "ip2p", graphs["vae"], frozen["vae"],
@@ -216,15 +214,6 @@ def test_latent_cache_serves_the_encoders_posterior_and_is_reused(world):
     posterior = vae.encode(batch[field])
     np.testing.assert_allclose(cached[f"{field}_latent_mean"], posterior.mean, atol=1e-5)
     np.testing.assert_allclose(cached[f"{field}_latent_logvar"], posterior.logvar, atol=1e-5)
-  unet = merge_module(graphs["unet"], params)
-  empty = tokenize(models.tokenizer, [""])
-  key = jax.random.PRNGKey(3)
-  alphas = models.schedule.alphas_cumprod()
-  losses = [float(ip2p_losses(unet, vae, models.text_encoder,
-                              {k: v for k, v in b.items() if k != "id"}, key, alphas,
-                              empty_ids=empty, loss_weighting="v")[0])
-            for b in (batch, cached)]
-  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
 
 
 def test_latent_cache_refuses_what_it_cannot_serve(world):
