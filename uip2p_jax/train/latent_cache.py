@@ -101,11 +101,10 @@ class LatentCache:
   """Host-side posteriors by record id; `replace_images(batch)` swaps a loader batch's images
   for them."""
 
-  def __init__(self, ids: np.ndarray, arrays: dict[str, np.ndarray]):
+  def __init__(self, ids: np.ndarray, arrays: dict[str, np.ndarray], fields: tuple[str, ...]):
     self.row = {rid: i for i, rid in enumerate(ids.tolist())}
     self.arrays = arrays
-    self.fields = tuple(sorted({name[:-len(s)] for name in arrays for s in SUFFIXES
-                                if name.endswith(s)}))
+    self.fields = fields  # the image fields the arrays replace
 
   def __len__(self) -> int:
     return len(self.row)
@@ -154,7 +153,7 @@ def build(loader_config, objective: str, vae_graph, vae_params, cache_dir: str,
     log(f"train: latent cache: read from {path}")
   _sync("latent cache")
   saved = _read(path)
-  return LatentCache(saved.pop("ids"), saved)
+  return LatentCache(saved.pop("ids"), saved, fields)
 
 
 def _encode_all(source, ids, fields, resolution, vae_graph, vae_params, cache_dir, path, log):
