@@ -47,10 +47,13 @@ def test_loss_falls_when_overfitting_one_batch(step_setup):
   functions, params, frozen, batch = step_setup
   state = functions.init_state(params, seed=1)
   losses = []
-  for _ in range(80):  # t and noise are redrawn every step: compare 10-step means
+  # t and noise are redrawn every step: compare 10-step means. Measured: 2.09 over the first
+  # 10 steps, 1.64 over steps 50-60 (0.78x), 1.56 over steps 70-80; a UNet that does not learn
+  # stays near 1x.
+  for _ in range(60):
     state, metrics = functions.step(state, frozen, batch)
     losses.append(float(metrics["loss"]))
-  assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses
+  assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:10]), losses
 
 
 def read_metrics(workdir):
