@@ -170,6 +170,35 @@ def test_ship_shares_parts_in_float16_and_loads_as_pipelines(world, tmp_path):
   with pytest.raises(ValueError, match="holds prior"):
     ship.ship(runs, ["ip2p"], out=out)
 
+  # One more model beside the shipped ones, from its run alone (here the IP2P run, as cec).
+  shutil.copytree(f"{runs}/ip2p/export", f"{other}/cec/export")
+  shutil.copy(f"{runs}/ip2p/metrics.jsonl", f"{other}/cec/metrics.jsonl")
+  total = ship.add(other, "cec", out=out)
+  assert total == sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(out)
+                      for f in files if d != out)  # the models' folders
+  record = open(os.path.join(out, "MODELS.md")).read()
+  assert "| ip2p | 2 |" in record and record.count("| cec | 2 |") == 1
+  assert f"total {total / 2**20:.1f} MiB" in record
+  shipped_cec = EditPipeline.from_pretrained(os.path.join(out, "cec"))
+  assert shipped_cec.schedule.prediction_type == exported.prediction_type
+  assert ship.add(other, "cec", out=out) == total  # again: replaced, not added twice
+  assert open(os.path.join(out, "MODELS.md")).read().count("| cec |") == 1
+  # Refused, the package unchanged: over the budget; a VAE that is not the package's.
+  before = {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+            for d, _, files in os.walk(out) for f in files}
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(ship, "LIMIT_BYTES", total - 1)
+    with pytest.raises(ValueError, match="would take"):
+      ship.add(other, "cec", out=out)
+  shutil.rmtree(f"{other}/cec/export/vae")
+  shutil.copytree(f"{other}/vae/export/vae", f"{other}/cec/export/vae")
+  with pytest.raises(ValueError, match="cannot share"):
+    ship.add(other, "cec", out=out)
+  with pytest.raises(ValueError, match="not a ShapesWorld pipeline stage"):
+    ship.add(other, "clip", out=out)
+  assert {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+          for d, _, files in os.walk(out) for f in files} == before
+
 
 def test_latent_cache_serves_the_encoders_posterior_and_is_reused(world):
   """The IP2P stage (data.cache_latents on) saved its posteriors; building again reads them;

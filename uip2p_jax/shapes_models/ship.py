@@ -7,6 +7,13 @@ text-to-image model, only its `unet/` plus a `components.json` pointing at the s
 pipelines' VAE is the world VAE, their text encoder the CLIP's text tower: checked, not assumed).
 MODELS.md beside them records, per model, the training runs' commands and commits
 (provenance.jsonl) and the steps trained.
+
+  python -m uip2p_jax.shapes_models.ship RUNS_DIR --add STAGE
+
+ships one more model (RUNS_DIR/STAGE/export, e.g. ip2p_recolour, cec) beside those already in
+the package, without the runs that made them: its VAE and text encoder must be the shipped ones
+(a run initialised from a shipped model has them), and its row in MODELS.md and its numbers in
+expected.json are added or replaced, the others' kept.
 """
 
 from __future__ import annotations
@@ -28,8 +35,12 @@ SHARED = {"vae": "../vae", "text_encoder": "../clip", "tokenizer": "../tokenizer
 LIMIT_BYTES = 40 * 1024 * 1024
 
 
-def _same(a, b) -> bool:
+def _same(a, b, in_float16: bool = False) -> bool:
+  """Whether modules a and b hold the same tensors (`in_float16`: once a's are rounded to
+  float16, as shipping rounds them; b is a shipped model)."""
   ta, tb = weights.module_tensors(a), weights.module_tensors(b)
+  if in_float16:
+    ta = {k: v.astype(np.float16).astype(tb[k].dtype) if k in tb else v for k, v in ta.items()}
   return ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
 
 
@@ -81,11 +92,7 @@ def ship(runs: str, models: list[str], out: str = ROOT) -> list[str]:
   vae = weights.load_vae(f"{runs}/vae/export/vae", subfolder=None)
   clip = weights.load_clip(f"{runs}/clip/export/clip")
   for name in models:
-    pipeline = f"{runs}/{name}/export"
-    if not _same(weights.load_vae(pipeline), vae):
-      raise ValueError(f"{pipeline}/vae is not {runs}/vae's export: cannot share it")
-    if not _same(weights.load_text_encoder(pipeline), clip.text_model):
-      raise ValueError(f"{pipeline}/text_encoder is not the text tower of {runs}/clip's export")
+    _check_shares(f"{runs}/{name}/export", vae, clip.text_model, runs)
   os.makedirs(out, exist_ok=True)
   scratch = tempfile.mkdtemp(prefix=".ship-", dir=out)
   try:
@@ -108,20 +115,8 @@ def ship(runs: str, models: list[str], out: str = ROOT) -> list[str]:
     # (what runs built from the shapes preset write: train/samples.write_pipeline_parts)
     PRESET_SCHEDULE.save(os.path.join(scratch, "scheduler"))
     for name in models:
-      unet = weights.load_unet(f"{runs}/{name}/export", param_dtype=jnp.float16)
-      weights.save_unet(unet, os.path.join(scratch, name, "unet"))
-      components = dict(SHARED)
-      # The shared scheduler is the preset's (epsilon); a v-prediction UNet sampled with it
-      # would be read as predicting noise: such a model ships the preset schedule with its own
-      # prediction type, and nothing else may differ.
-      schedule = _schedule(f"{runs}/{name}/export")
-      if schedule != PRESET_SCHEDULE:
-        schedule.save(os.path.join(scratch, name, "scheduler"))
-        del components["scheduler"]
-      with open(os.path.join(scratch, name, weights.COMPONENTS_FILE), "w") as f:
-        json.dump(components, f, indent=2)
-    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(scratch)
-                for f in files)
+      _write_pipeline(f"{runs}/{name}/export", os.path.join(scratch, name))
+    total = _size(scratch)
     if total > LIMIT_BYTES:
       raise ValueError(f"the ShapesWorld models would take {total / 2**20:.1f} MiB; the budget "
                        f"is {LIMIT_BYTES / 2**20:.0f} MiB")
@@ -138,26 +133,111 @@ def ship(runs: str, models: list[str], out: str = ROOT) -> list[str]:
   return models
 
 
+RECORD_FILE = "MODELS.md"
+
+
+def _header(total: int) -> list[str]:
+  return ["# The shipped ShapesWorld models", "",
+          "Written by `python -m uip2p_jax.shapes_models.ship` from the runs below (float16; "
+          "the pipelines share `vae/`, the CLIP's text tower as text encoder, `tokenizer/` and "
+          "`scheduler/` through `components.json`). Reproduce them with `bash launch/shapes.sh`; "
+          f"total {total / 2**20:.1f} MiB.", "",
+          "| model | steps | started / resumed by | commit |", "|---|---|---|---|"]
+
+
+def _row(run: str, stage: str) -> str:
+  """MODELS.md's line for `stage`, trained in the folder `run`."""
+  starts = _provenance(run)
+  commands = "<br>".join(
+      f"{p['time']}: step {p['step']}: `{' '.join(['uip2p'] + p['argv'][1:])}`"
+      + (f" ({p['note']})" if p.get("note") else "")
+      for p in starts) or "(not recorded: run started before provenance.jsonl existed)"
+  commits = "<br>".join(sorted({(p["commit"] or "?")[:12] + (" + uncommitted changes" if
+                                                           p["uncommitted_changes"] else "")
+                                for p in starts})) or "?"
+  return f"| {stage} | {_steps(run)} | {commands} | {commits} |"
+
+
 def _write_record(runs: str, stages: list[str], out: str, total: int) -> None:
-  lines = ["# The shipped ShapesWorld models", "",
-           "Written by `python -m uip2p_jax.shapes_models.ship` from the runs below (float16; "
-           "the pipelines share `vae/`, the CLIP's text tower as text encoder, `tokenizer/` and "
-           "`scheduler/` through `components.json`). Reproduce them with `bash launch/shapes.sh`; "
-           f"total {total / 2**20:.1f} MiB.", "",
-           "| model | steps | started / resumed by | commit |", "|---|---|---|---|"]
-  for stage in stages:
-    run = f"{runs}/{stage}"
-    starts = _provenance(run)
-    commands = "<br>".join(
-        f"{p['time']}: step {p['step']}: `{' '.join(['uip2p'] + p['argv'][1:])}`"
-        + (f" ({p['note']})" if p.get("note") else "")
-        for p in starts) or "(not recorded: run started before provenance.jsonl existed)"
-    commits = "<br>".join(sorted({(p["commit"] or "?")[:12] + (" + uncommitted changes" if
-                                                             p["uncommitted_changes"] else "")
-                                  for p in starts})) or "?"
-    lines.append(f"| {stage} | {_steps(run)} | {commands} | {commits} |")
-  with open(os.path.join(out, "MODELS.md"), "w") as f:
+  lines = _header(total) + [_row(f"{runs}/{stage}", stage) for stage in stages]
+  with open(os.path.join(out, RECORD_FILE), "w") as f:
     f.write("\n".join(lines) + "\n")
+
+
+def _size(folder: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder)
+             for f in files)
+
+
+def _write_pipeline(export: str, folder: str) -> None:
+  """`export`'s UNet in float16 into `folder`/unet, its components.json (the shared parts) and,
+  where its prediction type is not the preset's, its own scheduler/."""
+  from uip2p_jax.schedules import PRESET_SCHEDULE
+  unet = weights.load_unet(export, param_dtype=jnp.float16)
+  weights.save_unet(unet, os.path.join(folder, "unet"))
+  components = dict(SHARED)
+  # The shared scheduler is the preset's (epsilon); a v-prediction UNet sampled with it
+  # would be read as predicting noise: such a model ships the preset schedule with its own
+  # prediction type, and nothing else may differ.
+  schedule = _schedule(export)
+  if schedule != PRESET_SCHEDULE:
+    schedule.save(os.path.join(folder, "scheduler"))
+    del components["scheduler"]
+  with open(os.path.join(folder, weights.COMPONENTS_FILE), "w") as f:
+    json.dump(components, f, indent=2)
+
+
+def _check_shares(pipeline: str, vae, text_encoder, where: str, shipped: bool = False) -> None:
+  if not _same(weights.load_vae(pipeline), vae, shipped):
+    raise ValueError(f"{pipeline}/vae is not {where}'s VAE: cannot share it")
+  if not _same(weights.load_text_encoder(pipeline), text_encoder, shipped):
+    raise ValueError(f"{pipeline}/text_encoder is not the text tower of {where}'s CLIP: cannot "
+                     "share it")
+
+
+def add(runs: str, stage: str, out: str = ROOT) -> int:
+  """Ships `runs`/`stage`/export beside the models already in `out` (their shared parts must be
+  its own: checked) and adds or replaces its MODELS.md row; returns the package's new size.
+  Nothing in `out` changes unless all of it fits the budget."""
+  import tempfile
+
+  from uip2p_jax.shapes_models import PIPELINE_STAGES
+  if stage not in PIPELINE_STAGES:
+    raise ValueError(f"--add {stage}: not a ShapesWorld pipeline stage (expected one of "
+                     f"{', '.join(PIPELINE_STAGES)})")
+  record = os.path.join(out, RECORD_FILE)
+  if not (os.path.isfile(record) and os.path.isdir(os.path.join(out, "vae"))):
+    raise ValueError(f"{out} holds no shipped ShapesWorld models to add {stage} to (ship the "
+                     "world's runs first)")
+  export = f"{runs}/{stage}/export"
+  _check_shares(export, weights.load_vae(os.path.join(out, "vae"), subfolder=None),
+                weights.load_clip(os.path.join(out, "clip")).text_model, f"the package {out}",
+                shipped=True)
+  scratch = tempfile.mkdtemp(prefix=".ship-", dir=out)
+  try:
+    _write_pipeline(export, os.path.join(scratch, stage))
+    target = os.path.join(out, stage)
+    # The models' folders, as ship() counts them (not the package's code or records).
+    total = _size(os.path.join(scratch, stage)) + sum(
+        _size(os.path.join(out, name)) for name in os.listdir(out)
+        if os.path.isdir(os.path.join(out, name)) and name != stage
+        and not name.startswith((".", "__")))
+    if total > LIMIT_BYTES:
+      raise ValueError(f"the ShapesWorld models would take {total / 2**20:.1f} MiB with {stage}; "
+                       f"the budget is {LIMIT_BYTES / 2**20:.0f} MiB")
+    with open(record) as f:
+      rows = [line for line in f.read().splitlines() if line.startswith("| ")][2:]
+    rows = [row for row in rows if not row.startswith(f"| {stage} |")] + [
+        _row(f"{runs}/{stage}", stage)]
+    with open(os.path.join(scratch, RECORD_FILE), "w") as f:
+      f.write("\n".join(_header(total) + rows) + "\n")
+    if os.path.isdir(target):
+      shutil.rmtree(target)
+    os.replace(os.path.join(scratch, stage), target)
+    os.replace(os.path.join(scratch, RECORD_FILE), record)
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+  return total
 
 
 EXPECTED_FILE = "expected.json"
@@ -165,10 +245,10 @@ EXPECTED_TURNS = 40   # the first test turns of `data build shapes --seed 0` the
 EXPECTED_METRICS = ("edit_accuracy", "preservation", "l1", "l2", "clip_i", "clip_t")
 
 
-def record_expected(data_dir: str, out: str = ROOT) -> dict:
+def record_expected(data_dir: str, out: str = ROOT, only: list[str] | None = None) -> dict:
   """Evaluates the shipped models (`uip2p eval shapes`, defaults, first EXPECTED_TURNS turns of
   `data_dir`) and writes their numbers to expected.json: what tests/eval/test_shipped_shapes.py
-  reproduces from the package alone."""
+  reproduces from the package alone. `only`: these models' numbers, the others' kept."""
   import tempfile
 
   from uip2p_jax.cli import main as cli
@@ -177,6 +257,13 @@ def record_expected(data_dir: str, out: str = ROOT) -> dict:
   # identity: the shipped probe and CLIP alone (edit accuracy 0 by construction).
   shipped = ["identity"] + [name for name, stage in NAMES.items()
                             if os.path.isfile(os.path.join(paths()[stage], "unet", "config.json"))]
+  if only is not None:
+    with open(os.path.join(out, EXPECTED_FILE)) as f:
+      record = json.load(f)
+    if record["data"] != {"seed": 0, "turns": EXPECTED_TURNS}:
+      raise ValueError(f"{EXPECTED_FILE} covers {record['data']}, not the first {EXPECTED_TURNS} "
+                       "turns of seed 0: record every model again (ship without --add)")
+    shipped = only
   with tempfile.TemporaryDirectory() as scratch:
     for name in shipped:
       folder = os.path.join(scratch, name)
@@ -198,8 +285,18 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--models", default="prior,ip2p",
                       help="pipeline stages to ship (comma-separated; '' for the shared parts "
                            "only)")
+  parser.add_argument("--add", metavar="STAGE",
+                      help="ship only RUNS/STAGE/export, beside the models already shipped")
   args = parser.parse_args(argv)
+  from uip2p_jax.shapes_models import NAMES
   try:
+    if args.add:
+      total = add(args.runs, args.add)
+      name = next(n for n, stage in NAMES.items() if stage == args.add)
+      record = record_expected(os.path.join(args.runs, "data"), only=[name])
+      print(f"ship: {args.add} -> {ROOT} as {name} (package {total / 2**20:.1f} MiB); recorded "
+            f"{name} on the first {EXPECTED_TURNS} test turns in {EXPECTED_FILE}")
+      return 0
     shipped = ship(args.runs, [m for m in args.models.split(",") if m])
     record = record_expected(os.path.join(args.runs, "data"))
     print(f"ship: recorded {sorted(record['models'])} on the first {EXPECTED_TURNS} test turns "
