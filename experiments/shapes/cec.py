@@ -5,7 +5,9 @@ channels zero: strictly unsupervised; or from an IP2P model supervised on recolo
 runs/ip2p_recolour/export of experiments/shapes/ip2p.py:kinds=recolour, a v-prediction model
 unless trained with prediction=eps: the CEC edits read the UNet's output as the init's scheduler
 config says, `model.prediction_type` "auto"),
-losses=base|sim|full (the paper's chain), seed=N, steps=N, runs=DIR.
+losses=base|sim|full (the paper's chain), seed=N, steps=N, runs=DIR, models=runs|shipped (the
+prior, CLIP and recolour editor from DIR's exports or the package's shapes-sdedit, CLIP and
+shapes-ip2p-recolour).
 
   uip2p train --config experiments/shapes/cec.py:init=prior,losses=full \
       --workdir runs/shapes/cec
@@ -24,10 +26,10 @@ _LOSSES = {"base": dict(clip=1.0, sim=0.0, attn=0.0, recon=1.0),
 
 def get_config(arg=None):
   args = common.parse_arg(arg, init="prior", losses="full", seed="0", steps="1000",
-                          runs=common.RUNS)
+                          runs=common.RUNS, models="runs")
   losses = common.choice(args, "losses", _LOSSES)
   init = common.choice(args, "init", ("prior", "recolour"))
-  paths = common.paths(args["runs"])
+  paths = common.paths(args["runs"], common.choice(args, "models", ("runs", "shipped")))
   c = common.shapes_config("cec", steps=int(args["steps"]), batch=16, lr=1e-4)
   c.seed = int(args["seed"])
   c.loss = common.override(c.loss, _LOSSES[losses])
@@ -35,7 +37,7 @@ def get_config(arg=None):
   if init == "prior":
     c.model.init_from_sd = paths["prior"]
   else:
-    c.model.pretrained = f"{args['runs']}/ip2p_{init}/export"
+    c.model.pretrained = paths[f"ip2p_{init}"]
   c.data.dir, c.data.kind = paths["data"], "captions"
   # As the IP2P baseline (experiments/shapes/ip2p.py): the edits start from noised latents whose
   # channel means would otherwise give the input's colours away at every t.

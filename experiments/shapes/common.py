@@ -3,6 +3,8 @@
 Every stage reads and writes under one runs folder (the config argument `runs=DIR`, default
 runs/shapes): the built data in DIR/data, each stage's run in DIR/<stage>, its export in
 DIR/<stage>/export. launch/shapes.sh runs the stages in order; each resumes where it stopped.
+`models=shipped` (ip2p.py, cec.py) starts from the models shipped in the package instead of the
+runs folder's exports (the data is still DIR/data): the only way with no world trained here.
 """
 
 import importlib.util
@@ -19,11 +21,19 @@ base_config, override, parse_arg, choice = (_common.base_config, _common.overrid
 RUNS = "runs/shapes"
 
 
-def paths(runs: str) -> dict:
-  """Where each stage's export lands (the folders later stages load)."""
+def paths(runs: str, models: str = "runs") -> dict:
+  """Where each stage's export lands (the folders later stages load): in the runs folder, or
+  (`models="shipped"`) the package's ShapesWorld models; the data is the runs folder's."""
+  if models == "shipped":
+    from uip2p_jax import shapes_models
+    return {"data": f"{runs}/data", "vae": os.path.join(shapes_models.ROOT, "vae"),
+            **shapes_models.paths()}
+  if models != "runs":
+    raise ValueError(f"models={models!r}: expected runs or shipped")
   return {"data": f"{runs}/data", "vae": f"{runs}/vae/export/vae",
           "clip": f"{runs}/clip/export/clip", "prior": f"{runs}/prior/export",
-          "probe": f"{runs}/probe/export/probe", "ip2p": f"{runs}/ip2p/export"}
+          "probe": f"{runs}/probe/export/probe", "ip2p": f"{runs}/ip2p/export",
+          "ip2p_recolour": f"{runs}/ip2p_recolour/export", "cec": f"{runs}/cec/export"}
 
 
 def shapes_config(objective: str, *, steps: int, batch: int, lr: float, warmup: int = 200):

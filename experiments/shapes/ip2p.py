@@ -25,6 +25,8 @@ reshape 0.37, background 1.00, add 0.28, remove 0.50). From the step-10000 check
       --config.optim.decay_steps=2000 --config.optim.end_lr_factor=0.1 --config.optim.lr=1e-3 \
       --config.optim.image_channels_lr_multiplier=5      # 25 min (0.74 s/step, cached latents)
 
+`models=shipped`: from the package's prior (shapes-sdedit) instead of the runs folder's.
+
 `kinds=recolour`: supervised on recolour pairs only (the editor that CEC then extends to the
 other kinds, experiments/shapes/cec.py:init=recolour):
 
@@ -55,10 +57,10 @@ _PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction"}
 
 def get_config(arg=None):
   args = common.parse_arg(arg, steps="4000", runs=common.RUNS, kinds="all", prediction="v",
-                          region="0")
+                          region="0", models="runs")
   kinds = common.choice(args, "kinds", ("all", "recolour"))
   prediction = common.choice(args, "prediction", _PREDICTION_TYPES)
-  paths = common.paths(args["runs"])
+  paths = common.paths(args["runs"], common.choice(args, "models", ("runs", "shipped")))
   c = common.shapes_config("ip2p", steps=int(args["steps"]), batch=32, lr=2e-4)
   c.model.init_from_sd = paths["prior"]
   c.data.dir = paths["data"] if kinds == "all" else f"{args['runs']}/data_recolour"

@@ -259,3 +259,21 @@ def test_latent_cache_refuses_what_it_cannot_serve(world):
   with pytest.raises(ValueError, match="record shapes-train-.*'s image is 64x64; .* 32x32"):
     latent_cache.build(run_config.loader_config(config, os.path.join(runs, "data")), "ip2p",
                        graphs["vae"], frozen["vae"], os.path.join(runs, "unused"))
+
+
+def test_shapes_configs_start_from_the_shipped_models_when_asked():
+  from uip2p_jax import shapes_models
+  shipped = shapes_models.paths()
+  load = lambda name, arg: run_config.load_config(  # noqa: E731
+      os.path.join(ROOT, "experiments", "shapes", f"{name}.py") + ":" + arg)
+  cec = load("cec", "init=prior,models=shipped,runs=R")
+  assert (cec.model.init_from_sd, cec.model.clip, cec.data.dir) == (
+      shipped["prior"], shipped["clip"], "R/data")
+  assert load("cec", "init=recolour,models=shipped").model.pretrained == shipped["ip2p_recolour"]
+  ip2p = load("ip2p", "kinds=recolour,models=shipped,runs=R")
+  assert (ip2p.model.init_from_sd, ip2p.data.dir) == (shipped["prior"], "R/data_recolour")
+  for folder in (shipped["prior"], shipped["ip2p"]):
+    assert os.path.isfile(os.path.join(folder, "unet", "config.json")), folder
+  assert load("cec", "runs=R").model.init_from_sd == "R/prior/export"  # the default: runs
+  with pytest.raises(Exception, match="models='hub'"):
+    load("cec", "models=hub")
