@@ -12,16 +12,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # with more devices add their flag to these (os.environ["XLA_FLAGS"] + " --xla_force_...").
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
-# Many tests compile the same programs (the trainer's step in several fixtures, `uip2p train` in
-# subprocesses): a compilation cache fresh for each run, inherited by the subprocesses, compiles
-# each once. Only identical programs and compiler options hit it, so no result can change.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  import atexit
-  import shutil
-  import tempfile
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="uip2p_test_jax_cache_")
-  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import numpy as np
 import pytest
