@@ -96,24 +96,29 @@ def resolve_folder(path_or_repo: str | os.PathLike, subfolder: str | None = None
 COMPONENTS_FILE = "components.json"
 
 
-def _shared_component(pipeline: str, name: str) -> str | None:
-  """A pipeline folder may name where a part it shares with others lives:
+def shared_components(pipeline: str) -> dict[str, str]:
+  """A pipeline folder may name where parts it shares with others live:
   `components.json` = {"vae": "../vae", "text_encoder": "../clip", ...}, paths relative to the
-  pipeline folder (the shipped ShapesWorld models share one VAE, text encoder and tokenizer)."""
+  pipeline folder (the shipped ShapesWorld models share one VAE, text encoder and tokenizer).
+  Returns part -> folder ({} without the file)."""
   path = os.path.join(pipeline, COMPONENTS_FILE)
   if not os.path.isfile(path):
-    return None
+    return {}
   with open(path) as f:
     try:
       components = json.load(f)
     except json.JSONDecodeError as e:
       raise CheckpointError(f"{path}: not JSON ({e})") from None
-  if name not in components:
-    return None
-  folder = os.path.normpath(os.path.join(pipeline, components[name]))
-  if not os.path.isdir(folder):
-    raise CheckpointError(f"{path}: {name} -> {components[name]!r}, which is not a folder")
-  return folder
+  folders = {}
+  for name, relative in components.items():
+    folders[name] = os.path.normpath(os.path.join(pipeline, relative))
+    if not os.path.isdir(folders[name]):
+      raise CheckpointError(f"{path}: {name} -> {relative!r}, which is not a folder")
+  return folders
+
+
+def _shared_component(pipeline: str, name: str) -> str | None:
+  return shared_components(pipeline).get(name)
 
 
 def read_config(folder: str) -> dict[str, Any]:

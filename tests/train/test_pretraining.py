@@ -177,7 +177,8 @@ def test_ship_shares_parts_in_float16_and_loads_as_pipelines(world, tmp_path):
   assert total == sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(out)
                       for f in files if d != out)  # the models' folders
   record = open(os.path.join(out, "MODELS.md")).read()
-  assert "| ip2p | 2 |" in record and record.count("| cec | 2 |") == 1
+  assert all(f"| {stage} | 2 |" in record for stage in ("vae", "clip", "probe", "prior", "ip2p"))
+  assert record.count("| cec | 2 |") == 1
   assert f"total {total / 2**20:.1f} MiB" in record
   shipped_cec = EditPipeline.from_pretrained(os.path.join(out, "cec"))
   assert shipped_cec.schedule.prediction_type == exported.prediction_type
@@ -277,3 +278,21 @@ def test_shapes_configs_start_from_the_shipped_models_when_asked():
   assert load("cec", "runs=R").model.init_from_sd == "R/prior/export"  # the default: runs
   with pytest.raises(Exception, match="models='hub'"):
     load("cec", "models=hub")
+
+
+def test_an_export_from_a_shipped_model_stands_alone(tmp_path):
+  """A run started from a shipped model (models=shipped) exports whole parts, not the package's
+  components.json, whose relative paths would point nowhere from the run's folder."""
+  from uip2p_jax.schedules import NoiseSchedule
+  from uip2p_jax.shapes_models import paths
+  from uip2p_jax.train.samples import copy_base_parts
+  for stage, prediction in (("prior", "epsilon"), ("ip2p", "v_prediction")):
+    out = str(tmp_path / stage)
+    copy_base_parts(paths()[stage], out)
+    assert sorted(os.listdir(out)) == ["scheduler", "text_encoder", "tokenizer", "vae"], stage
+    assert NoiseSchedule.from_folder(os.path.join(out, "scheduler")).prediction_type == prediction
+    shipped_vae = weights.load_vae(paths()[stage])
+    exported_vae = weights.load_vae(out)
+    for key, value in weights.module_tensors(shipped_vae).items():
+      np.testing.assert_array_equal(weights.module_tensors(exported_vae)[key], value)
+    assert weights.load_text_encoder(out).config.hidden_size > 0

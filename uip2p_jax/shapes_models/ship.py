@@ -225,9 +225,10 @@ def add(runs: str, stage: str, out: str = ROOT) -> int:
     if total > LIMIT_BYTES:
       raise ValueError(f"the ShapesWorld models would take {total / 2**20:.1f} MiB with {stage}; "
                        f"the budget is {LIMIT_BYTES / 2**20:.0f} MiB")
-    with open(record) as f:
-      rows = [line for line in f.read().splitlines() if line.startswith("| ")][2:]
-    rows = [row for row in rows if not row.startswith(f"| {stage} |")] + [
+    with open(record) as f:  # the table's rows (not its header or separator), but stage's
+      rows = [line for line in f.read().splitlines() if line.startswith("| ")
+              and not line.startswith(("| model |", f"| {stage} |"))]
+    rows = rows + [
         _row(f"{runs}/{stage}", stage)]
     with open(os.path.join(scratch, RECORD_FILE), "w") as f:
       f.write("\n".join(_header(total) + rows) + "\n")
@@ -245,30 +246,46 @@ EXPECTED_TURNS = 40   # the first test turns of `data build shapes --seed 0` the
 EXPECTED_METRICS = ("edit_accuracy", "preservation", "l1", "l2", "clip_i", "clip_t")
 
 
-def record_expected(data_dir: str, out: str = ROOT, only: list[str] | None = None) -> dict:
-  """Evaluates the shipped models (`uip2p eval shapes`, defaults, first EXPECTED_TURNS turns of
-  `data_dir`) and writes their numbers to expected.json: what tests/eval/test_shipped_shapes.py
-  reproduces from the package alone. `only`: these models' numbers, the others' kept."""
+def _expected_so_far(out: str) -> dict:
+  """expected.json as recorded, refused unless it covers the turns recorded now."""
+  path = os.path.join(out, EXPECTED_FILE)
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: unreadable ({e}): record every model again (ship without --add)")
+  if record.get("data") != {"seed": 0, "turns": EXPECTED_TURNS} or "models" not in record:
+    raise ValueError(f"{path} covers {record.get('data')}, not the first {EXPECTED_TURNS} test "
+                     "turns of seed 0: record every model again (ship without --add)")
+  return record
+
+
+def record_expected(out: str = ROOT, only: list[str] | None = None) -> dict:
+  """Evaluates the shipped models (`uip2p eval shapes`, defaults, on the first EXPECTED_TURNS
+  test turns of `data build shapes --seed 0`, rendered here) and writes their numbers to
+  expected.json: what tests/eval/test_shipped_shapes.py reproduces from the package alone.
+  `only`: these models' numbers, the others' kept."""
   import tempfile
 
   from uip2p_jax.cli import main as cli
+  from uip2p_jax.data import shapes
   from uip2p_jax.shapes_models import NAMES, paths
   record = {"data": {"seed": 0, "turns": EXPECTED_TURNS}, "models": {}}
   # identity: the shipped probe and CLIP alone (edit accuracy 0 by construction).
   shipped = ["identity"] + [name for name, stage in NAMES.items()
                             if os.path.isfile(os.path.join(paths()[stage], "unet", "config.json"))]
   if only is not None:
-    with open(os.path.join(out, EXPECTED_FILE)) as f:
-      record = json.load(f)
-    if record["data"] != {"seed": 0, "turns": EXPECTED_TURNS}:
-      raise ValueError(f"{EXPECTED_FILE} covers {record['data']}, not the first {EXPECTED_TURNS} "
-                       "turns of seed 0: record every model again (ship without --add)")
-    shipped = only
+    record, shipped = _expected_so_far(out), only
   with tempfile.TemporaryDirectory() as scratch:
+    data_dir = os.path.join(scratch, "data")
+    os.makedirs(data_dir)
+    with open(shapes.scenes_path(data_dir, "test"), "w") as f:
+      for example in shapes.examples("test", EXPECTED_TURNS, 0):
+        f.write(json.dumps(example.to_json()) + "\n")
     for name in shipped:
       folder = os.path.join(scratch, name)
       if cli(["eval", "shapes", "--data", data_dir, "--out", folder, "--model", name,
-              "--limit", str(EXPECTED_TURNS), "--batch-size", str(EXPECTED_TURNS)]) != 0:
+              "--batch-size", str(EXPECTED_TURNS)]) != 0:
         raise ValueError(f"eval shapes --model {name} failed")
       with open(os.path.join(folder, "summary.json")) as f:
         summary = json.load(f)
@@ -291,14 +308,22 @@ def main(argv: list[str] | None = None) -> int:
   from uip2p_jax.shapes_models import NAMES
   try:
     if args.add:
+      names = [n for n, stage in NAMES.items() if stage == args.add]
+      if not names:
+        raise ValueError(f"--add {args.add}: no model name is given to that stage (shapes_models."
+                         f"NAMES: {', '.join(sorted(set(NAMES.values())))})")
+      _expected_so_far(ROOT)  # before the package changes: --add keeps the others' numbers
       total = add(args.runs, args.add)
-      name = next(n for n, stage in NAMES.items() if stage == args.add)
-      record = record_expected(os.path.join(args.runs, "data"), only=[name])
-      print(f"ship: {args.add} -> {ROOT} as {name} (package {total / 2**20:.1f} MiB); recorded "
-            f"{name} on the first {EXPECTED_TURNS} test turns in {EXPECTED_FILE}")
+      try:
+        record_expected(only=names)
+      except ValueError as e:
+        raise ValueError(f"{args.add} is shipped but its numbers are not recorded ({e}): "
+                         f"tests/eval/test_shipped_shapes.py fails until they are") from None
+      print(f"ship: {args.add} -> {ROOT} as {names[0]} (package {total / 2**20:.1f} MiB); "
+            f"recorded it on the first {EXPECTED_TURNS} test turns in {EXPECTED_FILE}")
       return 0
     shipped = ship(args.runs, [m for m in args.models.split(",") if m])
-    record = record_expected(os.path.join(args.runs, "data"))
+    record = record_expected()
     print(f"ship: recorded {sorted(record['models'])} on the first {EXPECTED_TURNS} test turns "
           f"in {EXPECTED_FILE}")
   except (ValueError, FileNotFoundError, weights.CheckpointError) as e:

@@ -177,6 +177,25 @@ def export(run: RunContext, state: TrainState, scale_images=None) -> str:
   return out
 
 
+def copy_base_parts(base: str, out: str) -> None:
+  """Everything of the pipeline folder `base` but its UNet into `out`; parts it shares through
+  `components.json` (the shipped ShapesWorld models) are copied in whole, so the export stands
+  alone wherever it is moved."""
+  from uip2p_jax import weights
+  shared = weights.shared_components(base)
+  os.makedirs(out, exist_ok=True)
+  for name in sorted(set(os.listdir(base)) | set(shared)):
+    if name in ("unet", weights.COMPONENTS_FILE) or name.startswith("."):
+      continue
+    source = os.path.join(base, name)
+    if not os.path.exists(source):
+      source = shared[name]
+    if os.path.isdir(source):
+      shutil.copytree(source, os.path.join(out, name), dirs_exist_ok=True)
+    else:
+      shutil.copyfile(source, os.path.join(out, name))
+
+
 def _write_export(run: RunContext, module, trained: str, out: str, shown: str, which: str,
                   lora: bool, scale_images) -> None:
   """export's files in the local folder `out` (`shown`: where they end up, for messages)."""
@@ -198,16 +217,7 @@ def _write_export(run: RunContext, module, trained: str, out: str, shown: str, w
     return
   base_pipeline = run.config.model.pretrained or run.config.model.init_from_sd
   if base_pipeline:
-    root = weights.resolve_folder(base_pipeline)
-    for name in os.listdir(root):
-      source = os.path.join(root, name)
-      if name == "unet" or name.startswith("."):
-        continue
-      if os.path.isdir(source):
-        shutil.copytree(source, os.path.join(out, name), dirs_exist_ok=True)
-      else:
-        os.makedirs(out, exist_ok=True)
-        shutil.copyfile(source, os.path.join(out, name))
+    copy_base_parts(weights.resolve_folder(base_pipeline), out)
     # The UNet may have been trained to another output than the base's (model.prediction_type).
     run.schedule.write_prediction_type(os.path.join(out, "scheduler"))
   else:
