@@ -14,9 +14,10 @@ def add_parser(commands) -> None:
                           description=run.__doc__)
   p.add_argument("--model", default=None,
                  help="diffusers IP2P folder, Hub repo id, or a shipped ShapesWorld model "
-                      "(shapes-ip2p, shapes-cec) (default: embedded tiny random model)")
+                      "(shapes-ip2p, shapes-cec, shapes-ip2p-recolour) (default: embedded tiny random "
+                      "model)")
   p.add_argument("--shapes", action="store_true",
-                 help="a ShapesWorld model (implied by shapes-ip2p and shapes-cec): its test "
+                 help="a ShapesWorld model (implied by the shapes-* editors): its test "
                       "scenes as examples, and a 64 px working size by default")
   p.add_argument("--resolution", type=common.resolution, default=None,
                  help="longest side of the working size (default 512; 64 for a ShapesWorld "

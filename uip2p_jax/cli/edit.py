@@ -37,7 +37,8 @@ def add_parser(commands) -> None:
                           description=DESCRIPTION)
   p.add_argument("--model", default=None,
                  help="diffusers IP2P folder, Hub repo id, or a shipped ShapesWorld model "
-                      "(shapes-ip2p, shapes-cec) (default: embedded tiny random model)")
+                      "(shapes-ip2p, shapes-cec, shapes-ip2p-recolour) (default: embedded tiny random "
+                      "model)")
   p.add_argument("--image", help="input image file")
   p.add_argument("--instruction", help="the edit instruction")
   p.add_argument("--out", help="output image file (.png, .jpg, .webp, ...)")

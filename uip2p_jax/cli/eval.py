@@ -306,7 +306,8 @@ def add_parser(commands) -> None:
                  help="a `uip2p data build shapes` folder (its scenes_test.jsonl)")
   p.add_argument("--out", required=True, metavar="DIR", type=common.output_location)
   p.add_argument("--model", default="shapes-ip2p",
-                 help="an IP2P folder, or identity | shapes-sdedit | shapes-ip2p | shapes-cec "
+                 help="an IP2P folder, or identity | shapes-sdedit | shapes-ip2p | shapes-cec | "
+                      "shapes-ip2p-recolour "
                       "(the shipped models, or --world's)")
   p.add_argument("--world", default=None, metavar="RUNS_DIR",
                  help="the launch/shapes.sh runs folder whose probe, CLIP and models to use "

@@ -36,11 +36,11 @@ LIMIT_BYTES = 40 * 1024 * 1024
 
 
 def _same(a, b, in_float16: bool = False) -> bool:
-  """Whether modules a and b hold the same tensors (`in_float16`: once a's are rounded to
-  float16, as shipping rounds them; b is a shipped model)."""
+  """Whether modules a and b hold the same tensors (`in_float16`: once rounded to float16, as
+  shipping rounds them: a run started from a shipped model shares its parts)."""
   ta, tb = weights.module_tensors(a), weights.module_tensors(b)
   if in_float16:
-    ta = {k: v.astype(np.float16).astype(tb[k].dtype) if k in tb else v for k, v in ta.items()}
+    ta, tb = ({k: v.astype(np.float16) for k, v in t.items()} for t in (ta, tb))
   return ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
 
 
@@ -92,7 +92,7 @@ def ship(runs: str, models: list[str], out: str = ROOT) -> list[str]:
   vae = weights.load_vae(f"{runs}/vae/export/vae", subfolder=None)
   clip = weights.load_clip(f"{runs}/clip/export/clip")
   for name in models:
-    _check_shares(f"{runs}/{name}/export", vae, clip.text_model, runs)
+    _check_shares(f"{runs}/{name}/export", vae, clip.text_model, runs, shipped=True)
   os.makedirs(out, exist_ok=True)
   scratch = tempfile.mkdtemp(prefix=".ship-", dir=out)
   try:
