@@ -35,7 +35,7 @@ other kinds, experiments/shapes/cec.py:init=recolour):
   uip2p train --config experiments/shapes/ip2p.py:kinds=recolour --workdir runs/shapes/ip2p_recolour
 
 The shipped `shapes-ip2p-recolour` (0.449 / 0.786 on the recolour test edits, 0 on the other
-kinds) is that from the shipped prior with shapes-ip2p's recipe, 3000 steps in ~65 min:
+kinds) is that from the shipped prior with shapes-ip2p's recipe, 3000 steps in ~70 min:
 
   uip2p train --config experiments/shapes/ip2p.py:kinds=recolour,models=shipped,steps=3000 \
       --workdir runs/shapes/ip2p_recolour --config.optim.schedule=wsd \
