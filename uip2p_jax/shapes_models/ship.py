@@ -228,8 +228,7 @@ def add(runs: str, stage: str, out: str = ROOT) -> int:
     with open(record) as f:  # the table's rows (not its header or separator), but stage's
       rows = [line for line in f.read().splitlines() if line.startswith("| ")
               and not line.startswith(("| model |", f"| {stage} |"))]
-    rows = rows + [
-        _row(f"{runs}/{stage}", stage)]
+    rows.append(_row(f"{runs}/{stage}", stage))
     with open(os.path.join(scratch, RECORD_FILE), "w") as f:
       f.write("\n".join(_header(total) + rows) + "\n")
     if os.path.isdir(target):
