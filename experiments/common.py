@@ -53,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema_dtype = "float32"              # bfloat16 halves the EMA's memory
   c.log_every = 50
   c.export = True                      # the EMA UNet in diffusers' format at the end
+  c.export_every = 0                   # N > 0: also a snapshot export at every Nth step, in
+                                       # workdir/exports/step_N (evaluate a run as it trains)
   c.final_edit = False                 # edit one sample image with it
   c.profile_steps = ""                 # "START,COUNT": a jax.profiler trace in workdir/profile
 

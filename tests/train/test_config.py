@@ -38,6 +38,8 @@ def test_overrides_are_typed_and_nested():
     (["--config.cycle.share_noise=maybe"], r"expected a bool"),
     (["--frobnicate"], r"unknown argument '--frobnicate'"),
     (["--config.model.prediction_type=v"], r"config.model.prediction_type='v'; expected 'auto'"),
+    (["--config.export_every=100", "--config.export=false"],
+     r"config.export_every=100 with config.export=False; expected 0"),
 ])
 def test_bad_overrides_are_named(tmp_path, argv, message):
   workdir = str(tmp_path / "run")

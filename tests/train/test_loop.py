@@ -63,7 +63,7 @@ def read_metrics(workdir):
 
 def test_sigterm_save_killed_save_and_exact_resume(tmp_path, monkeypatch):
   config = tiny_config(**{"total_steps": 4, "checkpoint.every": 2, "export": True,
-                          "sample.every": 2})
+                          "export_every": 3, "sample.every": 2})
   # Sample grids (not drawn here: the edit would compile) come from the same held-out records
   # in every run, interrupted and resumed ones included.
   sampled = []
@@ -82,6 +82,14 @@ def test_sigterm_save_killed_save_and_exact_resume(tmp_path, monkeypatch):
   with open(os.path.join(straight, "export", "README.md")) as f:  # its model card
     card = f.read()
   assert card.startswith("---\nlicense: other\nlibrary_name: diffusers\n") and "4 of 4" in card
+  # export_every: a snapshot at step 3 (the last step's export is export/ alone), with its card.
+  assert os.listdir(os.path.join(straight, "exports")) == ["step_3"]
+  snapshot = os.path.join(straight, "exports", "step_3")
+  snapshot_unet = weights.load_unet(os.path.join(snapshot, "unet"), subfolder=None)
+  assert not np.array_equal(np.asarray(snapshot_unet.conv_in.kernel.value),
+                            np.asarray(exported.conv_in.kernel.value))
+  with open(os.path.join(snapshot, "README.md")) as f:
+    assert "3 of 4" in f.read()
 
   # Interrupted run: SIGTERM arrives while the 3rd batch is read; the step is finished, saved
   # (off the every-2 schedule) and the run exits.

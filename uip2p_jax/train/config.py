@@ -230,6 +230,10 @@ def check(config) -> None:
         "adapters on a frozen base. Give the model to adapt (config.model.pretrained=FOLDER or "
         "Hub id, e.g. timbrooks/instruct-pix2pix), or set config.lora.rank=0 to train the "
         f"whole UNet (random bases are for the test presets {LORA_RANDOM_BASE_PRESETS})")
+  if config.export_every < 0 or (config.export_every and not config.export):
+    raise ConfigError(f"config.export_every={config.export_every} with config.export="
+                      f"{config.export}; expected 0 (only the final export) or N > 0 with "
+                      "export True (a snapshot export at every Nth step too)")
   if config.final_edit and config.objective not in ("cec", "ip2p"):
     raise ConfigError(f"config.final_edit=True edits an image; objective {config.objective!r} "
                       "trains no edit model (set it False)")

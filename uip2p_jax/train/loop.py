@@ -196,6 +196,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         # checkpoint are dropped on resume, lines up to it are never written again).
         writer.flush()
         checkpoints.save(step, state, loader, loss, force=preempted or step == config.total_steps)
+      if config.export_every and step % config.export_every == 0 and step < config.total_steps:
+        # A snapshot to evaluate while the run goes on (the final one is workdir/export).
+        export(run, state, lambda: _first_images(config, workdir, VAE_SCALE_IMAGES),
+               out=os.path.join(workdir, "exports", f"step_{step}"))
       if preempted:
         checkpoints.wait_until_finished()
         print(f"train: interrupted: saved step {step}; run the same command to resume "

@@ -140,8 +140,8 @@ def generate(run: RunContext, params, caption_ids):
 VAE_SCALE_IMAGES = 256  # images whose latents' std sets an exported VAE's scaling factor
 
 
-def export(run: RunContext, state: TrainState, scale_images=None) -> str:
-  """The trained module (EMA when kept) under workdir/export:
+def export(run: RunContext, state: TrainState, scale_images=None, out: str | None = None) -> str:
+  """The trained module (EMA when kept) under `out` (default workdir/export):
   - a UNet: `unet/` in diffusers' format, in a full pipeline folder (`uip2p edit --model`,
     `uip2p eval`, diffusers' `from_pretrained`): the base pipeline's other parts are copied
     beside it (`pretrained` or `init_from_sd`); a run built from a preset (or a world's own
@@ -158,7 +158,7 @@ def export(run: RunContext, state: TrainState, scale_images=None) -> str:
   trained = trained_module(run.config.objective)
   params = host_tree(evaluated_params(state))
   step = int(host_tree(state.step))
-  out = os.path.join(run.workdir, "export")
+  out = out or os.path.join(run.workdir, "export")
   lora = run.config.lora.rank > 0
   base = host_tree(run.frozen[trained]) if lora else None  # a LoRA UNet's frozen base
   if jax.process_index() != 0:
