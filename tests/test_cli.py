@@ -10,7 +10,7 @@ from PIL import Image
 
 from uip2p_jax.cli import main
 
-FAST = ["--resolution", "64", "--steps", "2"]
+FAST = ["--model", "tiny-random", "--resolution", "64", "--steps", "2"]
 
 
 def _image(path, size=(96, 64)):
@@ -19,12 +19,11 @@ def _image(path, size=(96, 64)):
   return str(path)
 
 
-def test_edit_one_image_with_embedded_model(tmp_path, capsys):
+def test_edit_one_image_with_the_tiny_model(tmp_path):
   out = tmp_path / "out.png"
   assert main(["edit", "--image", _image(tmp_path / "in.jpg"), "--instruction", "make it snowy",
                "--out", str(out), *FAST]) == 0
   assert Image.open(out).size == (64, 64)  # 96x64 -> longest side 64, multiples of 64
-  assert "embedded tiny random model" in capsys.readouterr().err
 
 
 def test_edit_batch_skips_bad_records(tmp_path, capsys):
@@ -66,6 +65,13 @@ def test_demo_runs_every_model_and_the_edit(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "rows sum to 1.0000" in out and "demo finished" in out
   assert Image.open(tmp_path / "edited.png").size == (64, 64)
+  # The shipped ShapesWorld editor's edit of the demo scene, as the probe reads it.
+  assert ("shapes-cec on a rendered scene (a large red circle in the top left corner and a large "
+          "green square in the bottom right corner on a gray background), 'make the red circle "
+          "blue'") in out
+  assert ("the probe reads the edit as: a large blue circle in the top left corner and a large "
+          "green square in the bottom right corner on a gray background") in out
+  assert Image.open(tmp_path / "shapes_edited.png").size == (64, 64)
 
 
 @pytest.mark.parametrize("argv, message", [

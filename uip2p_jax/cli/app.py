@@ -13,9 +13,7 @@ def add_parser(commands) -> None:
   p = commands.add_parser("app", help="edit images in a browser (a local Gradio page)",
                           description=run.__doc__)
   p.add_argument("--model", default=None,
-                 help="diffusers IP2P folder, Hub repo id, or a shipped ShapesWorld model "
-                      "(shapes-ip2p, shapes-cec, shapes-ip2p-recolour) (default: embedded tiny random "
-                      "model)")
+                 help=common.MODEL_HELP + f" (default: {common.DEFAULT_EDIT_MODEL})")
   p.add_argument("--shapes", action="store_true",
                  help="a ShapesWorld model (implied by the shapes-* editors): its test "
                       "scenes as examples, and a 64 px working size by default")
@@ -23,14 +21,16 @@ def add_parser(commands) -> None:
                  help="longest side of the working size (default 512; 64 for a ShapesWorld "
                       "model)")
   p.add_argument("--steps", type=common.positive_int, default=20, help="the page's initial steps")
-  p.add_argument("--text-scale", type=float, default=7.5)
+  p.add_argument("--text-scale", type=float, default=None,
+                 help=f"the page's initial text guidance (default 7.5; "
+                      f"{common.SHAPES_TEXT_SCALE} for a ShapesWorld model)")
   p.add_argument("--image-scale", type=float, default=1.5)
   p.add_argument("--sampler", default="euler_ancestral",
                  choices=["euler_ancestral", "euler", "ddim", "ddpm"])
   p.add_argument("--dtype", type=common.compute_dtype, default="auto",
                  metavar="{" + ",".join(common.DTYPES) + "}", help=common.DTYPE_HELP)
   p.add_argument("--seed", type=common.non_negative_int, default=0,
-                 help="seed of the embedded model's random weights")
+                 help="seed of the tiny random model's weights")
   p.add_argument("--host", default="127.0.0.1",
                  help="address to serve on (0.0.0.0: every interface; default this machine only)")
   p.add_argument("--port", type=common.int_at_least(1, "a port number"), default=7860)
@@ -42,17 +42,15 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> int:
   """Serve a page that edits an uploaded image by instruction (steps, text and image guidance,
   seed), with the bundled sample photos (and ShapesWorld scenes) as examples. Works offline
-  with the embedded default model; the first edit of each image size compiles."""
-  from uip2p_jax import shapes_models
-  from uip2p_jax.data import shapes as shapes_world
+  with the default model, the shipped ShapesWorld CEC editor; the first edit of each image size
+  compiles."""
   os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
   from uip2p_jax.app import build_app, launch
-  world = args.shapes or args.model in shapes_models.EDIT_MODELS
-  resolution = args.resolution or (shapes_world.RESOLUTION if world else 512)
+  world = common.editor_defaults(args, "uip2p app")
   pipe = common.load_pipeline(args.model, args.dtype, args.seed, command="uip2p app")
-  name = args.model or (f"the {common.EMBEDDED_MODEL} (its edits are noise: it shows the path "
-                        "runs)")
-  app = build_app(pipe, name, resolution=resolution, steps=args.steps,
+  name = (f"the {common.EMBEDDED_MODEL} (its edits are noise: it shows the path runs)"
+          if args.model == common.TINY_MODEL else args.model)
+  app = build_app(pipe, name, resolution=args.resolution, steps=args.steps,
                   text_scale=args.text_scale, image_scale=args.image_scale,
                   sampler=args.sampler, shapes=world)
   # Quiet: gradio's own banner suggests `share=True` in Python; say it in this command's terms.

@@ -16,6 +16,39 @@ EXIT_STATUS_HELP = ("Exit status: 0 all records done; 3 some records skipped (ea
                     "with its line or id, the rest done); 2 nothing could be done, or a usage "
                     "error.")
 EMBEDDED_MODEL = "embedded tiny random model"
+TINY_MODEL = "tiny-random"          # --model name of the embedded tiny random model
+DEFAULT_EDIT_MODEL = "shapes-cec"   # edit / app / eval shapes with no --model
+# The editors' help: what --model takes.
+MODEL_HELP = ("diffusers IP2P folder, Hub repo id, a shipped ShapesWorld model (shapes-cec, "
+              "shapes-ip2p, shapes-ip2p-recolour), or tiny-random (the embedded tiny random "
+              "model: the path runs, its edits are noise)")
+# ShapesWorld editors' working size and guidance, where the command's defaults are for photos.
+SHAPES_TEXT_SCALE = 4.0
+
+
+def edit_model(model: str | None, command: str) -> str:
+  """--model, or with none given the shipped ShapesWorld CEC model, said on stderr."""
+  if model is not None:
+    return model
+  print(f"{command}: no --model given: using {DEFAULT_EDIT_MODEL}, the ShapesWorld editor this "
+        "repository trained with CEC and ships (64 px scenes of coloured shapes; --model "
+        "for yours)", file=sys.stderr)
+  return DEFAULT_EDIT_MODEL
+
+
+def editor_defaults(args: argparse.Namespace, command: str) -> bool:
+  """Fills in `edit`'s and `app`'s --model (shapes-cec when none is given), --resolution and
+  --text-scale (a ShapesWorld editor's 64 px and 4.0, as `eval shapes`; else 512 and 7.5, the
+  photo models'); True for a ShapesWorld editor (or `app --shapes`)."""
+  from uip2p_jax import shapes_models
+  from uip2p_jax.data import shapes as shapes_world
+  args.model = edit_model(args.model, command)
+  world = args.model in shapes_models.EDIT_MODELS or getattr(args, "shapes", False)
+  if args.resolution is None:
+    args.resolution = shapes_world.RESOLUTION if world else 512
+  if args.text_scale is None:
+    args.text_scale = SHAPES_TEXT_SCALE if world else 7.5
+  return world
 
 
 def int_at_least(minimum: int, what: str = "a whole number"):
@@ -127,10 +160,12 @@ def model_folder(model: str, world: str | None = None) -> str:
 def load_pipeline(model: str | None, dtype: str = "float32", seed: int = 0,
                   command: str = "uip2p"):
   """An `EditPipeline` from a diffusers IP2P folder, a Hub repo id or a shipped model's name
-  (shapes-ip2p, shapes-cec); with no model, the embedded tiny random model, said on stderr
-  (its edits are noise)."""
+  (shapes-ip2p, shapes-cec); `tiny-random` the embedded tiny random model (its edits are noise);
+  with no model (eval magicbrush, ip2p-curve) the same, said on stderr."""
   from uip2p_jax.model_set import dtype_of
   from uip2p_jax.pipeline import EditPipeline
+  if model == TINY_MODEL:
+    return EditPipeline.tiny_random(seed)
   if model is not None:
     model = model_folder(model)
   if model is None:
@@ -143,7 +178,7 @@ def load_pipeline(model: str | None, dtype: str = "float32", seed: int = 0,
 def model_id(model: str | None, seed: int = 0) -> str:
   """What made a set of edits: an absolute folder with a fingerprint of its UNet weights (a
   re-export into the same folder is another model), a Hub repo id, or the embedded model."""
-  if model is None:
+  if model is None or model == TINY_MODEL:
     return f"{EMBEDDED_MODEL} (seed {seed})"
   model = model_folder(model)
   if not os.path.isdir(model):

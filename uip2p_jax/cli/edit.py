@@ -36,9 +36,7 @@ def add_parser(commands) -> None:
   p = commands.add_parser("edit", help="edit images by instruction (one, or a JSONL batch)",
                           description=DESCRIPTION)
   p.add_argument("--model", default=None,
-                 help="diffusers IP2P folder, Hub repo id, or a shipped ShapesWorld model "
-                      "(shapes-ip2p, shapes-cec, shapes-ip2p-recolour) (default: embedded tiny random "
-                      "model)")
+                 help=common.MODEL_HELP + f" (default: {common.DEFAULT_EDIT_MODEL})")
   p.add_argument("--image", help="input image file")
   p.add_argument("--instruction", help="the edit instruction")
   p.add_argument("--out", help="output image file (.png, .jpg, .webp, ...)")
@@ -48,7 +46,9 @@ def add_parser(commands) -> None:
   p.add_argument("--overwrite", action="store_true",
                  help="--batch: redo records whose output exists (default: keep them)")
   p.add_argument("--steps", type=common.positive_int, default=20)
-  p.add_argument("--text-scale", type=float, default=7.5)
+  p.add_argument("--text-scale", type=float, default=None,
+                 help=f"text guidance (default 7.5; {common.SHAPES_TEXT_SCALE} for a ShapesWorld "
+                      "model, as `eval shapes`)")
   p.add_argument("--image-scale", type=float, default=1.5)
   p.add_argument("--seed", type=common.non_negative_int, default=0, help="record i uses seed + i")
   p.add_argument("--sampler", default="euler_ancestral",
@@ -56,8 +56,9 @@ def add_parser(commands) -> None:
   p.add_argument("--strength", type=common.positive_fraction, default=1.0,
                  help="1 samples from pure noise (IP2P's); s < 1 starts from the input noised "
                       "to step round(steps x (1 - s)) and runs the rest")
-  p.add_argument("--resolution", type=common.resolution, default=512,
-                 help="longest side of the working size (at least 64)")
+  p.add_argument("--resolution", type=common.resolution, default=None,
+                 help="longest side of the working size (at least 64; default 512, 64 for a "
+                      "ShapesWorld model)")
   p.add_argument("--dtype", type=common.compute_dtype, default="auto",
                  metavar="{" + ",".join(common.DTYPES) + "}", help=common.DTYPE_HELP)
   p.add_argument("--batch-size", type=common.positive_int, default=1)
@@ -132,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
   from uip2p_jax.pipeline import batches_by_size
   batch = args.batch is not None
   bad: list[tuple[str, str]] = []
+  common.editor_defaults(args, "uip2p edit")
 
   def report(where: str, why: str) -> None:
     bad.append((where, why))

@@ -305,10 +305,10 @@ def add_parser(commands) -> None:
   p.add_argument("--data", required=True, metavar="DATA_DIR",
                  help="a `uip2p data build shapes` folder (its scenes_test.jsonl)")
   p.add_argument("--out", required=True, metavar="DIR", type=common.output_location)
-  p.add_argument("--model", default="shapes-ip2p",
-                 help="an IP2P folder, or identity | shapes-sdedit | shapes-ip2p | shapes-cec | "
-                      "shapes-ip2p-recolour "
-                      "(the shipped models, or --world's)")
+  p.add_argument("--model", default=common.DEFAULT_EDIT_MODEL,
+                 help="an IP2P folder, or identity | shapes-sdedit | shapes-cec | shapes-ip2p | "
+                      "shapes-ip2p-recolour (the shipped models, or --world's; default "
+                      f"{common.DEFAULT_EDIT_MODEL})")
   p.add_argument("--world", default=None, metavar="RUNS_DIR",
                  help="the launch/shapes.sh runs folder whose probe, CLIP and models to use "
                       "(default: the shipped ones)")

@@ -479,6 +479,24 @@ def scene_labels(scene: Scene) -> np.ndarray:
   return labels
 
 
+def describe_labels(labels: np.ndarray) -> str:
+  """What a label vector (the probe's reading) says, in caption words: scene_labels's inverse,
+  'a large blue circle in the top left corner and ... on a gray background' (a cell whose
+  attributes disagree on being empty shows '?' for the missing ones)."""
+  parts = []
+  for (row, col), where in POSITIONS.items():
+    read = {}
+    for name, values in _CELL_ATTRIBUTES:
+      value = int(labels[cell_label(row, col, name, None)[0]])
+      read[name] = values[value - 1] if value else None
+    if any(read.values()):
+      shown = {k: v or "?" for k, v in read.items()}
+      parts.append(f"a {shown['size']} {shown['colour']} {shown['shape']} {where}")
+  listed = ("nothing" if not parts else parts[0] if len(parts) == 1
+            else ", ".join(parts[:-1]) + " and " + parts[-1])
+  return f"{listed} on a {list(BACKGROUNDS)[int(labels[0])]} background"
+
+
 # ---------------------------------------------------------------------------------------------
 # Records and the build.
 
