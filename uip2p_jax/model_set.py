@@ -1,7 +1,7 @@
 """The one place that builds a set of models: from an architecture preset (random weights, or
 abstract shapes for planning) or from a pretrained diffusers / transformers folder or Hub id.
 
-Training, planning, the edit pipeline (its embedded default too), the demo and the benchmarks
+Training, planning, the edit pipeline (its embedded tiny model too), the demo and the benchmarks
 all call `build_models`; nothing else constructs a UNet + VAE + text encoder (+ loss CLIP).
 """
 

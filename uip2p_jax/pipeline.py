@@ -182,7 +182,7 @@ class EditPipeline:
 
   @classmethod
   def tiny_random(cls, seed: int = 0) -> "EditPipeline":
-    """The embedded default: a tiny randomly initialised IP2P model (no download)."""
+    """The embedded tiny model (`--model tiny-random`): a tiny random IP2P model, no download."""
     from uip2p_jax.model_set import build_models
     return cls.from_models(build_models(preset="tiny", seed=seed))
 

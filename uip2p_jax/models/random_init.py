@@ -1,4 +1,4 @@
-"""Fast random initialisation for demos, tests and the embedded default model.
+"""Fast random initialisation for demos, tests and the embedded tiny model.
 
 Constructing an NNX module eagerly runs one small XLA program per parameter initialiser (and
 under `jit`, one large one): ~20 s for even the tiny preset on a 2-core CPU, all of it compile
