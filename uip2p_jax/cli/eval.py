@@ -315,7 +315,7 @@ def add_parser(commands) -> None:
   p.add_argument("--limit", type=common.positive_int, default=None)
   p.add_argument("--steps", type=common.positive_int, default=20)
   p.add_argument("--batch-size", type=common.positive_int, default=50)
-  p.add_argument("--text-scale", type=float, default=4.0)
+  p.add_argument("--text-scale", type=float, default=common.SHAPES_TEXT_SCALE)
   p.add_argument("--image-scale", type=float, default=1.5)
   p.add_argument("--strength", type=common.positive_fraction, default=1.0,
                  help="edit models: 1 samples from pure noise (IP2P's); s < 1 starts from the "
