@@ -141,7 +141,7 @@ def shapes_edit(model: str, out_dir: str, seed: int = 0, instruction: str = DEMO
   models = shapes_models.paths()
   labels = World(models["probe"], models["clip"]).labels(to_unit(edited)[None])[0]
   read = shapes.describe_labels(labels)
-  to_pil(to_unit(shapes.render(scene))).save(os.path.join(out_dir, "shapes_input.png"))
+  to_pil(image).save(os.path.join(out_dir, "shapes_input.png"))
   to_pil(to_unit(edited)).save(os.path.join(out_dir, "shapes_edited.png"))
   print(f"  {model} on a rendered scene ({shapes.caption(scene)}), {instruction!r}: "
         f"{seconds:.1f} s (compile + 20 steps); the probe reads the edit as: {read}")
