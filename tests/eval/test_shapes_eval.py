@@ -45,9 +45,9 @@ def turns(tmp_path_factory):
   return shapes_eval.load_test(str(out))
 
 
-def _run(turns, edit, tmp_path):
+def _run(turns, edit, tmp_path, label="test"):
   world = OracleWorld([t["scene"] for t in turns] + [t["edited_scene"] for t in turns])
-  return shapes_eval.evaluate(turns, edit, world, str(tmp_path), "test", {}, batch_size=8)
+  return shapes_eval.evaluate(turns, edit, world, str(tmp_path), label, {}, batch_size=8)
 
 
 def truth(images, chunk):
@@ -64,6 +64,22 @@ def test_identity_and_ground_truth_score_exactly(turns, tmp_path):
   kinds = {t["edit"]["kind"] for t in turns}
   for kind in kinds:
     assert best["groups"][f"kind:{kind}"]["edit_accuracy"] == 1.0
+
+
+def test_compare_pools_runs_that_share_a_label_as_replicates(turns, tmp_path):
+  # Two "seeds" of one label (one editing perfectly, one not at all) and a single run.
+  _run(turns, lambda images, chunk: images, tmp_path / "a0", label="chain")
+  _run(turns, truth, tmp_path / "a1", label="chain")
+  _run(turns, truth, tmp_path / "b", label="truth")
+  table = shapes_eval.compare([str(tmp_path / "a0"), str(tmp_path / "a1"),
+                               str(tmp_path / "b" / "summary.json")])
+  header, _, pooled, single = table.splitlines()
+  cells = [c.strip() for c in pooled.strip("|").split("|")]
+  assert cells[0] == "chain (n=2)"
+  # edit accuracy 0 and 1: mean 0.5, sample sd sqrt(0.5); preservation 1 and 1.
+  assert cells[1:3] == ["0.500 ± 0.707", "1.000 ± 0.000"]
+  assert single.startswith("| truth | 1.000 | 1.000 |")
+  assert len(cells) == len(header.strip("|").split("|"))
 
 
 def test_an_edit_that_also_changes_the_background_is_not_preserving():

@@ -238,7 +238,8 @@ def _roundtrip(vae):
 
 
 def eval_shapes_compare(args: argparse.Namespace) -> int:
-  """Several `eval shapes` runs (their folders or summary.json files) in one Markdown table."""
+  """Several `eval shapes` runs (their folders or summary.json files) in one Markdown table; runs
+  with the same --label (e.g. one per seed) make one row of mean ± standard deviation."""
   from uip2p_jax.eval import shapes as shapes_eval
   table = shapes_eval.compare(args.runs)
   print(table, end="")

@@ -304,23 +304,35 @@ def grid(inputs, edited, targets, turns, count: int = GRID_EXAMPLES, scale: int 
 
 
 def compare(summary_paths: list[str]) -> str:
-  """Several `eval shapes` summaries as one Markdown table (overall and per edit kind)."""
-  rows = []
+  """Several `eval shapes` summaries as one Markdown table (overall and per edit kind).
+
+  Summaries that share a `model` label (`eval shapes --label`) are replicates, e.g. one run per
+  seed: they make one row, "label (n=K)", whose cells are the mean ± the sample standard
+  deviation over the K runs."""
+  by_label: dict[str, list[dict]] = {}
   for path in summary_paths:
     if storage.isdir(path):
       path = os.path.join(path, "summary.json")
-    rows.append(json.loads(storage.read_text(path)))
+    summary = json.loads(storage.read_text(path))
+    by_label.setdefault(summary["model"], []).append(summary)
   header = ["model", *METRICS, *(f"edit acc. {k}" for k in shapes.EDIT_KINDS),
             "edit acc. held-out phrasing", "edit acc. held-out combination"]
   lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-  for s in rows:
-    g = s["groups"]
-    cells = [s["model"], *(f"{s[m]:.3f}" for m in METRICS),
-             *(f"{g[f'kind:{k}']['edit_accuracy']:.3f}" for k in shapes.EDIT_KINDS),
-             f"{g['held_out_phrasing']['edit_accuracy']:.3f}",
-             f"{g['held_out_combination']['edit_accuracy']:.3f}"]
-    lines.append("| " + " | ".join(cells) + " |")
+  for label, runs in by_label.items():
+    columns = [[s[m] for s in runs] for m in METRICS]
+    columns += [[s["groups"][group]["edit_accuracy"] for s in runs]
+                for group in (*(f"kind:{k}" for k in shapes.EDIT_KINDS), "held_out_phrasing",
+                              "held_out_combination")]
+    name = label if len(runs) == 1 else f"{label} (n={len(runs)})"
+    lines.append("| " + " | ".join([name, *map(_mean_and_spread, columns)]) + " |")
   return "\n".join(lines) + "\n"
+
+
+def _mean_and_spread(values: list[float]) -> str:
+  """One value as is; replicates as mean ± sample standard deviation."""
+  if len(values) == 1:
+    return f"{values[0]:.3f}"
+  return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
 __all__ = ["GROUPS", "METRICS", "World", "compare", "evaluate", "grid", "group_masks",
