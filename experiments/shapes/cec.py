@@ -6,7 +6,8 @@ runs/ip2p_recolour/export of experiments/shapes/ip2p.py:kinds=recolour, a v-pred
 unless trained with prediction=eps: the CEC edits read the UNet's output as the init's scheduler
 config says, `model.prediction_type` "auto"; or from a CEC run's export, to continue it: the
 shipped shapes-cec with models=shipped, launch/quickstart.sh),
-losses=base|sim|full (the paper's chain), seed=N, steps=N, runs=DIR, models=runs|shipped (the
+losses=base|sim|full (the paper's chain), seed=N, steps=N, lr=X (peak, cosine to a tenth),
+warmup=N (steps), ema=X (EMA decay), runs=DIR, models=runs|shipped (the
 prior, CLIP and recolour editor from DIR's exports or the package's shapes-sdedit, CLIP and
 shapes-ip2p-recolour).
 
@@ -33,11 +34,13 @@ _LOSSES = {"base": dict(clip=1.0, sim=0.0, attn=0.0, recon=1.0),
 
 def get_config(arg=None):
   args = common.parse_arg(arg, init="prior", losses="full", seed="0", steps="1000",
-                          runs=common.RUNS, models="runs")
+                          runs=common.RUNS, models="runs", lr="1e-4", warmup="200", ema="0.999")
   losses = common.choice(args, "losses", _LOSSES)
   init = common.choice(args, "init", ("prior", "recolour", "cec"))
   paths = common.paths(args["runs"], common.choice(args, "models", ("runs", "shipped")))
-  c = common.shapes_config("cec", steps=int(args["steps"]), batch=16, lr=1e-4)
+  c = common.shapes_config("cec", steps=int(args["steps"]), batch=16, lr=float(args["lr"]),
+                           warmup=int(args["warmup"]))
+  c.ema_decay = float(args["ema"])
   c.seed = int(args["seed"])
   c.loss = common.override(c.loss, _LOSSES[losses])
   c.model.clip = paths["clip"]

@@ -82,6 +82,35 @@ def test_compare_pools_runs_that_share_a_label_as_replicates(turns, tmp_path):
   assert len(cells) == len(header.strip("|").split("|"))
 
 
+def test_plot_draws_one_line_per_label_with_seeds_as_mean_and_sd(tmp_path, capsys):
+  from uip2p_jax.cli import main
+
+  def summary(name, label, step, accuracy, image_scale=1.5):
+    groups = {"all": {m: 0.5 for m in shapes_eval.METRICS}}
+    groups["all"]["edit_accuracy"] = accuracy
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"model": label, "groups": groups, "settings": {
+        "train_step": step, "image_scale": image_scale}}))
+    return str(path)
+
+  runs = [summary("a0", "full", 0, 0.1), summary("a1s0", "full", 100, 0.2),
+          summary("a1s1", "full", 100, 0.4), summary("b", "base", 100, 0.3)]
+  drawn = shapes_eval.plot(runs, "train_step", "edit_accuracy", str(tmp_path / "p.png"),
+                           annotate="image_scale")
+  assert drawn["base"] == [(100.0, 1.5, 0.3, 0.0, 1)]
+  (x0, _, y0, sd0, n0), (x1, _, y1, sd1, n1) = drawn["full"]
+  assert (x0, y0, sd0, n0) == (0.0, 0.1, 0.0, 1)
+  assert (x1, n1) == (100.0, 2) and y1 == pytest.approx(0.3) and sd1 == pytest.approx(0.1414, 1e-3)
+  assert (tmp_path / "p.png").stat().st_size > 0
+  assert main(["eval", "shapes-plot", *runs, "--out", str(tmp_path / "cli.png")]) == 0
+  assert (tmp_path / "cli.png").is_file()
+  with pytest.raises(ValueError, match="'strength' is neither a metric.*train_step"):
+    shapes_eval.plot(runs, "strength", "edit_accuracy", str(tmp_path / "bad.png"))
+  with pytest.raises(ValueError, match="group 'kind:add' is not in the summary"):
+    shapes_eval.plot(runs, "train_step", "edit_accuracy", str(tmp_path / "bad.png"),
+                     group="kind:add")
+
+
 def test_an_edit_that_also_changes_the_background_is_not_preserving():
   scene = shapes.world_scene(0, 1)
   edit = shapes.Edit(kind="background", colour=next(b for b in shapes.BACKGROUNDS

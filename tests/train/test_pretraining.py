@@ -106,6 +106,9 @@ def test_eval_shapes_scores_the_chain_and_the_baselines(world, tmp_path, capsys)
                  "--world", runs, "--steps", "2", "--batch-size", "6", *sampler]) == 0
     summary = json.load(open(out / "summary.json"))
     assert summary["settings"].get("sampler") == samplers.get(model), summary["settings"]
+    if model == "shapes-ip2p":  # a run's export: the step it was taken at, for shapes-plot
+      trained = json.load(open(f"{runs}/ip2p/export/uip2p_training.json"))["step"]
+      assert summary["settings"]["train_step"] == trained > 0
     for key in ("edit_accuracy", "preservation", "l1", "l2", "clip_i", "clip_t"):
       assert np.isfinite(summary[key]), (model, key)
     assert summary["count"] == 6 and len(os.listdir(out / "edits")) == 6

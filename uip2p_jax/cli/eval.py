@@ -1,4 +1,4 @@
-"""`uip2p eval magicbrush | ip2p-curve | compare`.
+"""`uip2p eval magicbrush | ip2p-curve | compare | shapes | shapes-compare | shapes-plot`.
 
 Everything a run needs besides the edits (the data, --expected, the CLIP and DINO metric
 models, the output folder's record of earlier edits) is checked before the first edit.
@@ -14,7 +14,7 @@ import zlib
 
 from PIL import Image
 
-from uip2p_jax import storage
+from uip2p_jax import model_card, storage
 from uip2p_jax.cli import common
 # eval.magicbrush, eval.curve and eval.metrics import JAX: each command imports what it uses,
 # so that importing `uip2p_jax.cli` (which a spawned `data build` worker re-imports) stays light.
@@ -162,6 +162,9 @@ def eval_shapes(args: argparse.Namespace) -> int:
               "steps": args.steps, "seed": args.seed}
   if model != "identity":
     settings["sampler"] = args.sampler
+  training = folder and os.path.join(folder, model_card.TRAINING_FILE)
+  if training and storage.isfile(training):  # a run's export: the step it was taken at
+    settings["train_step"] = json.loads(storage.read_text(training))["step"]
   seeds = lambda chunk: [(args.seed + zlib.crc32(t["id"].encode())) % 2 ** 31 for t in chunk]
   roundtrip = None
   if model == "identity":
@@ -245,6 +248,17 @@ def eval_shapes_compare(args: argparse.Namespace) -> int:
   print(table, end="")
   if args.out:
     storage.write_text_atomic(args.out, table)
+  return common.OK
+
+
+def eval_shapes_plot(args: argparse.Namespace) -> int:
+  """Several `eval shapes` runs as one plot: --y against --x, one line per --label, seeds (runs
+  of one label at one x) as mean and sd; e.g. edit accuracy over training (--x train_step, the
+  snapshots of `export_every`) or preservation vs edit accuracy over guidance scales."""
+  from uip2p_jax.eval import shapes as shapes_eval
+  shapes_eval.plot(args.runs, args.x, args.y, args.out, group=args.group,
+                   annotate=args.annotate, title=args.title)
+  print(f"uip2p eval shapes-plot: {len(args.runs)} runs -> {args.out}")
   return common.OK
 
 
@@ -339,6 +353,20 @@ def add_parser(commands) -> None:
   p.add_argument("--out", default=None, type=common.output_location,
                  help="also write the table to this file")
   p.set_defaults(run=eval_shapes_compare)
+
+  p = evaluation.add_parser("shapes-plot", description=eval_shapes_plot.__doc__,
+                            help="several ShapesWorld evaluations in one plot")
+  p.add_argument("runs", nargs="+", metavar="RUN", help="`eval shapes` output folders")
+  p.add_argument("--out", required=True, type=common.output_location, help="a .png or .svg")
+  p.add_argument("--x", default="train_step",
+                 help="a metric (edit_accuracy, preservation, l1, ...) or a setting "
+                      "(train_step, image_scale, text_scale, steps, ...)")
+  p.add_argument("--y", default="edit_accuracy", help="as --x")
+  p.add_argument("--group", default="all",
+                 help="the metrics of one group: kind:recolour, held_out_phrasing, ...")
+  p.add_argument("--annotate", default=None, help="label each point with this setting")
+  p.add_argument("--title", default=None)
+  p.set_defaults(run=eval_shapes_plot)
 
   p = evaluation.add_parser("compare", description=eval_compare.__doc__,
                             help="two MagicBrush runs side by side")

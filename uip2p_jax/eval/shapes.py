@@ -310,10 +310,7 @@ def compare(summary_paths: list[str]) -> str:
   seed: they make one row, "label (n=K)", whose cells are the mean ± the sample standard
   deviation over the K runs."""
   by_label: dict[str, list[dict]] = {}
-  for path in summary_paths:
-    if storage.isdir(path):
-      path = os.path.join(path, "summary.json")
-    summary = json.loads(storage.read_text(path))
+  for summary in map(_read_summary, summary_paths):
     by_label.setdefault(summary["model"], []).append(summary)
   header = ["model", *METRICS, *(f"edit acc. {k}" for k in shapes.EDIT_KINDS),
             "edit acc. held-out phrasing", "edit acc. held-out combination"]
@@ -328,6 +325,69 @@ def compare(summary_paths: list[str]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def summary_value(summary: dict, key: str, group: str = "all") -> float:
+  """A metric of one summary (of `group`: all, kind:recolour, held_out_phrasing, ...) or one
+  of its settings (train_step, image_scale, text_scale, steps, ...)."""
+  if key in METRICS:
+    if group not in summary["groups"]:
+      raise ValueError(f"group {group!r} is not in the summary (it has "
+                     f"{sorted(summary['groups'])})")
+    return float(summary["groups"][group][key])
+  if key not in summary["settings"]:
+    raise ValueError(f"{key!r} is neither a metric {METRICS} nor a setting of the run labelled "
+                   f"{summary['model']!r} (its settings: {sorted(summary['settings'])})")
+  return float(summary["settings"][key])
+
+
+def plot(summary_paths: list[str], x: str, y: str, path: str, group: str = "all",
+         annotate: str | None = None, title: str | None = None) -> dict[str, list[tuple]]:
+  """`y` against `x` (metrics or settings, `summary_value`), one line per label; the runs of a
+  label at the same x (seeds) are one point, their mean, with the sample sd as an error bar.
+  Points are joined in the order of x; `annotate` labels each with a setting (e.g. image_scale
+  on a preservation vs edit accuracy trade-off). Returns what it drew: {label: [(x, annotation,
+  mean y, sd y, runs)]}."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  points: dict[str, dict[tuple, list[float]]] = {}
+  for summary in map(_read_summary, summary_paths):
+    key = (summary_value(summary, x, group),
+           summary_value(summary, annotate) if annotate else None)
+    points.setdefault(summary["model"], {}).setdefault(key, []).append(
+        summary_value(summary, y, group))
+  figure, axes = plt.subplots(figsize=(6, 4.5), dpi=120)
+  drawn = {}
+  for label, by_x in points.items():
+    keys = sorted(by_x)
+    ys = [float(np.mean(by_x[k])) for k in keys]
+    spread = [float(np.std(by_x[k], ddof=1)) if len(by_x[k]) > 1 else 0.0 for k in keys]
+    replicates = max(len(v) for v in by_x.values())
+    drawn[label] = [(*k, m, sd, len(by_x[k])) for k, m, sd in zip(keys, ys, spread)]
+    axes.errorbar([k[0] for k in keys], ys, yerr=spread if replicates > 1 else None,
+                  marker="o", capsize=3,
+                  label=label if replicates == 1 else f"{label} (n={replicates})")
+    if annotate:
+      for (kx, ka), ky in zip(keys, ys):
+        axes.annotate(f"{ka:g}", (kx, ky), fontsize=7, xytext=(3, 3), textcoords="offset points")
+  axes.set_xlabel(x if group == "all" else f"{x} ({group})")
+  axes.set_ylabel(y if group == "all" else f"{y} ({group})")
+  axes.set_title(title or f"ShapesWorld: {y} vs {x}" + (f" (labels: {annotate})" if annotate
+                                                         else ""), fontsize=9)
+  axes.grid(alpha=0.3)
+  axes.legend(fontsize=7)
+  figure.tight_layout()
+  with storage.open_file(path, "wb") as f:  # matplotlib writes local paths only
+    figure.savefig(f, format=os.path.splitext(path)[1][1:] or "png")
+  plt.close(figure)
+  return drawn
+
+
+def _read_summary(path: str) -> dict:
+  if storage.isdir(path):
+    path = os.path.join(path, "summary.json")
+  return json.loads(storage.read_text(path))
+
+
 def _mean_and_spread(values: list[float]) -> str:
   """One value as is; replicates as mean ± sample standard deviation."""
   if len(values) == 1:
@@ -336,4 +396,4 @@ def _mean_and_spread(values: list[float]) -> str:
 
 
 __all__ = ["GROUPS", "METRICS", "World", "compare", "evaluate", "grid", "group_masks",
-           "load_test", "markdown", "score_labels"]
+           "load_test", "markdown", "plot", "score_labels", "summary_value"]
