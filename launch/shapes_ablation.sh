@@ -6,16 +6,16 @@
 # mean ± sample standard deviation over the seeds (RUNS/ablation/compare.md).
 #   bash launch/shapes_ablation.sh [RUNS_DIR]       # default runs/shapes (renders RUNS/data)
 #   SEEDS="0 1 2" STEPS=400 bash launch/shapes_ablation.sh
-# LOSSES (base sim full), SEEDS (0 1), STEPS (200), LR (4e-4, cosine to a tenth after STEPS/10
-# warm-up steps), EMA (0.99), LIMIT (200 test turns). Every run resumes from its checkpoints
+# LOSSES (base sim full), SEEDS (0 1), STEPS (600), LR (4e-4, cosine to a tenth after STEPS/10
+# warm-up steps), EMA (0.995), LIMIT (200 test turns). Every run resumes from its checkpoints
 # and is skipped once exported, every eval once scored: rerunning continues the chain.
 # Time on the 2-core CPU and the numbers: RESULTS.md ("ablation chain").
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 runs="${1:-runs/shapes}"
 [[ $runs == /* ]] || runs="$PWD/$runs"
-losses="${LOSSES:-base sim full}" seeds="${SEEDS:-0 1}" steps="${STEPS:-200}"
-lr="${LR:-4e-4}" ema="${EMA:-0.99}" limit="${LIMIT:-200}"
+losses="${LOSSES:-base sim full}" seeds="${SEEDS:-0 1}" steps="${STEPS:-600}"
+lr="${LR:-4e-4}" ema="${EMA:-0.995}" limit="${LIMIT:-200}"
 STAGES=data bash "$root/launch/shapes.sh" "$runs"   # the world's data, if not yet rendered
 uip2p=("${UIP2P_VENV:-$root/.venv}/bin/python" -m uip2p_jax)
 cd "$root"
