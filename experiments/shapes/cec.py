@@ -20,6 +20,11 @@ Experiment 2 (shipped as shapes-cec; ~55 min on a 2-core Intel Xeon at 1.8-2.5 s
 expected on the 500 test turns: edit accuracy 0.154, preservation 0.472 (from 0.094 / 0.546;
 background 0.145, reshape 0.080, remove 0.072, add 0, recolour 0.439).
 
+At 4x the lr (~25 min; the ablation chain's setting, launch/shapes_ablation.sh):
+  uip2p train --config experiments/shapes/cec.py:init=recolour,models=shipped,steps=600,lr=4e-4,warmup=60,ema=0.995 \
+      --workdir runs/shapes/cec_recolour_lr4e-4 --config.export_every=200
+expected on the first 200 test turns: 0.120 / 0.515 (step 200: 0.065, step 400: 0.095).
+
 Trains on the `captions` records of `uip2p data build shapes` (image, caption, instruction,
 edited caption, reverse instruction; no edited image) with the world's CLIP in the losses.
 Numbers: RESULTS.md ("CEC on ShapesWorld").
