@@ -118,6 +118,13 @@ def plot(rows: list[dict], path: str) -> None:
   axes.set_xlabel("CLIP text-image direction similarity")
   axes.set_ylabel("CLIP image similarity")
   axes.set_title("InstructPix2Pix trade-off (labels: text scale)")
+  save_figure(figure, axes, path)
+
+
+def save_figure(figure, axes, path: str) -> None:
+  """Grid, legend and layout of a one-axes figure; written to `path` (any storage; the format
+  from its extension) and closed."""
+  import matplotlib.pyplot as plt
   axes.grid(alpha=0.3)
   axes.legend(fontsize=7)
   figure.tight_layout()
@@ -127,4 +134,4 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 __all__ = ["FIELDS", "curve_points", "ip2p_clip_pixels", "ip2p_image_features", "load_records",
-           "plot", "torch_bicubic_matrix"]
+           "plot", "save_figure", "torch_bicubic_matrix"]

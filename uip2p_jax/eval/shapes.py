@@ -373,12 +373,8 @@ def plot(summary_paths: list[str], x: str, y: str, path: str, group: str = "all"
   axes.set_ylabel(y if group == "all" else f"{y} ({group})")
   axes.set_title(title or f"ShapesWorld: {y} vs {x}" + (f" (labels: {annotate})" if annotate
                                                          else ""), fontsize=9)
-  axes.grid(alpha=0.3)
-  axes.legend(fontsize=7)
-  figure.tight_layout()
-  with storage.open_file(path, "wb") as f:  # matplotlib writes local paths only
-    figure.savefig(f, format=os.path.splitext(path)[1][1:] or "png")
-  plt.close(figure)
+  from uip2p_jax.eval.curve import save_figure
+  save_figure(figure, axes, path)
   return drawn
 
 
