@@ -6,9 +6,8 @@ an uninterrupted run's checkpoint repeats that run's every step exactly.
 
 The objective is t2i (one UNet pass per step), not the smoke experiment's CEC: what is tested
 here (distributed start, per-process data, collective saves, preemption sync, exact resume) is
-the loop's and the same for every objective, and a CEC step compiles for minutes in each of the
-four process starts. The CEC step's sharding is tested against one device in
-tests/train/test_step_sharded.py."""
+the loop's and the same for every objective, and each of the four process starts compiles its
+step. The CEC step's sharding is tested against one device in tests/train/test_step_sharded.py."""
 
 import json
 import os
