@@ -20,6 +20,7 @@ held-out phrasings and colour/shape combinations, a picture grid, CSV, summary J
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -81,20 +82,25 @@ def group_masks(turns: list[dict]) -> dict[str, np.ndarray]:
   return masks
 
 
+@functools.cache
+def _world_functions():
+  """The probe's and CLIP's jitted calls, made once per process: every World (one per model
+  evaluated in a process) reuses their compiled programs instead of tracing fresh lambdas."""
+  from flax import nnx
+  return (nnx.jit(lambda m, x: m.predict(x)), nnx.jit(lambda m, x: m.embed_images(x)),
+          nnx.jit(lambda m, ids: m.embed_texts(ids)))
+
+
 class World:
   """The world's evaluation models: the probe (reads labels) and the CLIP (CLIP-I / CLIP-T)."""
 
   def __init__(self, probe_dir: str, clip_dir: str):
-    from flax import nnx
-
     from uip2p_jax import weights
     from uip2p_jax.tokenizer import default_tokenizer
     self.probe = weights.load_probe(probe_dir)
     self.clip = weights.load_clip(clip_dir)
     self.tokenizer = default_tokenizer()
-    self._labels = nnx.jit(lambda m, x: m.predict(x))
-    self._images = nnx.jit(lambda m, x: m.embed_images(x))
-    self._texts = nnx.jit(lambda m, ids: m.embed_texts(ids))
+    self._labels, self._images, self._texts = _world_functions()
 
   def labels(self, images: np.ndarray, batch: int = 100) -> np.ndarray:
     return np.concatenate([np.asarray(self._labels(self.probe, images[i:i + batch]))

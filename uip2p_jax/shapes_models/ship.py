@@ -14,6 +14,12 @@ ships one more model (RUNS_DIR/STAGE/export, e.g. ip2p_recolour, cec) beside tho
 the package, without the runs that made them: its VAE and text encoder must be the shipped ones
 (a run initialised from a shipped model has them), and its row in MODELS.md and its numbers in
 expected.json are added or replaced, the others' kept.
+
+  python -m uip2p_jax.shapes_models.ship --check
+
+ships nothing: evaluates every shipped model on the test turns expected.json covers and exits 1
+unless each reproduces its recorded numbers within EXPECTED_TOLERANCE (what an installation on
+another machine can run to see that it edits as ours did).
 """
 
 from __future__ import annotations
@@ -259,15 +265,36 @@ def _expected_so_far(out: str) -> dict:
   return record
 
 
-def record_expected(out: str = ROOT, only: list[str] | None = None) -> dict:
-  """Evaluates the shipped models (`uip2p eval shapes`, defaults, on the first EXPECTED_TURNS
-  test turns of `data build shapes --seed 0`, rendered here) and writes their numbers to
-  expected.json: what tests/eval/test_shipped_shapes.py reproduces from the package alone.
-  `only`: these models' numbers, the others' kept."""
+def _evaluate_shipped(names: list[str], turns: int) -> dict[str, dict[str, float]]:
+  """`uip2p eval shapes --model NAME` (defaults) on the first `turns` test turns of `data build
+  shapes --seed 0`, rendered here: {name: {metric: mean}} for EXPECTED_METRICS."""
   import tempfile
 
   from uip2p_jax.cli import main as cli
   from uip2p_jax.data import shapes
+  numbers = {}
+  with tempfile.TemporaryDirectory() as scratch:
+    data_dir = os.path.join(scratch, "data")
+    os.makedirs(data_dir)
+    with open(shapes.scenes_path(data_dir, "test"), "w") as f:
+      for example in shapes.examples("test", turns, 0):
+        f.write(json.dumps(example.to_json()) + "\n")
+    for name in names:
+      folder = os.path.join(scratch, name)
+      if cli(["eval", "shapes", "--data", data_dir, "--out", folder, "--model", name,
+              "--batch-size", str(turns)]) != 0:
+        raise ValueError(f"eval shapes --model {name} failed")
+      with open(os.path.join(folder, "summary.json")) as f:
+        summary = json.load(f)
+      numbers[name] = {m: summary[m] for m in EXPECTED_METRICS}
+  return numbers
+
+
+def record_expected(out: str = ROOT, only: list[str] | None = None) -> dict:
+  """Evaluates the shipped models (`uip2p eval shapes`, defaults, on the first EXPECTED_TURNS
+  test turns of `data build shapes --seed 0`) and writes their numbers to expected.json: what
+  `--check` (and tests/eval/test_shipped_shapes.py through it) reproduces from the package alone.
+  `only`: these models' numbers, the others' kept."""
   from uip2p_jax.shapes_models import NAMES, paths
   record = {"data": {"seed": 0, "turns": EXPECTED_TURNS}, "models": {}}
   # identity: the shipped probe and CLIP alone (edit accuracy 0 by construction).
@@ -275,35 +302,68 @@ def record_expected(out: str = ROOT, only: list[str] | None = None) -> dict:
                             if os.path.isfile(os.path.join(paths()[stage], "unet", "config.json"))]
   if only is not None:
     record, shipped = _expected_so_far(out), only
-  with tempfile.TemporaryDirectory() as scratch:
-    data_dir = os.path.join(scratch, "data")
-    os.makedirs(data_dir)
-    with open(shapes.scenes_path(data_dir, "test"), "w") as f:
-      for example in shapes.examples("test", EXPECTED_TURNS, 0):
-        f.write(json.dumps(example.to_json()) + "\n")
-    for name in shipped:
-      folder = os.path.join(scratch, name)
-      if cli(["eval", "shapes", "--data", data_dir, "--out", folder, "--model", name,
-              "--batch-size", str(EXPECTED_TURNS)]) != 0:
-        raise ValueError(f"eval shapes --model {name} failed")
-      with open(os.path.join(folder, "summary.json")) as f:
-        summary = json.load(f)
-      record["models"][name] = {m: summary[m] for m in EXPECTED_METRICS}
+  record["models"].update(_evaluate_shipped(shipped, EXPECTED_TURNS))
   with open(os.path.join(out, EXPECTED_FILE), "w") as f:
     json.dump(record, f, indent=2)
   return record
 
 
+# How far a reproduction may drift from expected.json (another CPU or XLA version rounds a few
+# pixels differently, which can flip a borderline turn: 1 of 40 turns is 0.025).
+EXPECTED_TOLERANCE = {"edit_accuracy": 0.051, "preservation": 0.051, "l1": 0.005, "l2": 0.003,
+                      "clip_i": 0.01, "clip_t": 0.01}
+
+
+def compare_expected(expected: dict[str, dict[str, float]],
+                     got: dict[str, dict[str, float]]) -> list[str]:
+  """The (model, metric) numbers of `got` off `expected` by more than EXPECTED_TOLERANCE, as
+  lines that say both (empty: reproduced). A model or metric missing from `got` is off."""
+  off = []
+  for name, metrics in expected.items():
+    for metric, value in metrics.items():
+      reproduced = got.get(name, {}).get(metric)
+      if reproduced is None or not abs(reproduced - value) <= EXPECTED_TOLERANCE[metric]:
+        off.append(f"{name} {metric}: recorded {value:.4f}, reproduced "
+                   f"{'nothing' if reproduced is None else f'{reproduced:.4f}'} "
+                   f"(tolerance {EXPECTED_TOLERANCE[metric]})")
+  return off
+
+
+def check_expected(out: str = ROOT) -> list[str]:
+  """Evaluates every model expected.json records on its turns; compare_expected's lines."""
+  record = _expected_so_far(out)
+  if not record["models"]:
+    raise ValueError(f"{os.path.join(out, EXPECTED_FILE)} records no model")
+  return compare_expected(record["models"], _evaluate_shipped(sorted(record["models"]),
+                                                              EXPECTED_TURNS))
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m uip2p_jax.shapes_models.ship",
                                    description=__doc__.split("\n\n")[0])
-  parser.add_argument("runs", help="a launch/shapes.sh runs folder")
+  parser.add_argument("runs", nargs="?", help="a launch/shapes.sh runs folder")
   parser.add_argument("--models", default="prior,ip2p",
                       help="pipeline stages to ship (comma-separated; '' for the shared parts "
                            "only)")
   parser.add_argument("--add", metavar="STAGE",
                       help="ship only RUNS/STAGE/export, beside the models already shipped")
+  parser.add_argument("--check", action="store_true",
+                      help="ship nothing: evaluate the shipped models on the turns expected.json "
+                           "covers and exit 1 unless they reproduce its numbers")
   args = parser.parse_args(argv)
+  if args.check:
+    try:
+      off = check_expected()
+    except (ValueError, FileNotFoundError, weights.CheckpointError) as e:
+      print(f"ship --check: error: {e}", file=sys.stderr)
+      return 2
+    for line in off:
+      print(f"ship --check: {line}", file=sys.stderr)
+    print(f"ship --check: {'FAILED' if off else 'reproduced'}: the shipped models on the first "
+          f"{EXPECTED_TURNS} test turns vs {EXPECTED_FILE}")
+    return 1 if off else 0
+  if args.runs is None:
+    parser.error("RUNS is required unless --check")
   from uip2p_jax.shapes_models import NAMES
   try:
     if args.add:
