@@ -47,13 +47,14 @@ def test_loss_falls_when_overfitting_one_batch(step_setup):
   functions, params, frozen, batch = step_setup
   state = functions.init_state(params, seed=1)
   losses = []
-  # t and noise are redrawn every step: compare 10-step means. Measured: 2.09 over the first
-  # 10 steps, 1.64 over steps 50-60 (0.78x), 1.56 over steps 70-80; a UNet that does not learn
-  # stays near 1x.
-  for _ in range(60):
+  # t and noise are redrawn every step: compare 10-step means. Measured (2026-11-29, init seeds
+  # 1 and 2): steps 20-30 at 0.872x and 0.881x the first 10 steps' mean, still falling (0.78x
+  # and 0.80x at steps 50-60); one step's loss moves by ~0.05 of ~2, a 10-step mean by ~1%, so
+  # a UNet that does not learn stays within a few % of 1x.
+  for _ in range(30):
     state, metrics = functions.step(state, frozen, batch)
     losses.append(float(metrics["loss"]))
-  assert np.mean(losses[-10:]) < 0.85 * np.mean(losses[:10]), losses
+  assert np.mean(losses[-10:]) < 0.93 * np.mean(losses[:10]), losses
 
 
 def read_metrics(workdir):
