@@ -230,17 +230,17 @@ def sample_data(tmp_path_factory):
 
 # launch/test.sh runs two pytest-xdist workers that take one file at a time, in collection
 # order (--no-loadscope-reorder): the slowest files go first, so that neither worker is left
-# with a long file at the end while the other idles. These files hold the slowest tests of a
-# `--durations=40` run on the 2-core CPU (2026-11-29; README, Tests); order only, every other
-# file runs after them.
+# with a long file at the end while the other idles. These files hold the slowest tests of
+# `--durations` runs on the 2-core CPU (2026-11-29; README, Tests), by their file's total;
+# order only, every other file runs after them.
 SLOWEST_FILES_FIRST = (
     "tests/train/test_pretraining.py",
     "tests/train/test_loop.py",
-    "tests/eval/test_shipped_shapes.py",
     "tests/train/test_multiprocess.py",
-    "tests/test_cycle_switches.py",
-    "tests/test_pipeline.py",
+    "tests/eval/test_shipped_shapes.py",
     "tests/train/test_step_sharded.py",
+    "tests/test_pipeline.py",
+    "tests/test_cycle_switches.py",
 )
 
 
