@@ -214,8 +214,15 @@ def compilation_cache(tmp_path_factory):
 def step_setup(tmp_path_factory):
   """(step functions on a one-device mesh, initial params, placed frozen params, first sample
   batch) of the tiny trainer config: compiled once for every trainer test."""
+  import dataclasses
+  import jax
   from trainer_setup import build_step_setup
-  return build_step_setup(str(tmp_path_factory.mktemp("step_data")))
+  functions, params, frozen, batch = build_step_setup(str(tmp_path_factory.mktemp("step_data")))
+  # The exception to the unoptimised suite: the tests run this step ~35 times. Optimised, it
+  # compiles in ~55 s instead of ~47 s and runs in 0.16 s instead of 2.3 s (2026-11-29).
+  step = jax.jit(functions.step, donate_argnums=(0,),
+                 compiler_options={"xla_backend_optimization_level": 2})
+  return dataclasses.replace(functions, step=step), params, frozen, batch
 
 
 @pytest.fixture(scope="session")
