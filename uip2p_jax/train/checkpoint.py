@@ -74,8 +74,8 @@ def _save_arrays_from_one_replica(ocp) -> None:
   orbax's replica-parallel saving (its default unless JAX_PLATFORMS names a GPU) slices every
   replicated shard with one eager op per slice: on CPU and GPU that is a dispatch per array and
   device at every save, and a compile per distinct slice the first time (the test trainer's
-  (data 2, fsdp 2) state: ~3300 slices, ~8 s of every save). Hosts there share no interconnect
-  that cooperative writing would relieve. The checkpoint's format is the same either way."""
+  (data 2, fsdp 2) state: ~3300 slices, ~8 s of every save). It is the choice orbax makes
+  itself for GPUs when JAX_PLATFORMS names one. The checkpoint's format is the same either way."""
   use_replica_parallel = jax.default_backend() == "tpu"
   handler = ocp.type_handlers.get_type_handler(jax.Array)
   if getattr(handler, "_use_replica_parallel", None) == use_replica_parallel:
