@@ -142,6 +142,26 @@ def test_sigterm_save_killed_save_and_exact_resume(tmp_path, monkeypatch):
   assert os.path.getsize(os.path.join(resumed, "final_edit.png")) > 0
 
 
+def test_the_loop_keeps_at_most_two_steps_in_flight():
+  """Each step call returns before the step runs; the loop waits for the step two calls back, so
+  a SIGTERM's save waits for at most two steps, not for every batch the loader had ready (a
+  12 s step logged every 50 steps once took 10 minutes to stop)."""
+  finished = []
+
+  class Loss:
+    def __init__(self, step):
+      self.step = step
+
+    def block_until_ready(self):
+      finished.append(self.step)
+
+  assert tr.loop.MAX_STEPS_IN_FLIGHT == 2
+  window = tr.loop.StepWindow()
+  for step in range(1, 7):
+    window.dispatched(Loss(step))
+    assert finished == list(range(1, step - 1)), (step, finished)
+
+
 def test_accumulation_equals_one_step_of_the_whole_batch():
   """accumulate=2 averages the gradients of examples (0, 2, ...) and (1, 3, ...): for a loss
   that is a mean over examples, that is the gradient of the whole batch."""
