@@ -189,3 +189,18 @@ def test_a_cycle_timestep_beyond_the_schedule_is_refused():
   with pytest.raises(run_config.ConfigError, match="timestep_max=2000 is beyond the model's "
                                                    "1000-step"):
     step.make_step_functions(config, {}, {}, {}, NoiseSchedule(), None, None)
+
+
+def test_the_training_stack_imports_without_torch():
+  """`uip2p train` never needs torch (weights load from safetensors): tensorboardX imports it
+  whenever it is installed, 2.6-4.4 s of every start on a 2-core CPU, unless metric_writer
+  stops it (this process has torch loaded for the references: a fresh one is asked)."""
+  import subprocess
+  import sys
+  code = ("import sys\n"
+          "import uip2p_jax.cli.train, uip2p_jax.train.loop, uip2p_jax.weights, uip2p_jax.pipeline\n"
+          "from uip2p_jax.train.metric_writer import SummaryWriter\n"
+          "assert 'torch' not in sys.modules\n"
+          "import torch  # and torch still imports afterwards, for whoever wants it\n")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
