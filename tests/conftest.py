@@ -201,10 +201,16 @@ def nhwc(x):
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-  """One persistent XLA cache for the session (and its subprocesses): tests that compile the
-  same train step (the trainer runs it several times) pay for the compile once."""
+  """One persistent XLA cache for the session, its subprocesses and every pytest-xdist worker:
+  tests that compile the same program (the trainer runs its step several times; both workers
+  build `step_setup`) pay for the compile once. JAX writes an entry only once compiled and
+  reads a bad one as a miss."""
   import jax
-  directory = str(tmp_path_factory.mktemp("jax_cache"))
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's base is a folder of the run's
+    base = base.parent
+  directory = os.path.join(str(base), "jax_cache")
+  os.makedirs(directory, exist_ok=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
   jax.config.update("jax_compilation_cache_dir", directory)
   yield directory
