@@ -14,7 +14,7 @@ from uip2p_jax.shapes_models import ROOT, ship
 
 def test_shipped_models_reproduce_their_recorded_numbers():
   """`ship --check`, as a user would run it: in its own process with XLA's default optimisation
-  (the suite compiles unoptimised code, conftest.py, which runs these 5 x 40 edits ~1.8x slower;
+  (the suite compiles unoptimised code, conftest.py, which runs these 4 x 20 edits ~1.8x slower;
   expected.json was recorded optimised)."""
   record = json.load(open(os.path.join(ROOT, ship.EXPECTED_FILE)))
   assert {"identity", "shapes-ip2p", "shapes-cec"} <= set(record["models"]), record["models"]
