@@ -474,9 +474,8 @@ def test_each_loss_term_alone_trains_the_unet_through_the_frozen_models(real_mod
   def term_gradients(params, probes):
     metrics, pullback = jax.vjp(lambda p, q: loss(p, q, dict.fromkeys(terms, 1.0))[1],
                                 params, probes)
-    one_hot = {name: jnp.zeros((len(terms),), value.dtype) for name, value in metrics.items()}
-    for i, term in enumerate(terms):
-      one_hot[f"loss_{term}"] = one_hot[f"loss_{term}"].at[i].set(1.0)
+    one_hot = {name: jnp.asarray([name == f"loss_{term}" for term in terms], value.dtype)
+               for name, value in metrics.items()}  # row i: d loss_{terms[i]}
     return metrics, jax.vmap(pullback)(one_hot)
 
   metrics, (grads, probe_grads) = term_gradients(params, probes)
