@@ -1,0 +1,118 @@
+"""How good is the edit CEC's losses see, for an editor that can edit? CEC's training edit (K = 1,
+`cycle.py`) is one conditional UNet call on the input noised to t ~ U{0..999}, taken as its x0
+prediction and decoded; L_clip scores that picture. This script makes that same edit at fixed
+timesteps with fixed noise on the first N test turns of `data build shapes --seed 0` and
+reports, per t: the world CLIP's direction similarity (1 - L_clip) and the probe's edit accuracy
+and preservation of the decoded x0 edit. The first row is the true edited scene through the
+world VAE (encode, decode): the similarity L_clip would reach at its best.
+
+For the supervised editor the question is whether a model that edits well at inference (20
+sampler steps) also shows the edit in this one-call picture; if it does not at most t, L_clip
+at most of CEC's timesteps scores a picture that cannot show an edit, whatever the UNet learns.
+
+  python experiments/shapes/diagnose_training_edit.py [MODEL ...] [--count 128]
+
+MODEL: a shipped name (default: shapes-ip2p shapes-ip2p-recolour shapes-cec) or an edit
+pipeline folder. RESULTS.md (CEC on ShapesWorld, "The edit L_clip sees") has its readings.
+"""
+
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uip2p_jax import losses, schedules, shapes_models
+from uip2p_jax.data import shapes
+from uip2p_jax.eval.shapes import World, score_labels, to_uint8, to_unit
+from uip2p_jax.pipeline import EditPipeline
+from uip2p_jax.tokenizer import tokenize
+
+TIMESTEPS = (50, 200, 400, 600, 800, 950, 999)
+DEFAULT_MODELS = ("shapes-ip2p", "shapes-ip2p-recolour", "shapes-cec")
+
+
+def _folder(model: str) -> str:
+  if model in shapes_models.NAMES:
+    return shapes_models.paths()[shapes_models.NAMES[model]]
+  if not os.path.isdir(model):
+    raise SystemExit(f"{model}: neither a shipped model ({', '.join(shapes_models.NAMES)}) nor "
+                     "an edit pipeline folder")
+  return model
+
+
+def _scores(world: World, examples, decoded: np.ndarray, input_images: np.ndarray,
+            input_text: np.ndarray, edited_text: np.ndarray) -> dict:
+  """Direction similarity, edit accuracy and preservation of decoded edits in [-1, 1], scored on
+  their 8-bit pictures as `uip2p eval shapes` scores."""
+  pictures = to_unit(to_uint8(decoded))
+  similarity = losses.clip_direction_similarity(
+      edited_image=world.image_embeddings(pictures), input_image=input_images,
+      edited_text=edited_text, input_text=input_text)
+  edit_ok, preserved = score_labels(
+      np.stack([shapes.scene_labels(e.scene) for e in examples]),
+      np.stack([shapes.scene_labels(e.edited_scene) for e in examples]), world.labels(pictures))
+  return {"similarity": float(np.mean(similarity)), "edit_accuracy": float(edit_ok.mean()),
+          "preservation": float(preserved.mean())}
+
+
+def diagnose(models: list[str], count: int) -> dict[str, list[dict]]:
+  paths = shapes_models.paths()
+  world = World(paths["probe"], paths["clip"])
+  examples = list(shapes.examples("test", count, 0))[:count]
+  to_pixels = lambda scenes: np.stack([shapes.render(s) for s in scenes])
+  inputs = to_unit(to_pixels([e.scene for e in examples]))
+  input_images = world.image_embeddings(inputs)
+  texts = world.text_embeddings([shapes.caption(e.scene) for e in examples]
+                                + [shapes.caption(e.edited_scene) for e in examples])
+  input_text, edited_text = texts[:count], texts[count:]
+  readings = {}
+  for model in models:
+    pipe = EditPipeline.from_pretrained(_folder(model))
+    scaling = pipe.vae.config.scaling_factor
+    alphas = jnp.asarray(pipe.schedule.alphas_cumprod(), jnp.float32)
+    prediction_type = pipe.schedule.prediction_type
+    condition = pipe.vae.encode(jnp.asarray(inputs)).mode()        # c_x, as cycle.py
+    text = pipe.text_encoder(jnp.asarray(tokenize(pipe.tokenizer,
+                                                  [e.instruction for e in examples])))[0]
+    noise = jax.random.normal(jax.random.key(1), condition.shape)
+
+    @jax.jit
+    def one_call_edit(t):
+      timesteps = jnp.full((count,), t)
+      noisy = schedules.add_noise(alphas, condition * scaling, noise, timesteps)
+      output = pipe.unet(jnp.concatenate([noisy, condition], -1), timesteps, text)
+      x0 = schedules.predict_x0(schedules.alpha_at(alphas, timesteps), noisy, output,
+                                prediction_type)
+      return pipe.vae.decode(x0 / scaling)
+
+    truth = pipe.vae.decode(pipe.vae.encode(jnp.asarray(
+        to_unit(to_pixels([e.edited_scene for e in examples])))).mode())
+    rows = [{"t": "true edit", **_scores(world, examples, np.asarray(truth), input_images,
+                                          input_text, edited_text)}]
+    for t in TIMESTEPS:
+      rows.append({"t": t, **_scores(world, examples, np.asarray(one_call_edit(t)),
+                                     input_images, input_text, edited_text)})
+    readings[model] = rows
+  return readings
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("models", nargs="*", default=list(DEFAULT_MODELS))
+  parser.add_argument("--count", type=int, default=128)
+  args = parser.parse_args()
+  readings = diagnose(args.models, args.count)
+  print(f"CEC's one-call training edit (x0 of the input noised to t), first {args.count} test "
+        "turns: direction similarity / edit accuracy / preservation")
+  print("| t | " + " | ".join(readings) + " |")
+  print("|---|" + "---|" * len(readings))
+  for i, row in enumerate(next(iter(readings.values()))):
+    cells = [f"{r[i]['similarity']:.3f} / {r[i]['edit_accuracy']:.3f} / "
+             f"{r[i]['preservation']:.3f}" for r in readings.values()]
+    print(f"| {row['t']} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+  main()
