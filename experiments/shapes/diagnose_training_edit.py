@@ -17,13 +17,13 @@ pipeline folder. RESULTS.md (CEC on ShapesWorld, "The edit L_clip sees") has its
 """
 
 import argparse
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from uip2p_jax import losses, schedules, shapes_models
+from uip2p_jax.cli.common import model_folder
 from uip2p_jax.data import shapes
 from uip2p_jax.eval.shapes import World, score_labels, to_uint8, to_unit
 from uip2p_jax.pipeline import EditPipeline
@@ -33,26 +33,15 @@ TIMESTEPS = (50, 200, 400, 600, 800, 950, 999)
 DEFAULT_MODELS = ("shapes-ip2p", "shapes-ip2p-recolour", "shapes-cec")
 
 
-def _folder(model: str) -> str:
-  if model in shapes_models.NAMES:
-    return shapes_models.paths()[shapes_models.NAMES[model]]
-  if not os.path.isdir(model):
-    raise SystemExit(f"{model}: neither a shipped model ({', '.join(shapes_models.NAMES)}) nor "
-                     "an edit pipeline folder")
-  return model
-
-
-def _scores(world: World, examples, decoded: np.ndarray, input_images: np.ndarray,
-            input_text: np.ndarray, edited_text: np.ndarray) -> dict:
+def _scores(world: World, labels: tuple[np.ndarray, np.ndarray], decoded: np.ndarray,
+            input_images: np.ndarray, input_text: np.ndarray, edited_text: np.ndarray) -> dict:
   """Direction similarity, edit accuracy and preservation of decoded edits in [-1, 1], scored on
   their 8-bit pictures as `uip2p eval shapes` scores."""
   pictures = to_unit(to_uint8(decoded))
   similarity = losses.clip_direction_similarity(
       edited_image=world.image_embeddings(pictures), input_image=input_images,
       edited_text=edited_text, input_text=input_text)
-  edit_ok, preserved = score_labels(
-      np.stack([shapes.scene_labels(e.scene) for e in examples]),
-      np.stack([shapes.scene_labels(e.edited_scene) for e in examples]), world.labels(pictures))
+  edit_ok, preserved = score_labels(*labels, world.labels(pictures))
   return {"similarity": float(np.mean(similarity)), "edit_accuracy": float(edit_ok.mean()),
           "preservation": float(preserved.mean())}
 
@@ -67,9 +56,11 @@ def diagnose(models: list[str], count: int) -> dict[str, list[dict]]:
   texts = world.text_embeddings([shapes.caption(e.scene) for e in examples]
                                 + [shapes.caption(e.edited_scene) for e in examples])
   input_text, edited_text = texts[:count], texts[count:]
+  labels = (np.stack([shapes.scene_labels(e.scene) for e in examples]),      # (input, target)
+            np.stack([shapes.scene_labels(e.edited_scene) for e in examples]))
   readings = {}
   for model in models:
-    pipe = EditPipeline.from_pretrained(_folder(model))
+    pipe = EditPipeline.from_pretrained(model_folder(model))
     scaling = pipe.vae.config.scaling_factor
     alphas = jnp.asarray(pipe.schedule.alphas_cumprod(), jnp.float32)
     prediction_type = pipe.schedule.prediction_type
@@ -89,10 +80,10 @@ def diagnose(models: list[str], count: int) -> dict[str, list[dict]]:
 
     truth = pipe.vae.decode(pipe.vae.encode(jnp.asarray(
         to_unit(to_pixels([e.edited_scene for e in examples])))).mode())
-    rows = [{"t": "true edit", **_scores(world, examples, np.asarray(truth), input_images,
+    rows = [{"t": "true edit", **_scores(world, labels, np.asarray(truth), input_images,
                                           input_text, edited_text)}]
     for t in TIMESTEPS:
-      rows.append({"t": t, **_scores(world, examples, np.asarray(one_call_edit(t)),
+      rows.append({"t": t, **_scores(world, labels, np.asarray(one_call_edit(t)),
                                      input_images, input_text, edited_text)})
     readings[model] = rows
   return readings
