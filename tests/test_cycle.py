@@ -98,4 +98,7 @@ def test_configs_refuse_bad_values_by_name():
   with pytest.raises(ValueError, match="at least one > 0"):
     LossConfig(clip=0, sim=0, attn=0, recon=0)
   assert LossConfig(clip=1, sim=0, attn=0, recon=1).weights == {"clip": 1, "sim": 0, "attn": 0,
-                                                                "recon": 1}
+                                                                "recon": 1, "keep": 0}
+  with pytest.raises(ValueError, match="at least one > 0"):
+    LossConfig(clip=0, sim=0, attn=0, recon=0, keep=0)
+  assert LossConfig(clip=0, sim=0, attn=0, recon=0, keep=1).weights["keep"] == 1

@@ -26,8 +26,8 @@ T = ALPHAS.shape[0]
 BOS, EOS = 998, 999  # not CLIP's 49406/49407: the ids of "" must come from `empty_ids`
 EMPTY_IDS = np.asarray([[BOS] + [EOS] * 7], np.int32)
 FREQS = jnp.linspace(0.01, 0.08, 6)
-ONLY = {name: {**dict(clip=0.0, sim=0.0, attn=0.0, recon=0.0), name: 1.0}
-        for name in ("clip", "sim", "attn", "recon")}                # one-hot loss weights
+ONLY = {name: {**dict(clip=0.0, sim=0.0, attn=0.0, recon=0.0, keep=0.0), name: 1.0}
+        for name in ("clip", "sim", "attn", "recon", "keep")}                # one-hot loss weights
 
 
 def text_ids(*tokens):
@@ -298,6 +298,13 @@ def test_sim_and_recon_kinds_compute_what_they_document():
       assert abs(values[kind] - np.mean(np.abs(z_r - sampled))) > 1e-2
   assert len(set(values.values())) == 3
 
+  # L_keep: the forward edit's latent against the same mode target as the latent L_recon.
+  metrics, unet, vae, _ = run(loss=LossConfig(**ONLY["keep"]), batch=batch)
+  assert len(unet.calls) == 2 and {n for n in metrics if n.startswith("loss_")} == {"loss_keep"}
+  mode = np.asarray(vae.encode(batch["image"]).mode(), np.float64) * SCALING
+  np.testing.assert_allclose(metrics["loss_keep"], np.mean(np.abs(x0_of(unet.calls[0]) - mode)),
+                             rtol=1e-4)
+
 
 def test_clamp_decoded_is_straight_through_and_can_be_switched_off():
   batch = make_batch()
@@ -489,7 +496,7 @@ def test_each_loss_term_alone_trains_the_unet_through_the_frozen_models(real_mod
     through_clip = float(jnp.abs(probe_grads["clip_input"][i]).sum())
     if term in ("clip", "sim", "recon"):
       assert through_decoder > 0, term
-    else:  # L_attn compares UNet attention maps only: it does not depend on a decode
+    else:  # L_attn and L_keep compare UNet outputs only: they do not depend on a decode
       assert through_decoder == 0, term
     assert (through_clip > 0) == (term in ("clip", "sim")), term
 

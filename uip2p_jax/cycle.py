@@ -33,7 +33,7 @@ from uip2p_jax import losses, schedules
 from uip2p_jax.models import AttentionCapture, AutoencoderKL, CLIPModel, CLIPTextTransformer
 from uip2p_jax.models import UNet2DConditionModel
 
-LOSS_NAMES = ("clip", "sim", "attn", "recon")
+LOSS_NAMES = ("clip", "sim", "attn", "recon", "keep")
 IP2P_LOSS_WEIGHTINGS = ("epsilon", "v")
 
 
@@ -136,11 +136,15 @@ class LossConfig:
 
   sim_kind: "reconstruction": 1 - cos(E_I(x_r), E_I(x)); "edit_text": 1 - cos(E_I(x_e), E_T(c_out)).
   recon_kind: "l1" | "l2" in pixels (decoded x_r vs x); "latent": mean |z_r - 0.18215 E(x).mode()|.
+  keep: not the paper's (0 = off, the default): mean |z_e - 0.18215 E(x).mode()|, the forward
+    edit's latent distance to its input, scoring what the edit keeps where L_sim and L_recon
+    score only the cycle's return (docs/method.md, "L_keep").
   """
   clip: float = 1.0
   sim: float = 1.0
   attn: float = 1.0
   recon: float = 1.0
+  keep: float = 0.0
   sim_kind: str = "reconstruction"
   recon_kind: str = "l1"
 
@@ -403,9 +407,11 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
         reverse_maps, losses.instruction_token_mask(batch["reverse_instruction_ids"],
                                                     eos_id=eos_id))
     per_example["attn"] = losses.attention_loss(forward_map, reverse_map)
+  target_latent = image_latent * scaling  # the mode: no posterior noise in the target
+  if "keep" in active:
+    per_example["keep"] = jnp.mean(jnp.abs(edited_latent - target_latent), axis=(1, 2, 3))
   if "recon" in active:
     if loss.recon_kind == "latent":
-      target_latent = image_latent * scaling  # the mode: no posterior noise in the target
       per_example["recon"] = jnp.mean(jnp.abs(reconstructed_latent - target_latent),
                                       axis=(1, 2, 3))
     else:

@@ -23,6 +23,7 @@ import os
 import re
 
 from uip2p_jax import storage
+from uip2p_jax.cycle import LOSS_NAMES
 
 TRAINING_FILE = "uip2p_training.json"
 CARD_FILE = "README.md"
@@ -99,7 +100,8 @@ def _front_matter(fields: dict) -> str:
 def _losses(config: dict) -> str:
   if config["objective"] == "cec":
     loss, cycle = config["loss"], config["cycle"]
-    terms = " + ".join(f"{loss[k]:g} L_{k}" for k in ("clip", "sim", "attn", "recon") if loss[k])
+    # .get: exports made before L_keep existed have no "keep" weight
+    terms = " + ".join(f"{loss[k]:g} L_{k}" for k in LOSS_NAMES if loss.get(k, 0))
     return (f"Cycle Edit Consistency (UIP2P): {terms} (L_recon {loss['recon_kind']}, L_sim "
             f"{loss['sim_kind']}); {cycle['num_steps_min']}-{cycle['num_steps_max']} denoising "
             f"steps per edit, start {cycle['start']}")
