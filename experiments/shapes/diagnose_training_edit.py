@@ -2,8 +2,9 @@
 `cycle.py`) is one conditional UNet call on the input noised to t ~ U{0..999}, taken as its x0
 prediction and decoded; L_clip scores that picture. This script makes that same edit at fixed
 timesteps with fixed noise on the first N test turns of `data build shapes --seed 0` and
-reports, per t: the world CLIP's direction similarity (1 - L_clip) and the probe's edit accuracy
-and preservation of the decoded x0 edit. The first row is the true edited scene through the
+reports, per t: the world CLIP's direction similarity (1 - L_clip), the probe's edit accuracy
+and preservation of the decoded x0 edit, and L_keep (the edit's mean latent L1 to the input's
+scaled latent, `loss.keep`). The first row is the true edited scene through the
 world VAE (encode, decode): the similarity L_clip would reach at its best.
 
 For the supervised editor the question is whether a model that edits well at inference (20
@@ -34,16 +35,17 @@ DEFAULT_MODELS = ("shapes-ip2p", "shapes-ip2p-recolour", "shapes-cec")
 
 
 def _scores(world: World, labels: tuple[np.ndarray, np.ndarray], decoded: np.ndarray,
-            input_images: np.ndarray, input_text: np.ndarray, edited_text: np.ndarray) -> dict:
+            input_images: np.ndarray, input_text: np.ndarray, edited_text: np.ndarray,
+            keep: jax.Array) -> dict:
   """Direction similarity, edit accuracy and preservation of decoded edits in [-1, 1], scored on
-  their 8-bit pictures as `uip2p eval shapes` scores."""
+  their 8-bit pictures as `uip2p eval shapes` scores; keep: the edits' L_keep, passed through."""
   pictures = to_unit(to_uint8(decoded))
   similarity = losses.clip_direction_similarity(
       edited_image=world.image_embeddings(pictures), input_image=input_images,
       edited_text=edited_text, input_text=input_text)
   edit_ok, preserved = score_labels(*labels, world.labels(pictures))
   return {"similarity": float(np.mean(similarity)), "edit_accuracy": float(edit_ok.mean()),
-          "preservation": float(preserved.mean())}
+          "preservation": float(preserved.mean()), "keep": float(keep)}
 
 
 def diagnose(models: list[str], count: int) -> dict[str, list[dict]]:
@@ -65,6 +67,7 @@ def diagnose(models: list[str], count: int) -> dict[str, list[dict]]:
     alphas = jnp.asarray(pipe.schedule.alphas_cumprod(), jnp.float32)
     prediction_type = pipe.schedule.prediction_type
     condition = pipe.vae.encode(jnp.asarray(inputs)).mode()        # c_x, as cycle.py
+    keep = lambda latent: jnp.mean(jnp.abs(latent - condition * scaling))  # L_keep, as cycle.py
     text = pipe.text_encoder(jnp.asarray(tokenize(pipe.tokenizer,
                                                   [e.instruction for e in examples])))[0]
     noise = jax.random.normal(jax.random.key(1), condition.shape)
@@ -76,15 +79,17 @@ def diagnose(models: list[str], count: int) -> dict[str, list[dict]]:
       output = pipe.unet(jnp.concatenate([noisy, condition], -1), timesteps, text)
       x0 = schedules.predict_x0(schedules.alpha_at(alphas, timesteps), noisy, output,
                                 prediction_type)
-      return pipe.vae.decode(x0 / scaling)
+      return pipe.vae.decode(x0 / scaling), keep(x0)
 
-    truth = pipe.vae.decode(pipe.vae.encode(jnp.asarray(
-        to_unit(to_pixels([e.edited_scene for e in examples])))).mode())
-    rows = [{"t": "true edit", **_scores(world, labels, np.asarray(truth), input_images,
-                                          input_text, edited_text)}]
+    truth = pipe.vae.encode(jnp.asarray(
+        to_unit(to_pixels([e.edited_scene for e in examples])))).mode()
+    rows = [{"t": "true edit", **_scores(world, labels, np.asarray(pipe.vae.decode(truth)),
+                                          input_images, input_text, edited_text,
+                                          keep(truth * scaling))}]
     for t in TIMESTEPS:
-      rows.append({"t": t, **_scores(world, labels, np.asarray(one_call_edit(t)),
-                                     input_images, input_text, edited_text)})
+      decoded, edit_keep = one_call_edit(t)
+      rows.append({"t": t, **_scores(world, labels, np.asarray(decoded), input_images,
+                                     input_text, edited_text, edit_keep)})
     readings[model] = rows
   return readings
 
@@ -96,12 +101,12 @@ def main():
   args = parser.parse_args()
   readings = diagnose(args.models, args.count)
   print(f"CEC's one-call training edit (x0 of the input noised to t), first {args.count} test "
-        "turns: direction similarity / edit accuracy / preservation")
+        "turns: direction similarity / edit accuracy / preservation / L_keep")
   print("| t | " + " | ".join(readings) + " |")
   print("|---|" + "---|" * len(readings))
   for i, row in enumerate(next(iter(readings.values()))):
     cells = [f"{r[i]['similarity']:.3f} / {r[i]['edit_accuracy']:.3f} / "
-             f"{r[i]['preservation']:.3f}" for r in readings.values()]
+             f"{r[i]['preservation']:.3f} / {r[i]['keep']:.3f}" for r in readings.values()]
     print(f"| {row['t']} | " + " | ".join(cells) + " |")
 
 
