@@ -77,9 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
                  timestep_min=0, timestep_max=1000, share_noise=True, reencode=False,
                  clamp_decoded=True, attention_select="level", attention_level=1,
                  attention_resolution=16, conditioning_dropout=0.0, noise_offset=0.0)
-  # keep > 0: the forward edit's latent L1 to its input (not the paper's; docs/method.md).
-  c.loss = dict(clip=1.0, sim=1.0, attn=1.0, recon=1.0, keep=0.0, sim_kind="reconstruction",
-                recon_kind="l1")
+  # keep > 0: the forward edit's latent L1 to its input (not the paper's; docs/method.md), over
+  # the keep_fraction of positions that changed least.
+  c.loss = dict(clip=1.0, sim=1.0, attn=1.0, recon=1.0, keep=0.0, keep_fraction=1.0,
+                sim_kind="reconstruction", recon_kind="l1")
   # loss_weighting: "epsilon" (IP2P's noise MSE) | "v" (the v-prediction loss; docs/method.md);
   # a v_prediction model trains on "v" only (its plain MSE to v).
   # edit_region_weight > 0: each position's error weighted up where the edit changes the latent

@@ -102,3 +102,6 @@ def test_configs_refuse_bad_values_by_name():
   with pytest.raises(ValueError, match="at least one > 0"):
     LossConfig(clip=0, sim=0, attn=0, recon=0, keep=0)
   assert LossConfig(clip=0, sim=0, attn=0, recon=0, keep=1).weights["keep"] == 1
+  for fraction in (0.0, 1.5):
+    with pytest.raises(ValueError, match="loss.keep_fraction"):
+      LossConfig(keep=1, keep_fraction=fraction)

@@ -36,6 +36,19 @@ def test_similarity_and_reconstruction_hand_values():
     losses.reconstruction_loss(x, x, "huber")
 
 
+def test_keep_loss_reads_the_positions_that_changed_least():
+  # One example, 2 x 2 positions, 2 channels: per-position mean |change| 0, 1, 2, 5.
+  edited = jnp.array([[[[0.0, 0.0], [1.0, -1.0]], [[2.0, 2.0], [4.0, -6.0]]]])
+  unchanged = jnp.zeros_like(edited)
+  np.testing.assert_allclose(losses.keep_loss(edited, unchanged), [2.0])          # every position
+  np.testing.assert_allclose(losses.keep_loss(edited, unchanged, 0.5), [0.5])     # 0 and 1
+  np.testing.assert_allclose(losses.keep_loss(edited, unchanged, 0.01), [0.0])    # at least one
+  # The gradient reaches only the kept positions: the edit may move the others freely.
+  grad = jax.grad(lambda e: losses.keep_loss(e, unchanged, 0.5)[0])(edited)
+  np.testing.assert_allclose(grad[0, 1], 0.0)
+  np.testing.assert_allclose(grad[0, 0, 1], [0.25, -0.25])
+
+
 def test_attention_map_and_loss_hand_values():
   ids = jnp.array([[49406, 320, 786, 49407, 49407]])  # BOS, 2 instruction tokens, EOS, pad
   mask = losses.instruction_token_mask(ids, eos_id=49407)

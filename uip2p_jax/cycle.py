@@ -138,13 +138,16 @@ class LossConfig:
   recon_kind: "l1" | "l2" in pixels (decoded x_r vs x); "latent": mean |z_r - 0.18215 E(x).mode()|.
   keep: not the paper's (0 = off, the default): mean |z_e - 0.18215 E(x).mode()|, the forward
     edit's latent distance to its input, scoring what the edit keeps where L_sim and L_recon
-    score only the cycle's return (docs/method.md, "L_keep").
+    score only the cycle's return (docs/method.md, "L_keep"). keep_fraction in (0, 1]: the
+    mean runs over that fraction of latent positions, those that changed least
+    (`losses.keep_loss`); 1 = every position.
   """
   clip: float = 1.0
   sim: float = 1.0
   attn: float = 1.0
   recon: float = 1.0
   keep: float = 0.0
+  keep_fraction: float = 1.0
   sim_kind: str = "reconstruction"
   recon_kind: str = "l1"
 
@@ -154,6 +157,9 @@ class LossConfig:
     if self.sim_kind not in ("reconstruction", "edit_text"):
       raise ValueError(f"loss.sim_kind {self.sim_kind!r}; expected 'reconstruction' or "
                        "'edit_text'")
+    if not 0.0 < self.keep_fraction <= 1.0:
+      raise ValueError(f"loss.keep_fraction={self.keep_fraction}; expected a fraction of the "
+                       "latent positions in (0, 1]")
     if self.recon_kind not in ("l1", "l2", "latent"):
       raise ValueError(f"loss.recon_kind {self.recon_kind!r}; expected 'l1', 'l2' or 'latent'")
     weights = self.weights
@@ -409,7 +415,7 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
     per_example["attn"] = losses.attention_loss(forward_map, reverse_map)
   target_latent = image_latent * scaling  # the mode: no posterior noise in the target
   if "keep" in active:
-    per_example["keep"] = jnp.mean(jnp.abs(edited_latent - target_latent), axis=(1, 2, 3))
+    per_example["keep"] = losses.keep_loss(edited_latent, target_latent, loss.keep_fraction)
   if "recon" in active:
     if loss.recon_kind == "latent":
       per_example["recon"] = jnp.mean(jnp.abs(reconstructed_latent - target_latent),

@@ -4,7 +4,7 @@ prediction and decoded; L_clip scores that picture. This script makes that same 
 timesteps with fixed noise on the first N test turns of `data build shapes --seed 0` and
 reports, per t: the world CLIP's direction similarity (1 - L_clip), the probe's edit accuracy
 and preservation of the decoded x0 edit, and L_keep (the edit's mean latent L1 to the input's
-scaled latent, `loss.keep`). The first row is the true edited scene through the
+scaled latent, `loss.keep`, over `--keep-fraction` of the positions as `loss.keep_fraction`). The first row is the true edited scene through the
 world VAE (encode, decode): the similarity L_clip would reach at its best.
 
 For the supervised editor the question is whether a model that edits well at inference (20
@@ -48,7 +48,7 @@ def _scores(world: World, labels: tuple[np.ndarray, np.ndarray], decoded: np.nda
           "preservation": float(preserved.mean()), "keep": float(keep)}
 
 
-def diagnose(models: list[str], count: int) -> dict[str, list[dict]]:
+def diagnose(models: list[str], count: int, keep_fraction: float) -> dict[str, list[dict]]:
   paths = shapes_models.paths()
   world = World(paths["probe"], paths["clip"])
   examples = list(shapes.examples("test", count, 0))[:count]
@@ -67,7 +67,7 @@ def diagnose(models: list[str], count: int) -> dict[str, list[dict]]:
     alphas = jnp.asarray(pipe.schedule.alphas_cumprod(), jnp.float32)
     prediction_type = pipe.schedule.prediction_type
     condition = pipe.vae.encode(jnp.asarray(inputs)).mode()        # c_x, as cycle.py
-    keep = lambda latent: jnp.mean(jnp.abs(latent - condition * scaling))  # L_keep, as cycle.py
+    keep = lambda latent: jnp.mean(losses.keep_loss(latent, condition * scaling, keep_fraction))
     text = pipe.text_encoder(jnp.asarray(tokenize(pipe.tokenizer,
                                                   [e.instruction for e in examples])))[0]
     noise = jax.random.normal(jax.random.key(1), condition.shape)
@@ -98,10 +98,13 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("models", nargs="*", default=list(DEFAULT_MODELS))
   parser.add_argument("--count", type=int, default=128)
+  parser.add_argument("--keep-fraction", type=float, default=1.0,
+                      help="L_keep's loss.keep_fraction: the share of latent positions it reads")
   args = parser.parse_args()
-  readings = diagnose(args.models, args.count)
+  readings = diagnose(args.models, args.count, args.keep_fraction)
   print(f"CEC's one-call training edit (x0 of the input noised to t), first {args.count} test "
-        "turns: direction similarity / edit accuracy / preservation / L_keep")
+        f"turns: direction similarity / edit accuracy / preservation / L_keep (keep_fraction "
+        f"{args.keep_fraction:g})")
   print("| t | " + " | ".join(readings) + " |")
   print("|---|" + "---|" * len(readings))
   for i, row in enumerate(next(iter(readings.values()))):
