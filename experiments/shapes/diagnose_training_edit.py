@@ -11,7 +11,10 @@ For the supervised editor the question is whether a model that edits well at inf
 sampler steps) also shows the edit in this one-call picture; if it does not at most t, L_clip
 at most of CEC's timesteps scores a picture that cannot show an edit, whatever the UNet learns.
 
-  python experiments/shapes/diagnose_training_edit.py [MODEL ...] [--count 128]
+  python experiments/shapes/diagnose_training_edit.py [MODEL ...] [--count 128] [--k K]
+      [--keep-fraction F]
+
+--k: the edit as CEC's K-step training edit (`cycle.num_steps_min = max = K`; 1 = one call).
 
 MODEL: a shipped name (default: shapes-ip2p shapes-ip2p-recolour shapes-cec) or an edit
 pipeline folder. RESULTS.md (CEC on ShapesWorld, "The edit L_clip sees") has its readings.
@@ -25,6 +28,7 @@ import numpy as np
 
 from uip2p_jax import losses, schedules, shapes_models
 from uip2p_jax.cli.common import model_folder
+from uip2p_jax.cycle import CycleConfig, edit_with_k_steps
 from uip2p_jax.data import shapes
 from uip2p_jax.eval.shapes import World, score_labels, to_uint8, to_unit
 from uip2p_jax.pipeline import EditPipeline
@@ -48,7 +52,8 @@ def _scores(world: World, labels: tuple[np.ndarray, np.ndarray], decoded: np.nda
           "preservation": float(preserved.mean()), "keep": float(keep)}
 
 
-def diagnose(models: list[str], count: int, keep_fraction: float) -> dict[str, list[dict]]:
+def diagnose(models: list[str], count: int, keep_fraction: float,
+             k: int = 1) -> dict[str, list[dict]]:
   paths = shapes_models.paths()
   world = World(paths["probe"], paths["clip"])
   examples = list(shapes.examples("test", count, 0))[:count]
@@ -73,12 +78,12 @@ def diagnose(models: list[str], count: int, keep_fraction: float) -> dict[str, l
     noise = jax.random.normal(jax.random.key(1), condition.shape)
 
     @jax.jit
-    def one_call_edit(t):
+    def training_edit(t):  # cycle.py's forward edit: K DDIM steps from the noised input
       timesteps = jnp.full((count,), t)
       noisy = schedules.add_noise(alphas, condition * scaling, noise, timesteps)
-      output = pipe.unet(jnp.concatenate([noisy, condition], -1), timesteps, text)
-      x0 = schedules.predict_x0(schedules.alpha_at(alphas, timesteps), noisy, output,
-                                prediction_type)
+      x0, _ = edit_with_k_steps(pipe.unet, alphas, noisy, condition, text, timesteps,
+                                jax.random.key(0), CycleConfig(num_steps_min=k, num_steps_max=k),
+                                None, prediction_type)
       return pipe.vae.decode(x0 / scaling), keep(x0)
 
     truth = pipe.vae.encode(jnp.asarray(
@@ -87,7 +92,7 @@ def diagnose(models: list[str], count: int, keep_fraction: float) -> dict[str, l
                                           input_images, input_text, edited_text,
                                           keep(truth * scaling))}]
     for t in TIMESTEPS:
-      decoded, edit_keep = one_call_edit(t)
+      decoded, edit_keep = training_edit(t)
       rows.append({"t": t, **_scores(world, labels, np.asarray(decoded), input_images,
                                      input_text, edited_text, edit_keep)})
     readings[model] = rows
@@ -100,9 +105,12 @@ def main():
   parser.add_argument("--count", type=int, default=128)
   parser.add_argument("--keep-fraction", type=float, default=1.0,
                       help="L_keep's loss.keep_fraction: the share of latent positions it reads")
+  parser.add_argument("--k", type=int, default=1,
+                      help="DDIM steps per edit, as cycle.num_steps_min = max = K")
   args = parser.parse_args()
-  readings = diagnose(args.models, args.count, args.keep_fraction)
-  print(f"CEC's one-call training edit (x0 of the input noised to t), first {args.count} test "
+  readings = diagnose(args.models, args.count, args.keep_fraction, args.k)
+  print(f"CEC's training edit (x0 after K = {args.k} DDIM steps from the input noised to t), "
+        f"first {args.count} test "
         f"turns: direction similarity / edit accuracy / preservation / L_keep (keep_fraction "
         f"{args.keep_fraction:g})")
   print("| t | " + " | ".join(readings) + " |")
