@@ -306,6 +306,38 @@ def test_sim_and_recon_kinds_compute_what_they_document():
                              rtol=1e-4)
 
 
+def test_clip_reference_null_edit_starts_the_direction_at_the_empty_instructions_edit():
+  batch = make_batch()
+  clip = StubCLIP()
+  embed = lambda x: np.asarray(clip.embed_images(jnp.asarray(x, jnp.float32)), np.float64)
+  text = lambda ids: np.asarray(clip.embed_texts(ids), np.float64)
+  cos = lambda a, b: np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+  text_direction = text(batch["edited_caption_ids"]) - text(batch["input_caption_ids"])
+
+  metrics, unet, _, _ = run(loss=LossConfig(**ONLY["clip"], clip_reference="null_edit"),
+                            batch=batch)
+  null, forward, reverse = unet.calls  # the null edit is made first, from the forward's start
+  np.testing.assert_allclose(null["noisy"], forward["noisy"])
+  np.testing.assert_allclose(null["condition"], forward["condition"])
+  np.testing.assert_array_equal(null["t"], forward["t"])
+  empty_states = np.asarray(stub_text_states(EMPTY_IDS), np.float64)
+  np.testing.assert_allclose(null["text"], np.broadcast_to(empty_states, null["text"].shape),
+                             atol=1e-6)
+  edited = embed(clamp(stub_decode(x0_of(forward) / SCALING)))
+  null_edit = embed(clamp(stub_decode(x0_of(null) / SCALING)))
+  np.testing.assert_allclose(metrics["loss_clip"],
+                             np.mean(1 - cos(edited - null_edit, text_direction)), atol=1e-5)
+  image = embed(np.asarray(batch["image"], np.float64))
+  assert abs(metrics["loss_clip"] - np.mean(1 - cos(edited - image, text_direction))) > 1e-3
+
+  metrics, unet, _, _ = run(loss=LossConfig(**ONLY["clip"]), batch=batch)  # the paper's
+  assert len(unet.calls) == 2
+  np.testing.assert_allclose(metrics["loss_clip"],
+                             np.mean(1 - cos(edited - image, text_direction)), atol=1e-5)
+  with pytest.raises(ValueError, match="loss.clip_reference"):
+    LossConfig(clip_reference="noise")
+
+
 def test_clamp_decoded_is_straight_through_and_can_be_switched_off():
   batch = make_batch()
   clamped, unet, _, clip_on = run(loss=LossConfig(**ONLY["recon"]), batch=batch)

@@ -141,6 +141,10 @@ class LossConfig:
     score only the cycle's return (docs/method.md, "L_keep"). keep_fraction in (0, 1]: the
     mean runs over that fraction of latent positions, those that changed least
     (`losses.keep_loss`); 1 = every position.
+  clip_reference: where L_clip's image direction starts. "input" (the paper's): E_I(x_e) - E_I(x).
+    "null_edit" (ours): E_I(x_e) - E_I(x_0), x_0 the same edit (same start, t, noise, K) made with
+    the empty instruction, no gradient: the blur a one-call x0 adds is in both ends, so the
+    direction holds what the instruction changed (docs/method.md, "L_clip's reference").
   """
   clip: float = 1.0
   sim: float = 1.0
@@ -148,6 +152,7 @@ class LossConfig:
   recon: float = 1.0
   keep: float = 0.0
   keep_fraction: float = 1.0
+  clip_reference: str = "input"
   sim_kind: str = "reconstruction"
   recon_kind: str = "l1"
 
@@ -160,6 +165,9 @@ class LossConfig:
     if not 0.0 < self.keep_fraction <= 1.0:
       raise ValueError(f"loss.keep_fraction={self.keep_fraction}; expected a fraction of the "
                        "latent positions in (0, 1]")
+    if self.clip_reference not in ("input", "null_edit"):
+      raise ValueError(f"loss.clip_reference {self.clip_reference!r}; expected 'input' or "
+                       "'null_edit'")
     if self.recon_kind not in ("l1", "l2", "latent"):
       raise ValueError(f"loss.recon_kind {self.recon_kind!r}; expected 'l1', 'l2' or 'latent'")
     weights = self.weights
@@ -325,8 +333,16 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
     images = vae.decode(latents / scaling)
     return _clamp_straight_through(images) if cycle.clamp_decoded else images
 
-  if cycle.conditioning_dropout > 0:
+  null_reference = "clip" in active and loss.clip_reference == "null_edit"
+  if cycle.conditioning_dropout > 0 or null_reference:
     empty = jax.lax.stop_gradient(text_encoder(empty_ids)[0])
+  if null_reference:  # the forward edit's start, t, noise and K with the empty instruction
+    null_latent, _ = edit_with_k_steps(
+        unet, alphas_cumprod, start_latent(input_latent, noise), image_latent,
+        jnp.broadcast_to(empty[0], forward_text.shape), timesteps, keys["k"], cycle, None,
+        prediction_type)
+    null_latent = jax.lax.stop_gradient(null_latent)
+  if cycle.conditioning_dropout > 0:
     forward_text, forward_condition = losses.conditioning_dropout(
         keys["drop_f"], forward_text, empty[0], image_latent, cycle.conditioning_dropout)
   else:
@@ -372,6 +388,8 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
     to_decode["edited"] = edited_latent
   if need_reconstruction:
     to_decode["reconstructed"] = reconstructed_latent
+  if null_reference:
+    to_decode["null_edit"] = null_latent
   if to_decode:  # one batched decode through the frozen VAE (differentiable)
     decoded.update(zip(to_decode, _one_call(decode_images, list(to_decode.values()))))
 
@@ -381,10 +399,14 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
     clip_inputs = {"input": image}
     if need_edited_image:
       clip_inputs["edited"] = decoded["edited"]
+    if null_reference:
+      clip_inputs["null_edit"] = decoded["null_edit"]
     if "sim" in active and loss.sim_kind == "reconstruction":
       clip_inputs["reconstructed"] = decoded["reconstructed"]
     embeddings = dict(zip(clip_inputs, _one_call(clip.embed_images, list(clip_inputs.values()))))
     embeddings["input"] = jax.lax.stop_gradient(embeddings["input"])
+    if null_reference:
+      embeddings["null_edit"] = jax.lax.stop_gradient(embeddings["null_edit"])
   if "clip" in active or ("sim" in active and loss.sim_kind == "edit_text"):
     captions = _one_call(clip.embed_texts, [batch["input_caption_ids"],
                                             batch["edited_caption_ids"]])
@@ -395,8 +417,8 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   metrics = {}
   if "clip" in active:
     per_example["clip"] = losses.clip_direction_loss(
-        embeddings["edited"], embeddings["input"], embeddings["edited_caption"],
-        embeddings["input_caption"])
+        embeddings["edited"], embeddings["null_edit" if null_reference else "input"],
+        embeddings["edited_caption"], embeddings["input_caption"])
     metrics["clip_direction_similarity"] = jnp.mean(1.0 - per_example["clip"])
   if "sim" in active:
     if loss.sim_kind == "reconstruction":

@@ -102,8 +102,10 @@ def _losses(config: dict) -> str:
     loss, cycle = config["loss"], config["cycle"]
     # .get: exports made before L_keep existed have no "keep" weight
     terms = " + ".join(f"{loss[k]:g} L_{k}" for k in LOSS_NAMES if loss.get(k, 0))
+    reference = loss.get("clip_reference", "input")  # absent from older exports: the input
     return (f"Cycle Edit Consistency (UIP2P): {terms} (L_recon {loss['recon_kind']}, L_sim "
-            f"{loss['sim_kind']}); {cycle['num_steps_min']}-{cycle['num_steps_max']} denoising "
+            f"{loss['sim_kind']}, L_clip from the {reference.replace('_', ' ')}); "
+            f"{cycle['num_steps_min']}-{cycle['num_steps_max']} denoising "
             f"steps per edit, start {cycle['start']}")
   target = ("v-prediction" if config["model"].get("prediction_type") == "v_prediction"
             else "noise-prediction")  # auto: the base's type, not in the record (epsilon so far)

@@ -4,7 +4,9 @@ prediction and decoded; L_clip scores that picture. This script makes that same 
 timesteps with fixed noise on the first N test turns of `data build shapes --seed 0` and
 reports, per t: the world CLIP's direction similarity (1 - L_clip), the probe's edit accuracy
 and preservation of the decoded x0 edit, and L_keep (the edit's mean latent L1 to the input's
-scaled latent, `loss.keep`, over `--keep-fraction` of the positions as `loss.keep_fraction`). The first row is the true edited scene through the
+scaled latent, `loss.keep`, over `--keep-fraction` of the positions as `loss.keep_fraction`),
+and the direction similarity measured from the null edit (the same edit with the empty
+instruction, same t and noise) instead of from the input. The first row is the true edited scene through the
 world VAE (encode, decode): the similarity L_clip would reach at its best.
 
 For the supervised editor the question is whether a model that edits well at inference (20
@@ -40,16 +42,20 @@ DEFAULT_MODELS = ("shapes-ip2p", "shapes-ip2p-recolour", "shapes-cec")
 
 def _scores(world: World, labels: tuple[np.ndarray, np.ndarray], decoded: np.ndarray,
             input_images: np.ndarray, input_text: np.ndarray, edited_text: np.ndarray,
-            keep: jax.Array) -> dict:
+            keep: jax.Array, null_edit: np.ndarray) -> dict:
   """Direction similarity, edit accuracy and preservation of decoded edits in [-1, 1], scored on
-  their 8-bit pictures as `uip2p eval shapes` scores; keep: the edits' L_keep, passed through."""
+  their 8-bit pictures as `uip2p eval shapes` scores; keep: the edits' L_keep, passed through;
+  null_similarity: the direction similarity measured from `null_edit` (the same edit made with
+  the empty instruction, decoded) instead of from the input."""
   pictures = to_unit(to_uint8(decoded))
-  similarity = losses.clip_direction_similarity(
-      edited_image=world.image_embeddings(pictures), input_image=input_images,
-      edited_text=edited_text, input_text=input_text)
+  edited_images = world.image_embeddings(pictures)
+  direction = lambda reference: float(np.mean(losses.clip_direction_similarity(
+      edited_image=edited_images, input_image=reference, edited_text=edited_text,
+      input_text=input_text)))
   edit_ok, preserved = score_labels(*labels, world.labels(pictures))
-  return {"similarity": float(np.mean(similarity)), "edit_accuracy": float(edit_ok.mean()),
-          "preservation": float(preserved.mean()), "keep": float(keep)}
+  return {"similarity": direction(input_images), "edit_accuracy": float(edit_ok.mean()),
+          "preservation": float(preserved.mean()), "keep": float(keep),
+          "null_similarity": direction(world.image_embeddings(to_unit(to_uint8(null_edit))))}
 
 
 def diagnose(models: list[str], count: int, keep_fraction: float,
@@ -75,10 +81,12 @@ def diagnose(models: list[str], count: int, keep_fraction: float,
     keep = lambda latent: jnp.mean(losses.keep_loss(latent, condition * scaling, keep_fraction))
     text = pipe.text_encoder(jnp.asarray(tokenize(pipe.tokenizer,
                                                   [e.instruction for e in examples])))[0]
+    empty_text = jnp.broadcast_to(pipe.text_encoder(jnp.asarray(tokenize(pipe.tokenizer, [""])))[0],
+                                  text.shape)
     noise = jax.random.normal(jax.random.key(1), condition.shape)
 
     @jax.jit
-    def training_edit(t):  # cycle.py's forward edit: K DDIM steps from the noised input
+    def training_edit(t, text):  # cycle.py's forward edit: K DDIM steps from the noised input
       timesteps = jnp.full((count,), t)
       noisy = schedules.add_noise(alphas, condition * scaling, noise, timesteps)
       x0, _ = edit_with_k_steps(pipe.unet, alphas, noisy, condition, text, timesteps,
@@ -90,11 +98,13 @@ def diagnose(models: list[str], count: int, keep_fraction: float,
         to_unit(to_pixels([e.edited_scene for e in examples])))).mode()
     rows = [{"t": "true edit", **_scores(world, labels, np.asarray(pipe.vae.decode(truth)),
                                           input_images, input_text, edited_text,
-                                          keep(truth * scaling))}]
+                                          keep(truth * scaling),
+                                          np.asarray(pipe.vae.decode(condition)))}]
     for t in TIMESTEPS:
-      decoded, edit_keep = training_edit(t)
+      decoded, edit_keep = training_edit(t, text)
+      null_edit, _ = training_edit(t, empty_text)
       rows.append({"t": t, **_scores(world, labels, np.asarray(decoded), input_images,
-                                     input_text, edited_text, edit_keep)})
+                                     input_text, edited_text, edit_keep, np.asarray(null_edit))})
     readings[model] = rows
   return readings
 
@@ -112,12 +122,13 @@ def main():
   print(f"CEC's training edit (x0 after K = {args.k} DDIM steps from the input noised to t), "
         f"first {args.count} test "
         f"turns: direction similarity / edit accuracy / preservation / L_keep (keep_fraction "
-        f"{args.keep_fraction:g})")
+        f"{args.keep_fraction:g}) / direction similarity from the null edit")
   print("| t | " + " | ".join(readings) + " |")
   print("|---|" + "---|" * len(readings))
   for i, row in enumerate(next(iter(readings.values()))):
     cells = [f"{r[i]['similarity']:.3f} / {r[i]['edit_accuracy']:.3f} / "
-             f"{r[i]['preservation']:.3f} / {r[i]['keep']:.3f}" for r in readings.values()]
+             f"{r[i]['preservation']:.3f} / {r[i]['keep']:.3f} / {r[i]['null_similarity']:.3f}"
+             for r in readings.values()]
     print(f"| {row['t']} | " + " | ".join(cells) + " |")
 
 
