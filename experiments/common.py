@@ -79,9 +79,11 @@ def base_config() -> ml_collections.ConfigDict:
                  attention_resolution=16, conditioning_dropout=0.0, noise_offset=0.0)
   # keep > 0: the forward edit's latent L1 to its input (not the paper's; docs/method.md), over
   # the keep_fraction of positions that changed least. clip_reference="null_edit" (ours): L_clip's
-  # image direction starts at the same edit made with the empty instruction, not at the input.
+  # image direction starts at the same edit made with the empty instruction, not at the input;
+  # clip_floor > 0 (ours): a floor on that direction's norm (losses.clip_direction_similarity).
   c.loss = dict(clip=1.0, sim=1.0, attn=1.0, recon=1.0, keep=0.0, keep_fraction=1.0,
-                clip_reference="input", sim_kind="reconstruction", recon_kind="l1")
+                clip_reference="input", clip_floor=0.0, sim_kind="reconstruction",
+                recon_kind="l1")
   # loss_weighting: "epsilon" (IP2P's noise MSE) | "v" (the v-prediction loss; docs/method.md);
   # a v_prediction model trains on "v" only (its plain MSE to v).
   # edit_region_weight > 0: each position's error weighted up where the edit changes the latent

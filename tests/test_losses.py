@@ -36,6 +36,23 @@ def test_similarity_and_reconstruction_hand_values():
     losses.reconstruction_loss(x, x, "huber")
 
 
+def test_clip_direction_floor_scores_short_changes_by_their_projection():
+  text_in, text_out = jnp.array([[1.0, 0.0, 0.0]]), jnp.array([[0.0, 1.0, 0.0]])
+  image_in = jnp.array([[1.0, 0.0, 0.0]])
+  short = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
+  edited = jnp.asarray(short(np.array([[1.0, 0.02, 0.0]])))  # a short move along the text's way
+  move = np.asarray(edited - image_in)
+  text_direction = short(np.array([[-1.0, 1.0, 0.0]]))
+  loss = lambda floor: float(losses.clip_direction_loss(edited, image_in, text_out, text_in,
+                                                        image_floor=floor)[0])
+  # No floor: the cosine of a short move is as large as a long one's.
+  np.testing.assert_allclose(1 - loss(0.0), np.sum(short(move) * text_direction), rtol=1e-5)
+  # Floor 0.1 > |move| = 0.02: the projection over the floor.
+  np.testing.assert_allclose(1 - loss(0.1), np.sum(move * text_direction) / 0.1, rtol=1e-4)
+  # Floor below |move|: the plain cosine.
+  np.testing.assert_allclose(loss(0.001), loss(0.0), rtol=1e-6)
+
+
 def test_keep_loss_reads_the_positions_that_changed_least():
   # One example, 2 x 2 positions, 2 channels: per-position mean |change| 0, 1, 2, 5.
   edited = jnp.array([[[[0.0, 0.0], [1.0, -1.0]], [[2.0, 2.0], [4.0, -6.0]]]])

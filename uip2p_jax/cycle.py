@@ -145,6 +145,9 @@ class LossConfig:
     "null_edit" (ours): E_I(x_e) - E_I(x_0), x_0 the same edit (same start, t, noise, K) made with
     the empty instruction, no gradient: the blur a one-call x0 adds is in both ends, so the
     direction holds what the instruction changed (docs/method.md, "L_clip's reference").
+  clip_floor (ours, 0 = the paper's cosine): L_clip's image direction is divided by
+    max(|d|, clip_floor), bounding its gradient for changes shorter than the floor
+    (`losses.clip_direction_similarity`).
   """
   clip: float = 1.0
   sim: float = 1.0
@@ -153,6 +156,7 @@ class LossConfig:
   keep: float = 0.0
   keep_fraction: float = 1.0
   clip_reference: str = "input"
+  clip_floor: float = 0.0
   sim_kind: str = "reconstruction"
   recon_kind: str = "l1"
 
@@ -165,6 +169,9 @@ class LossConfig:
     if not 0.0 < self.keep_fraction <= 1.0:
       raise ValueError(f"loss.keep_fraction={self.keep_fraction}; expected a fraction of the "
                        "latent positions in (0, 1]")
+    if self.clip_floor < 0:
+      raise ValueError(f"loss.clip_floor={self.clip_floor}; expected >= 0 (a floor on the CLIP "
+                       "image direction's norm, 0 = none)")
     if self.clip_reference not in ("input", "null_edit"):
       raise ValueError(f"loss.clip_reference {self.clip_reference!r}; expected 'input' or "
                        "'null_edit'")
@@ -418,7 +425,7 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
   if "clip" in active:
     per_example["clip"] = losses.clip_direction_loss(
         embeddings["edited"], embeddings["null_edit" if null_reference else "input"],
-        embeddings["edited_caption"], embeddings["input_caption"])
+        embeddings["edited_caption"], embeddings["input_caption"], loss.clip_floor)
     metrics["clip_direction_similarity"] = jnp.mean(1.0 - per_example["clip"])
   if "sim" in active:
     if loss.sim_kind == "reconstruction":

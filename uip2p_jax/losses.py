@@ -27,20 +27,25 @@ def cosine(a: jax.Array, b: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 def clip_direction_similarity(*, edited_image: jax.Array, input_image: jax.Array,
                               edited_text: jax.Array, input_text: jax.Array,
-                              eps: float = 1e-12) -> jax.Array:
+                              eps: float = 1e-12, image_floor: float = 0.0) -> jax.Array:
   """InstructPix2Pix's CLIP direction similarity cos(E_I(x_e) - E_I(x), E_T(c_out) - E_T(c_in))
   of L2-normalised embeddings, per example (B,). Keyword-only: the call sites order the four
-  embeddings differently."""
+  embeddings differently. image_floor > 0 (not IP2P's): the image direction is divided by
+  max(|d|, image_floor), so a change shorter than the floor is scored by its projection on the
+  text direction over the floor, and its gradient stays bounded (by 1 / image_floor) as |d| -> 0."""
   image_direction = normalise(edited_image, eps) - normalise(input_image, eps)
   text_direction = normalise(edited_text, eps) - normalise(input_text, eps)
-  return cosine(image_direction, text_direction, eps)
+  return jnp.sum(normalise(image_direction, max(eps, image_floor))
+                 * normalise(text_direction, eps), axis=-1)
 
 
 def clip_direction_loss(edited_image: jax.Array, input_image: jax.Array, edited_text: jax.Array,
-                        input_text: jax.Array) -> jax.Array:
-  """L_clip = 1 - cos(E_I(x_e) - E_I(x), E_T(c_out) - E_T(c_in)), per example (B,)."""
+                        input_text: jax.Array, image_floor: float = 0.0) -> jax.Array:
+  """L_clip = 1 - cos(E_I(x_e) - E_I(x), E_T(c_out) - E_T(c_in)), per example (B,);
+  image_floor as `clip_direction_similarity`'s."""
   return 1.0 - clip_direction_similarity(edited_image=edited_image, input_image=input_image,
-                                         edited_text=edited_text, input_text=input_text)
+                                         edited_text=edited_text, input_text=input_text,
+                                         image_floor=image_floor)
 
 
 def similarity_loss(a: jax.Array, b: jax.Array) -> jax.Array:
