@@ -23,7 +23,6 @@ import os
 import re
 
 from uip2p_jax import storage
-from uip2p_jax.cycle import LOSS_NAMES
 
 TRAINING_FILE = "uip2p_training.json"
 CARD_FILE = "README.md"
@@ -100,6 +99,7 @@ def _front_matter(fields: dict) -> str:
 def _losses(config: dict) -> str:
   if config["objective"] == "cec":
     loss, cycle = config["loss"], config["cycle"]
+    from uip2p_jax.cycle import LOSS_NAMES  # here: the CLI and data workers import no jax
     # .get: exports made before L_keep existed have no "keep" weight
     terms = " + ".join(f"{loss[k]:g} L_{k}" for k in LOSS_NAMES if loss.get(k, 0))
     reference = loss.get("clip_reference", "input")  # absent from older exports: the input
