@@ -53,15 +53,15 @@ def test_clip_direction_floor_scores_short_changes_by_their_projection():
   np.testing.assert_allclose(loss(0.001), loss(0.0), rtol=1e-6)
 
 
-def test_keep_loss_reads_the_positions_that_changed_least():
+def test_latent_l1_reads_the_positions_that_changed_least():
   # One example, 2 x 2 positions, 2 channels: per-position mean |change| 0, 1, 2, 5.
   edited = jnp.array([[[[0.0, 0.0], [1.0, -1.0]], [[2.0, 2.0], [4.0, -6.0]]]])
   unchanged = jnp.zeros_like(edited)
-  np.testing.assert_allclose(losses.keep_loss(edited, unchanged), [2.0])          # every position
-  np.testing.assert_allclose(losses.keep_loss(edited, unchanged, 0.5), [0.5])     # 0 and 1
-  np.testing.assert_allclose(losses.keep_loss(edited, unchanged, 0.01), [0.0])    # at least one
+  np.testing.assert_allclose(losses.latent_l1(edited, unchanged), [2.0])          # every position
+  np.testing.assert_allclose(losses.latent_l1(edited, unchanged, 0.5), [0.5])     # 0 and 1
+  np.testing.assert_allclose(losses.latent_l1(edited, unchanged, 0.01), [0.0])    # at least one
   # The gradient reaches only the kept positions: the edit may move the others freely.
-  grad = jax.grad(lambda e: losses.keep_loss(e, unchanged, 0.5)[0])(edited)
+  grad = jax.grad(lambda e: losses.latent_l1(e, unchanged, 0.5)[0])(edited)
   np.testing.assert_allclose(grad[0, 1], 0.0)
   np.testing.assert_allclose(grad[0, 0, 1], [0.25, -0.25])
 

@@ -140,7 +140,7 @@ class LossConfig:
     edit's latent distance to its input, scoring what the edit keeps where L_sim and L_recon
     score only the cycle's return (docs/method.md, "L_keep"). keep_fraction in (0, 1]: the
     mean runs over that fraction of latent positions, those that changed least
-    (`losses.keep_loss`); 1 = every position.
+    (`losses.latent_l1`); 1 = every position.
   clip_reference: where L_clip's image direction starts. "input" (the paper's): E_I(x_e) - E_I(x).
     "null_edit" (ours): E_I(x_e) - E_I(x_0), x_0 the same edit (same start, t, noise, K) made with
     the empty instruction, no gradient: the blur a one-call x0 adds is in both ends, so the
@@ -444,11 +444,10 @@ def cycle_losses(unet: UNet2DConditionModel, vae: AutoencoderKL,
     per_example["attn"] = losses.attention_loss(forward_map, reverse_map)
   target_latent = image_latent * scaling  # the mode: no posterior noise in the target
   if "keep" in active:
-    per_example["keep"] = losses.keep_loss(edited_latent, target_latent, loss.keep_fraction)
+    per_example["keep"] = losses.latent_l1(edited_latent, target_latent, loss.keep_fraction)
   if "recon" in active:
     if loss.recon_kind == "latent":
-      per_example["recon"] = jnp.mean(jnp.abs(reconstructed_latent - target_latent),
-                                      axis=(1, 2, 3))
+      per_example["recon"] = losses.latent_l1(reconstructed_latent, target_latent)
     else:
       per_example["recon"] = losses.reconstruction_loss(decoded["reconstructed"], image,
                                                         loss.recon_kind)

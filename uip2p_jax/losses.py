@@ -65,13 +65,14 @@ def reconstruction_loss(reconstructed: jax.Array, target: jax.Array, kind: str =
   return per_element.reshape(per_element.shape[0], -1).mean(axis=-1)
 
 
-def keep_loss(edited_latent: jax.Array, input_latent: jax.Array, fraction: float = 1.0) -> jax.Array:
-  """L_keep (ours) per example (B,): each latent position's mean |z_e - z_x| over channels,
-  averaged over the `fraction` of positions (at least one) that changed least. fraction 1 is the
-  plain latent L1; below 1 an edit is free to change the rest of the positions as much as it
-  needs (an object recoloured, added or removed), and pays only for moving the ones it should
-  have left alone. The gradient reaches the kept positions only (sort is differentiable)."""
-  per_position = jnp.mean(jnp.abs(edited_latent - input_latent), axis=-1)
+def latent_l1(latent: jax.Array, target: jax.Array, fraction: float = 1.0) -> jax.Array:
+  """Mean |latent - target| per example (B,): each latent position's mean over channels,
+  averaged over the `fraction` of positions (at least one) that differ least. fraction 1 is
+  the plain mean (the latent L_recon); L_keep (ours) passes `loss.keep_fraction`: below 1 an
+  edit is free to change the rest of the positions as much as it needs (an object recoloured,
+  added or removed), and pays only for moving the ones it should have left alone. The gradient
+  reaches the kept positions only (sort is differentiable)."""
+  per_position = jnp.mean(jnp.abs(latent - target), axis=-1)
   per_position = per_position.reshape(per_position.shape[0], -1)
   count = max(1, int(round(fraction * per_position.shape[1])))
   if count == per_position.shape[1]:

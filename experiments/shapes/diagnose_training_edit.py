@@ -6,8 +6,8 @@ reports, per t: the world CLIP's direction similarity (1 - L_clip), the probe's 
 and preservation of the decoded x0 edit, and L_keep (the edit's mean latent L1 to the input's
 scaled latent, `loss.keep`, over `--keep-fraction` of the positions as `loss.keep_fraction`),
 and the direction similarity measured from the null edit (the same edit with the empty
-instruction, same t and noise) instead of from the input. The first row is the true edited scene through the
-world VAE (encode, decode): the similarity L_clip would reach at its best.
+instruction, same t and noise) instead of from the input. The first row is the true edited
+scene through the world VAE (encode, decode): the similarity L_clip would reach at its best.
 
 For the supervised editor the question is whether a model that edits well at inference (20
 sampler steps) also shows the edit in this one-call picture; if it does not at most t, L_clip
@@ -78,11 +78,11 @@ def diagnose(models: list[str], count: int, keep_fraction: float,
     alphas = jnp.asarray(pipe.schedule.alphas_cumprod(), jnp.float32)
     prediction_type = pipe.schedule.prediction_type
     condition = pipe.vae.encode(jnp.asarray(inputs)).mode()        # c_x, as cycle.py
-    keep = lambda latent: jnp.mean(losses.keep_loss(latent, condition * scaling, keep_fraction))
+    keep = lambda latent: jnp.mean(losses.latent_l1(latent, condition * scaling, keep_fraction))
     text = pipe.text_encoder(jnp.asarray(tokenize(pipe.tokenizer,
                                                   [e.instruction for e in examples])))[0]
-    empty_text = jnp.broadcast_to(pipe.text_encoder(jnp.asarray(tokenize(pipe.tokenizer, [""])))[0],
-                                  text.shape)
+    empty = pipe.text_encoder(jnp.asarray(tokenize(pipe.tokenizer, [""])))[0]
+    empty_text = jnp.broadcast_to(empty, text.shape)
     noise = jax.random.normal(jax.random.key(1), condition.shape)
 
     @jax.jit
@@ -120,9 +120,8 @@ def main():
   args = parser.parse_args()
   readings = diagnose(args.models, args.count, args.keep_fraction, args.k)
   print(f"CEC's training edit (x0 after K = {args.k} DDIM steps from the input noised to t), "
-        f"first {args.count} test "
-        f"turns: direction similarity / edit accuracy / preservation / L_keep (keep_fraction "
-        f"{args.keep_fraction:g}) / direction similarity from the null edit")
+        f"first {args.count} test turns: direction similarity / edit accuracy / preservation / "
+        f"L_keep (keep_fraction {args.keep_fraction:g}) / direction similarity from the null edit")
   print("| t | " + " | ".join(readings) + " |")
   print("|---|" + "---|" * len(readings))
   for i, row in enumerate(next(iter(readings.values()))):
